@@ -1,0 +1,226 @@
+"""The one module that knows transformers' internals.
+
+Everything architecture- or version-specific lives here: which model types are supported, where the config keeps
+head counts and RoPE, how attention is hooked (through transformers' own ``AttentionInterface``; no model code is
+copied), how the cache argument of ``forward`` is named, and how RoPE cos/sin are computed for given positions.
+
+Hooking. We register two attention implementations, ``polykv_sdpa`` and ``polykv_eager``, that wrap the stock
+``sdpa`` / ``eager`` functions (and their mask builders). A polykv cache layer announces itself from its
+``update`` (which every supported attention module calls right before its attention function) through
+:func:`announce`; the wrapper then hands the call to that layer. Without an announcement the wrapper is exactly
+the stock implementation, so a model switched to ``polykv_*`` behaves as before with ordinary caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BASE_ATTENTION = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What a trained router is tied to: the model's name and attention geometry."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def model_dims(model: PreTrainedModel) -> ModelDims:
+    check_supported(model)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return ModelDims(
+        name=str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "polykv_name", "") or cfg.model_type),
+        num_layers=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim,
+        max_positions=cfg.max_position_embeddings,
+    )
+
+
+def rope_cos_sin(model: PreTrainedModel, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE cos/sin ``(batch, len, head_dim)`` of the model for ``position_ids`` ``(batch, len)``."""
+    rotary = model.model.rotary_emb
+    probe = torch.empty(1, dtype=dtype, device=position_ids.device)
+    cos, sin = rotary(probe, position_ids)
+    return cos.to(dtype), sin.to(dtype)
+
+
+# --- the cache argument of forward ------------------------------------------------------------------------------
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated)."""
+    params = inspect.signature(model.model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward(model: PreTrainedModel, input_ids: Tensor, cache: Any, **kwargs: Any) -> Any:
+    """``model(input_ids, <cache kwarg>=cache, use_cache=True, **kwargs)`` for this transformers version."""
+    return model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
+
+
+# --- attention hook ---------------------------------------------------------------------------------------------
+@dataclass
+class AttentionCall:
+    """One call of an attention function, as our cache layers see it. Shapes: query (b, H, q, d) post-RoPE,
+    key/value (b, G, kv, d) as returned by the cache update, mask in the base implementation's format."""
+
+    module: torch.nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor | None
+    scaling: float
+    base: str
+    kwargs: dict[str, Any]
+
+    @property
+    def layer_idx(self) -> int:
+        return self.module.layer_idx
+
+    @property
+    def position_ids(self) -> Tensor | None:
+        return self.kwargs.get("position_ids")
+
+    def visible(self, kv_length: int) -> Tensor:
+        """Boolean visibility ``(b, q, kv_length)`` of the (logical) keys from the mask transformers built."""
+        b, _, q, _ = self.query.shape
+        mask = self.mask
+        if mask is None:  # transformers skipped the mask: plain causal over the logical keys
+            q_pos = torch.arange(kv_length - q, kv_length, device=self.query.device)
+            vis = torch.arange(kv_length, device=self.query.device)[None, :] <= q_pos[:, None]
+            return vis.expand(b, q, kv_length)
+        if mask.dtype != torch.bool:  # eager: additive float mask
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        return mask[:, 0, :, :kv_length].expand(b, q, kv_length)
+
+    def run_base(self, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None) -> Tensor:
+        """The stock attention (sdpa or eager) with a boolean ``visible`` mask broadcastable to (b, H, q, kv);
+        None keeps the mask transformers built. Returns (b, q, H, d)."""
+        mask = self.mask
+        if visible is not None:
+            mask = visible
+            if self.base == "eager":
+                mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~visible, torch.finfo(query.dtype).min
+                )
+        out, _ = BASE_ATTENTION[self.base](
+            self.module, query, key, value, mask, dropout=0.0, scaling=self.scaling, **self.kwargs
+        )
+        return out
+
+
+class AttentionHandler(Protocol):
+    def attend(self, call: AttentionCall) -> Tensor:  # (b, q, H, d)
+        ...
+
+
+_pending = threading.local()
+
+
+def announce(layer_idx: int, handler: AttentionHandler) -> None:
+    """Called from a polykv cache layer's ``update``: the next attention call of ``layer_idx`` goes to ``handler``."""
+    _pending.value = (layer_idx, handler)
+
+
+def _take_announcement(layer_idx: int) -> AttentionHandler | None:
+    pending = getattr(_pending, "value", None)
+    _pending.value = None
+    if pending is None:
+        return None
+    announced_idx, handler = pending
+    if announced_idx != layer_idx:
+        raise RuntimeError(f"polykv cache layer {announced_idx} announced itself but layer {layer_idx} attended")
+    return handler
+
+
+def _make_attention(base: str) -> Callable[..., tuple[Tensor, None]]:
+    def polykv_attention(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        scaling = module.scaling if scaling is None else scaling
+        handler = _take_announcement(module.layer_idx)
+        call = AttentionCall(module, query, key, value, attention_mask, scaling, base, kwargs)
+        if handler is None:
+            return call.run_base(query, key, value, None), None
+        return handler.attend(call), None
+
+    polykv_attention.__name__ = f"polykv_{base}_attention"
+    return polykv_attention
+
+
+def _register() -> None:
+    for base, mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        name = f"polykv_{base}"
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, mask_fn)
+    assert "polykv_sdpa" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+_register()
+
+
+def base_attention(model: PreTrainedModel) -> str:
+    impl = model.config._attn_implementation or "sdpa"
+    if impl.startswith("polykv_"):
+        impl = impl.removeprefix("polykv_")
+    if impl not in BASE_ATTENTION:
+        raise ValueError(f"attention implementation {impl!r} is not supported; use one of {', '.join(BASE_ATTENTION)}")
+    return impl
+
+
+def install_polykv_attention(model: PreTrainedModel) -> None:
+    """Switch ``model`` to the polykv wrapper of its current attention (idempotent; harmless for other caches)."""
+    check_supported(model)
+    name = f"polykv_{base_attention(model)}"
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+
+
+@contextlib.contextmanager
+def polykv_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Temporarily switch ``model`` to the polykv wrapper of its attention."""
+    previous = model.config._attn_implementation
+    install_polykv_attention(model)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)

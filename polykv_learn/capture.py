@@ -1,0 +1,115 @@
+"""Scoring statistics of one layer, computed from its prefill queries/keys at cost O(w*n) (H2O: chunked O(n^2)).
+
+Both the real compressed cache and the simulator call :func:`compute_layer_stats` on the same tensors, so their
+keep sets are identical by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from polykv_learn.policies import LayerStats
+
+#: maps position ids (batch, len) to RoPE (cos, sin), each (batch, len, d)
+RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a prefill records for scoring.
+
+    window: observation window ``w`` (last context positions whose queries are kept; SnapKV/TOVA/features).
+    future: number ``T`` of positions after the context used by ``expected_attention``.
+    accumulate: also compute attention summed over all prefill queries (H2O); costs O(n^2 d) in chunks.
+    chunk: query chunk size for the accumulated attention (never n x n at once).
+    """
+
+    window: int = 32
+    future: int = 32
+    accumulate: bool = False
+    chunk: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("window", "future", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CaptureOptions.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing (padding) attends nowhere
+
+
+def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
+    """Softmax attention of the last ``w`` queries over the context: queries (b, H, w, d), keys (b, G, n, d),
+    valid (b, n) -> (b, H, w, n), causal within the context, padding masked, float32."""
+    b, h, w, d = queries.shape
+    g, n = keys.shape[1], keys.shape[2]
+    q = queries.float().reshape(b, g, h // g, w, d)
+    scores = torch.einsum("bgrwd,bgnd->bgrwn", q, keys.float()) * scaling  # (b, G, H/G, w, n)
+    q_index = torch.arange(n - w, n, device=keys.device)
+    causal = torch.arange(n, device=keys.device)[None, :] <= q_index[:, None]  # (w, n)
+    visible = causal[None, None, None] & valid[:, None, None, None, :]
+    return _masked_softmax(scores, visible).reshape(b, h, w, n)
+
+
+def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, chunk: int) -> Tensor:
+    """H2O statistics: attention of every valid prefill query summed per key, computed in query chunks.
+    queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32."""
+    b, h, n, d = queries.shape
+    g = keys.shape[1]
+    k = keys.float()
+    total = torch.zeros(b, g, h // g, n, dtype=torch.float32, device=keys.device)
+    key_index = torch.arange(n, device=keys.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        q = queries[:, :, start:stop].float().reshape(b, g, h // g, stop - start, d)
+        scores = torch.einsum("bgrqd,bgnd->bgrqn", q, k) * scaling  # (b, G, H/G, c, n)
+        causal = key_index[None, :] <= torch.arange(start, stop, device=keys.device)[:, None]  # (c, n)
+        visible = causal[None, None, None] & valid[:, None, None, None, :]
+        probs = _masked_softmax(scores, visible) * valid[:, None, None, start:stop, None]
+        total += probs.sum(dim=-2)
+    return total.reshape(b, h, n)
+
+
+def compute_layer_stats(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    valid: Tensor,
+    positions: Tensor,
+    scaling: float,
+    rope: RopeFn,
+    options: CaptureOptions,
+    layer_idx: int,
+) -> LayerStats:
+    """queries (b, H, n, d) post-RoPE, keys/values (b, G, n, d), valid/positions (b, n) -> LayerStats."""
+    n = keys.shape[2]
+    w = min(options.window, n)  # a context shorter than the window uses all of it as the window
+    window_q = queries[:, :, n - w :]
+    window_pos = positions[:, n - w :]
+    future_pos = positions[:, -1:] + torch.arange(1, options.future + 1, device=positions.device)[None, :]
+    window_cos, window_sin = rope(window_pos)
+    future_cos, future_sin = rope(future_pos)
+    return LayerStats(
+        keys=keys,
+        values=values,
+        window_queries=window_q.detach(),
+        window_attn=window_attention(window_q, keys, valid, scaling),
+        valid=valid,
+        positions=positions,
+        scaling=scaling,
+        window_cos=window_cos,
+        window_sin=window_sin,
+        future_cos=future_cos,
+        future_sin=future_sin,
+        accumulated_attn=accumulated_attention(queries, keys, valid, scaling, options.chunk)
+        if options.accumulate
+        else None,
+        layer_idx=layer_idx,
+    )

@@ -1,0 +1,30 @@
+"""Shared fixtures. Triton runs in interpreter mode on machines without CUDA (set before triton is imported)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from polykv_learn.models import load_model  # noqa: E402
+
+TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """name -> model (sdpa attention), built once per session."""
+    return {name: load_model(name, with_tokenizer=False)[0] for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct (converted once to safetensors)."""
+    return load_model("smollm2-135m")
+
+
+def random_ids(n: int, seed: int, vocab: int = 49152) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))

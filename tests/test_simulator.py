@@ -1,0 +1,125 @@
+"""The property everything rests on: simulator logits == a real compressed cache's logits (design §4)."""
+
+import pytest
+import torch
+from conftest import TINY_MODELS, random_ids
+
+from polykv_learn import adapter
+from polykv_learn.cache import CompressedCache, cache_bytes
+from polykv_learn.plan import Plan
+from polykv_learn.policies import policy_names
+from polykv_learn.simulator import Simulator, kl_to_full
+
+TOL = 1e-4
+
+
+def real_compressed_logits(model, context_ids, probe_ids, plan):
+    """The reference path: prefill into a real CompressedCache (physical eviction), then forward the probe."""
+    cache = CompressedCache(model, plan=plan)
+    with torch.no_grad():
+        adapter.forward(model, context_ids, cache)
+        out = adapter.forward(model, probe_ids, cache)
+    return out.logits[0].float(), cache
+
+
+def mixed_plan(num_layers: int, n: int) -> Plan:
+    names = policy_names()
+    budgets = [max(1, (n // 4) * (1 + (i % 3)) // 2) for i in range(num_layers)]
+    return Plan.from_lists([names[i % len(names)] for i in range(num_layers)], budgets)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_simulator_equals_real_compressed_cache_tiny(tiny_models, name):
+    model = tiny_models[name]
+    layers = model.config.num_hidden_layers
+    context, probe = random_ids(200, seed=1), random_ids(12, seed=2)
+    plans = [Plan.uniform(p, 48, layers) for p in policy_names()] + [mixed_plan(layers, 200)]
+    result = Simulator(model).evaluate(context, probe, plans)
+    assert result.logits.shape == (len(plans), 12, model.config.vocab_size)
+    for i, plan in enumerate(plans):
+        ref, cache = real_compressed_logits(model, context, probe, plan)
+        diff = (result.logits[i] - ref).abs().max().item()
+        assert diff <= TOL, f"{name} {plan.policies[0]}: max abs diff {diff}"
+        # the real cache is physically smaller: exactly b_l keys per layer (+ the probe)
+        dims = adapter.model_dims(model)
+        expected = sum((b + 12) * dims.num_kv_heads * dims.head_dim * 2 * 4 for b in plan.budgets)
+        assert cache_bytes(cache) == expected
+    assert torch.all(result.kl > 1e-4), "evicting 3/4 of a random context must change the probe distribution"
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_keep_everything_equals_unmodified_model(tiny_models, name):
+    model = tiny_models[name]
+    context, probe = random_ids(100, seed=3), random_ids(9, seed=4)
+    plan = Plan.uniform("snapkv", 500, model.config.num_hidden_layers)  # budget > context: keep all
+    result = Simulator(model).evaluate(context, probe, [plan])
+    with torch.no_grad():
+        full = model(torch.cat([context, probe], dim=1)).logits[0, 100:].float()
+    assert (result.logits[0] - full).abs().max().item() <= TOL
+    assert (result.full_logits - full).abs().max().item() <= TOL
+    assert result.kl.abs().max().item() <= 1e-6
+
+
+def test_eager_attention_matches_too():
+    from polykv_learn.models import load_model
+
+    model, _ = load_model("tiny-llama", attn_implementation="eager", with_tokenizer=False)
+    context, probe = random_ids(90, seed=5), random_ids(7, seed=6)
+    plan = mixed_plan(model.config.num_hidden_layers, 90)
+    result = Simulator(model).evaluate(context, probe, [plan])
+    ref, _ = real_compressed_logits(model, context, probe, plan)
+    assert (result.logits[0] - ref).abs().max().item() <= TOL
+
+
+def test_kl_is_zero_for_identical_and_positive_otherwise():
+    full = torch.randn(5, 11)
+    logits = torch.stack([full, full + torch.randn(5, 11)])
+    kl = kl_to_full(full, logits)
+    assert kl[0].abs() < 1e-6 and kl[1] > 0
+
+
+def test_bad_inputs(tiny_models):
+    model = tiny_models["tiny-llama"]
+    sim = Simulator(model)
+    context, probe = random_ids(50, seed=7), random_ids(4, seed=8)
+    plan = Plan.uniform("snapkv", 16, model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="empty"):
+        sim.evaluate(context, probe[:, :0], [plan])
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        sim.evaluate(context, probe.expand(2, 4), [plan])
+    with pytest.raises(ValueError, match="layers"):
+        sim.evaluate(context, probe, [Plan.uniform("snapkv", 16, 3)])
+    with pytest.raises(ValueError, match="at least one plan"):
+        sim.evaluate(context, probe, [])
+    with pytest.raises(TypeError, match="LongTensor"):
+        sim.evaluate(context.float(), probe, [plan])
+
+
+def test_context_shorter_than_window_uses_whole_context(tiny_models):
+    """A 10-token context with the default 32-query window: the window is the whole context, no error."""
+    model = tiny_models["tiny-llama"]
+    context, probe = random_ids(10, seed=9), random_ids(3, seed=10)
+    plan = Plan.uniform("snapkv", 4, model.config.num_hidden_layers)
+    result = Simulator(model).evaluate(context, probe, [plan])
+    ref, _ = real_compressed_logits(model, context, probe, plan)
+    assert (result.logits[0] - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
+def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
+    model, tokenizer = smollm2
+    text = " ".join(f"Item {i} is stored in box {i * 7 % 101}." for i in range(120))
+    context = tokenizer(text, return_tensors="pt").input_ids[:, :600]
+    probe = tokenizer(" The item in box 14 is item", return_tensors="pt").input_ids
+    layers = model.config.num_hidden_layers
+    plans = [Plan.uniform(p, 128, layers) for p in policy_names()] + [mixed_plan(layers, 600)]
+    plans.append(Plan.uniform("streaming", 10_000, layers))  # keeps everything
+    result = Simulator(model).evaluate(context, probe, plans)
+    worst = 0.0
+    for i, plan in enumerate(plans):
+        ref, _ = real_compressed_logits(model, context, probe, plan)
+        worst = max(worst, (result.logits[i] - ref).abs().max().item())
+    with torch.no_grad():
+        full = model(torch.cat([context, probe], dim=1)).logits[0, 600:].float()
+    assert (result.logits[-1] - full).abs().max().item() <= TOL
+    assert worst <= TOL, f"max abs diff {worst}"
