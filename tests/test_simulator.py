@@ -123,3 +123,16 @@ def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
         full = model(torch.cat([context, probe], dim=1)).logits[0, 600:].float()
     assert (result.logits[-1] - full).abs().max().item() <= TOL
     assert worst <= TOL, f"max abs diff {worst}"
+
+
+def test_triton_backend_gives_the_same_simulation(tiny_models, monkeypatch):
+    """POLYKV_BACKEND=triton (the interpreter on CPU) and torch give the same KL (<= 1e-5 relative)."""
+    model = tiny_models["tiny-llama"]
+    context, probe = random_ids(70, seed=11), random_ids(5, seed=12)
+    plans = [Plan.uniform("snapkv", 20, 4), mixed_plan(4, 70)]
+    monkeypatch.setenv("POLYKV_BACKEND", "torch")
+    ref = Simulator(model).evaluate(context, probe, plans)
+    monkeypatch.setenv("POLYKV_BACKEND", "triton")
+    tri = Simulator(model).evaluate(context, probe, plans)
+    assert torch.allclose(tri.kl, ref.kl, rtol=1e-5, atol=1e-7), (tri.kl, ref.kl)
+    assert (tri.logits - ref.logits).abs().max().item() <= TOL

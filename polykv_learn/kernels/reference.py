@@ -20,10 +20,14 @@ def context_attention_reference(
     qg = q.to(acc).reshape(p, g, h // g, m, d)  # (P, G, H/G, m, d)
     scores = torch.einsum("pgrmd,gnd->pgrmn", qg, k.to(acc)) * scaling  # (P, G, H/G, m, n)
     scores = scores + bias.to(acc)[:, :, None, None, :]
-    lse = torch.logsumexp(scores, dim=-1)  # (P, G, H/G, m)
-    finite = torch.isfinite(lse)
-    safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe_lse[..., None])  # rows with lse = -inf give exp(-inf) = 0
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+    exps = torch.exp(scores - top)  # fully masked rows: all zeros
+    total = exps.sum(dim=-1)  # (P, G, H/G, m)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))  # no 0/0 in the gradients of masked rows
+    lse = torch.where(seen, torch.log(safe_total) + top[..., 0], torch.full_like(total, float("-inf")))
+    probs = exps / safe_total[..., None]
     out = torch.einsum("pgrmn,gnd->pgrmd", probs, v.to(acc))
     return out.reshape(p, h, m, d).to(q.dtype), lse.reshape(p, h, m).to(torch.float32 if acc != torch.float64 else acc)
 
