@@ -93,7 +93,8 @@ class _ProbeLayer(DynamicLayer):
 
 class _ProbeCache(Cache):
     def __init__(self, capture: ContextCapture, biases: Sequence[Tensor]):
-        layers = [_ProbeLayer(i, k, v, b) for i, (k, v, b) in enumerate(zip(capture.keys, capture.values, biases))]
+        tensors = zip(capture.keys, capture.values, biases, strict=True)
+        layers = [_ProbeLayer(i, k, v, b) for i, (k, v, b) in enumerate(tensors)]
         super().__init__(layers=layers)
 
 
@@ -155,7 +156,9 @@ class Simulator:
         if not plans:
             raise ValueError("evaluate needs at least one plan")
         if context_ids.ndim == 2 and probe_ids.ndim == 2 and context_ids.shape[0] != probe_ids.shape[0]:
-            raise ValueError(f"batch size mismatch: context has {context_ids.shape[0]} rows, probe {probe_ids.shape[0]}")
+            raise ValueError(
+                f"batch size mismatch: context has {context_ids.shape[0]} rows, probe {probe_ids.shape[0]}"
+            )
         context_ids = _as_single_sequence(context_ids, "context_ids")
         probe_ids = _as_single_sequence(probe_ids, "probe_ids")
         for plan in plans:
@@ -182,7 +185,9 @@ def _as_single_sequence(ids: Tensor, name: str) -> Tensor:
     if ids.ndim == 1:
         ids = ids[None, :]
     if ids.ndim != 2 or ids.shape[0] != 1:
-        raise ValueError(f"{name} must have shape (n,) or (1, n): the simulator takes one sequence; got {tuple(ids.shape)}")
+        raise ValueError(
+            f"{name} must have shape (n,) or (1, n): the simulator takes one sequence; got {tuple(ids.shape)}"
+        )
     if ids.shape[1] == 0:
         raise ValueError(f"{name} is empty: it needs at least one token")
     return ids.long()

@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 
 
-def context_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float
-) -> tuple[Tensor, Tensor]:
+def context_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """Probe queries x shared context keys with an additive key bias. Returns ``(out, lse)``.
 
     q: (P, H, m, d); k, v: (G, n, d); bias: (P, G, n) -> out (P, H, m, d), lse (P, H, m) float32.

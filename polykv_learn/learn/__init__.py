@@ -1,0 +1,1 @@
+"""Learning the router and the budget allocator (Lightning)."""

@@ -1,0 +1,302 @@
+"""``PolyKVLearner``: trains the router and the budget allocator through the simulator (design §4-6).
+
+The base LLM stays frozen and outside the LightningModule's parameters (it is shared, never checkpointed). Each
+training step takes one cached prefill, samples ``budgets_per_step`` average budgets, turns the router's policy
+distribution and the allocator's real budgets into soft key biases, runs the simulator's probe pass for all of
+them at once (one row per budget) and minimises the KL of the probe's next-token distributions to the full cache.
+Softness (``tau``) and the routing temperature are annealed so that the trained model behaves like its hard plan.
+
+Validation evaluates the **hard** (deployable) plan against every uniform single policy and PyramidKV (SnapKV
+scores) at each of ``val_budgets`` on held-out documents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, feature_names
+from polykv_learn.learn.allocator import BudgetAllocator
+from polykv_learn.learn.oracle import oracle_labels
+from polykv_learn.learn.router import GBDTRouter, MLPRouter
+from polykv_learn.learn.shared import shared_model
+from polykv_learn.learn.soft_plan import annealed, soft_key_bias
+from polykv_learn.learn.store import StoredPrefill
+from polykv_learn.plan import Plan
+from polykv_learn.policies import POLICIES, check_policy_name
+from polykv_learn.simulator import Simulator, kl_to_full
+
+DEFAULT_POLICIES = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
+ROUTERS = ("mlp", "gbdt")
+
+
+class PolyKVLearner(L.LightningModule):
+    def __init__(
+        self,
+        model_name: str = "smollm2-135m",
+        policies: list[str] = list(DEFAULT_POLICIES),
+        overlap_policies: list[str] = list(DEFAULT_OVERLAP_POLICIES),
+        router: str = "mlp",
+        hidden: int = 32,
+        budget_min: int = 64,
+        budget_max: int = 1024,
+        budgets_per_step: int = 4,
+        val_budgets: list[int] = [128, 256, 512, 1024],
+        b_min: int = 4,
+        tau_start: float = 0.25,
+        tau_end: float = 0.01,
+        temperature_start: float = 1.0,
+        temperature_end: float = 0.05,
+        anneal_steps: int = 1000,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        gbdt_docs: int = 8,
+        gbdt_budgets: list[int] = [128, 256],
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            model_name: the frozen LLM (``smollm2-135m``, ``tiny-llama``/``tiny-qwen3``/``tiny-mistral`` or a local
+                Hugging Face directory); the data module must prefill with the same one.
+            policies: the routed policies (registry names; ``random`` is a control and cannot be routed).
+            overlap_policies: policies whose pairwise keep-set overlaps are layer features.
+            router: ``mlp`` (trained end to end) or ``gbdt`` (gradient-boosted trees on oracle labels; then only
+                the allocator is trained end to end).
+            hidden: hidden width of the router and allocator MLPs.
+            budget_min: smallest average budget sampled in training (from the prefill grid).
+            budget_max: largest average budget sampled in training (also capped below each context length).
+            budgets_per_step: average budgets (rows of the probe batch) per training step.
+            val_budgets: budgets of the validation table (must be in the data module's budget grid).
+            b_min: smallest per-layer budget the allocator may give.
+            tau_start: initial softness of the keep weights, as a fraction of the average budget.
+            tau_end: final softness (fraction of the budget) reached after ``anneal_steps``.
+            temperature_start: initial routing softmax temperature.
+            temperature_end: final routing temperature reached after ``anneal_steps``.
+            anneal_steps: steps of the geometric annealing of ``tau`` and the routing temperature.
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            gbdt_docs: training documents used for the oracle labels of the ``gbdt`` router.
+            gbdt_budgets: budgets at which oracle labels are computed.
+            export_dir: where the frozen artifact is written at the end of fit (None: not written).
+            seed: seed of the budget sampling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        for name in [*policies, *overlap_policies]:
+            check_policy_name(name)
+        unroutable = [p for p in policies if not POLICIES[p].routable]
+        if unroutable:
+            raise ValueError(f"policies {unroutable} are controls and cannot be routed")
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+        if not 1 <= b_min <= budget_min <= budget_max:
+            raise ValueError(f"need 1 <= b_min <= budget_min <= budget_max, got {b_min}, {budget_min}, {budget_max}")
+        if budgets_per_step < 1 or anneal_steps < 1:
+            raise ValueError("budgets_per_step and anneal_steps must be >= 1")
+        self.policies = list(policies)
+        self.feature_names = feature_names(overlap_policies)
+        num_features = len(self.feature_names)
+        self.router = MLPRouter(num_features, self.policies, hidden=hidden)
+        self.allocator = BudgetAllocator(num_features, hidden=hidden)
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_std", torch.ones(num_features))
+        self.gbdt: GBDTRouter | None = None
+        self.validation_table: dict[int, dict[str, float]] = {}
+        self._val_sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._simulator: Simulator | None = None
+
+    # --- wiring --------------------------------------------------------------------------------------------------
+    @property
+    def simulator(self) -> Simulator:
+        if self._simulator is None:
+            self._simulator = Simulator(shared_model(self.hparams.model_name))
+        return self._simulator
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None:
+            return
+        max_positions = self.simulator.dims.max_positions
+        too_big = [b for b in self.hparams.val_budgets if b > max_positions]
+        if too_big:
+            raise ValueError(f"val_budgets {too_big} exceed the model's context of {max_positions} tokens")
+        missing = [b for b in self.hparams.val_budgets if b not in dm.budgets]
+        if missing:
+            raise ValueError(f"val_budgets {missing} are not in the data module's budget grid {dm.budgets}")
+        if stage == "fit" and not self._scaler_fitted():
+            mean, std = dm.feature_statistics()
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(std.clamp_min(1e-6))
+
+    def _scaler_fitted(self) -> bool:
+        return bool((self.feature_mean != 0).any() or (self.feature_std != 1).any())
+
+    def scale(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+    def configure_optimizers(self):
+        params = list(self.allocator.parameters())
+        if self.hparams.router == "mlp":
+            params += list(self.router.parameters())
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.router == "gbdt" and self.gbdt is None:
+            dm = self.trainer.datamodule
+            docs = [dm.store.load(sid) for sid in dm.train_ids[: self.hparams.gbdt_docs]]
+            x, y = oracle_labels(self.simulator, docs, self.policies, self.hparams.gbdt_budgets, self.scale)
+            self.gbdt = GBDTRouter(max_iter=100, max_depth=3, random_state=0).fit(x, y)
+
+    # --- the soft plan -------------------------------------------------------------------------------------------
+    def progress(self) -> float:
+        return self.global_step / self.hparams.anneal_steps
+
+    def routing(self, features: Tensor, temperature: float) -> Tensor:
+        """Policy distribution (R, L, Pol) of scaled features (R, L, F)."""
+        if self.gbdt is not None:
+            r, layers, f = features.shape
+            proba = self.gbdt.predict_proba(features.reshape(-1, f).detach().cpu().numpy())
+            probs = torch.zeros(r * layers, len(self.policies))
+            for j, name in enumerate(self.gbdt.classes):
+                probs[:, self.policies.index(name)] = torch.as_tensor(proba[:, j], dtype=torch.float32)
+            hard = F.one_hot(probs.argmax(-1), len(self.policies)).float()
+            return hard.reshape(r, layers, -1).to(features.device)
+        return self.router.probs(features, temperature)
+
+    def hard_plan(self, features: Tensor, budget: int, context_length: int) -> Plan:
+        """The deployable plan for scaled features (L, F) at average budget ``budget``."""
+        probs = self.routing(features[None], 1.0)[0]  # (L, Pol)
+        policies = [self.policies[i] for i in probs.argmax(-1).tolist()]
+        budgets = self.allocator.integer_budgets(features, budget, context_length, self.hparams.b_min)
+        if context_length <= budget:
+            budgets = [budget] * len(policies)
+        return Plan.from_lists(policies, budgets)
+
+    def sample_budgets(self, prefill: StoredPrefill) -> list[int]:
+        n = prefill.context_length
+        lo, hi = self.hparams.budget_min, self.hparams.budget_max
+        grid = [b for b in prefill.budgets.tolist() if lo <= b <= hi and b < n]
+        if not grid:
+            return []
+        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        picks = torch.randint(0, len(grid), (self.hparams.budgets_per_step,), generator=gen)
+        return [grid[i] for i in picks.tolist()]  # the grid is log-spaced, so this is ~log-uniform
+
+    # --- steps ---------------------------------------------------------------------------------------------------
+    def training_step(self, batch: list[StoredPrefill], batch_idx: int) -> Tensor | None:
+        losses = [loss for prefill in batch if (loss := self._soft_loss(prefill)) is not None]
+        if not losses:
+            return None
+        loss = torch.stack(losses).mean()
+        self.log("train/kl", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log("train/tau", annealed(self.hparams.tau_start, self.hparams.tau_end, self.progress()))
+        return loss
+
+    def _soft_loss(self, prefill: StoredPrefill) -> Tensor | None:
+        budgets = self.sample_budgets(prefill)
+        if not budgets:
+            return None
+        n = prefill.context_length
+        feats = self.scale(torch.stack([prefill.features_at(b) for b in budgets]).to(self.device))  # (R, L, F)
+        progress = self.progress()
+        temperature = annealed(self.hparams.temperature_start, self.hparams.temperature_end, progress)
+        tau = torch.tensor(budgets, dtype=torch.float32) * annealed(
+            self.hparams.tau_start, self.hparams.tau_end, progress
+        )  # (R,) in rank units
+        probs = self.routing(feats, temperature)  # (R, L, Pol)
+        layer_budgets = torch.stack(
+            [self.allocator(feats[r], budgets[r], n, self.hparams.b_min) for r in range(len(budgets))]
+        )  # (R, L)
+        capture = prefill.to_capture()
+        biases = []
+        for layer in range(capture.num_layers):
+            ranks = torch.stack([capture.ranks(layer, p) for p in self.policies])  # (Pol, G, n)
+            biases.append(soft_key_bias(ranks, probs[:, layer], layer_budgets[:, layer], tau))  # (R, G, n)
+        logits = self.simulator.probe_logits(capture, prefill.probe_ids, biases)  # (R, m, V)
+        log_q = F.log_softmax(logits, dim=-1)
+        log_p = prefill.full_logprobs
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    @torch.no_grad()
+    def validation_step(self, batch: list[StoredPrefill], batch_idx: int) -> None:
+        for prefill in batch:
+            self._validate_one(prefill)
+
+    def _validate_one(self, prefill: StoredPrefill) -> None:
+        n = prefill.context_length
+        num_layers = len(prefill.keys)
+        capture = prefill.to_capture()
+        for budget in self.hparams.val_budgets:
+            if budget >= n:
+                continue
+            feats = self.scale(prefill.features_at(budget).to(self.device))
+            methods = {"learned": self.hard_plan(feats, budget, n)}
+            methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
+            methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers)
+            logits = self.simulator.probe_logits(
+                capture, prefill.probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
+            )
+            kl = kl_to_full(prefill.full_logprobs, logits)  # (P,)
+            for name, value in zip(methods, kl.tolist(), strict=True):
+                sums = self._val_sums[(budget, name)]
+                sums[0] += value
+                sums[1] += 1
+
+    def on_validation_epoch_end(self) -> None:
+        sums = dict(self._val_sums)
+        self._val_sums.clear()
+        if self.trainer.world_size > 1:  # add up every process's documents
+            keys = sorted(sums)
+            local = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            total = self.all_gather(local).reshape(-1, len(keys), 2).sum(0)
+            sums = {k: total[i].tolist() for i, k in enumerate(keys)}
+        table: dict[int, dict[str, float]] = defaultdict(dict)
+        for (budget, name), (total, count) in sorted(sums.items()):
+            if count:
+                table[budget][name] = total / count
+        learned_means = []
+        for budget, row in table.items():
+            best = min(row[p] for p in self.policies)
+            row["best_uniform"] = best
+            for name, value in row.items():
+                self.log(f"val/kl@{budget}/{name}", value, rank_zero_only=True)
+            learned_means.append(row["learned"])
+        self.validation_table = {b: dict(r) for b, r in table.items()}
+        if learned_means:
+            self.log("val/kl_learned", sum(learned_means) / len(learned_means), prog_bar=True, rank_zero_only=True)
+
+    # --- export --------------------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            from polykv_learn.deploy.artifact import export_learner
+
+            export_learner(self, self.trainer.datamodule, self.hparams.export_dir)
+
+
+def log_uniform_grid(lo: int, hi: int, per_octave: int = 2) -> list[int]:
+    """Budgets from ``lo`` to ``hi`` spaced evenly in log2 (``per_octave`` points per doubling)."""
+    steps = int(round(math.log2(hi / lo) * per_octave))
+    return sorted({int(round(lo * 2 ** (i / per_octave))) for i in range(steps + 1)})
+
+
+def describe_table(table: dict[int, dict[str, float]]) -> str:
+    """A Markdown table of validation KLs: learned vs best uniform vs PyramidKV (and their ratio)."""
+    lines = [
+        "| B | learned | best uniform (policy) | PyramidKV | learned / best uniform |",
+        "|---|---|---|---|---|",
+    ]
+    for budget in sorted(table):
+        row = table[budget]
+        singles = {k: v for k, v in row.items() if k not in ("learned", "pyramid", "best_uniform")}
+        best_name = min(singles, key=singles.get)
+        lines.append(
+            f"| {budget} | {row['learned']:.4f} | {row['best_uniform']:.4f} ({best_name}) | {row['pyramid']:.4f} "
+            f"| {row['learned'] / row['best_uniform']:.3f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""On-disk cache of context prefills: what training and validation need of one (context, probe) pair.
+
+One safetensors file per sample, written to a temporary name and renamed (never half-written), read lazily
+(memory-mapped) so a dataset of many prefills streams instead of sitting in RAM. A file records the fingerprint of
+what made it (model geometry, policies, budgets grid, capture options); a stale or foreign file is rebuilt.
+
+Contents of a file (``L`` layers, ``G`` KV heads, ``n`` context tokens, ``m`` probe tokens, ``K`` grid budgets):
+- ``k.{l}``, ``v.{l}``: context keys/values ``(G, n, d)`` (float16, the probe pass upcasts them);
+- ``rank.{l}.{policy}``: rank of every position under the policy ``(G, n)`` (int32; 0 = kept first);
+- ``features``: layer signals ``(K, L, F)`` at each budget of the grid; ``budgets``: ``(K,)``;
+- ``probe_ids``: ``(m,)``; ``full_logprobs``: full-cache next-token log-probs of the probe ``(m, V)`` (float16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from polykv_learn.features import layer_features
+from polykv_learn.simulator import ContextCapture, Simulator
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StoredPrefill:
+    """One cached prefill, loaded."""
+
+    sample_id: str
+    keys: list[Tensor]  # L x (G, n, d)
+    values: list[Tensor]  # L x (G, n, d)
+    ranks: dict[tuple[int, str], Tensor]  # (layer, policy) -> (G, n)
+    features: Tensor  # (K, L, F)
+    budgets: Tensor  # (K,)
+    probe_ids: Tensor  # (m,)
+    full_logprobs: Tensor  # (m, V)
+
+    @property
+    def context_length(self) -> int:
+        return self.keys[0].shape[1]
+
+    def to_capture(self, dtype: torch.dtype = torch.float32) -> ContextCapture:
+        """A :class:`ContextCapture` for the simulator's probe pass (ranks precomputed, no raw statistics)."""
+        return ContextCapture(
+            keys=[k.to(dtype) for k in self.keys],
+            values=[v.to(dtype) for v in self.values],
+            stats=[],
+            last_logits=torch.empty(0),
+            _ranks=dict(self.ranks),
+        )
+
+    def features_at(self, budget: int) -> Tensor:
+        """Layer signals ``(L, F)`` at the grid budget ``budget``."""
+        hits = (self.budgets == budget).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"budget {budget} is not in this prefill's grid {self.budgets.tolist()}")
+        return self.features[hits[0, 0]]
+
+
+class PrefillStore:
+    """A folder of cached prefills for one model, policy set, budget grid and capture setting."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        simulator: Simulator,
+        policies: Sequence[str],
+        overlap_policies: Sequence[str],
+        budgets: Sequence[int],
+    ):
+        self.root = Path(root)
+        self.simulator = simulator
+        self.policies = list(policies)
+        self.overlap_policies = list(overlap_policies)
+        self.budgets = sorted({int(b) for b in budgets})
+        opts = simulator.capture_options
+        self.fingerprint = json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "model": simulator.dims.to_dict(),
+                "policies": self.policies,
+                "overlap_policies": self.overlap_policies,
+                "budgets": self.budgets,
+                "capture": [opts.window, opts.future, opts.chunk],
+            },
+            sort_keys=True,
+        )
+
+    def path_for(self, sample_id: str) -> Path:
+        digest = hashlib.sha1(f"{self.fingerprint}|{sample_id}".encode()).hexdigest()[:20]
+        return self.root / f"{digest}.safetensors"
+
+    def has(self, sample_id: str) -> bool:
+        path = self.path_for(sample_id)
+        if not path.exists():
+            return False
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # unreadable (e.g. truncated by a crash outside our atomic write): rebuild
+            return False
+        return meta.get("fingerprint") == self.fingerprint and meta.get("sample_id") == sample_id
+
+    @torch.no_grad()
+    def build(self, sample_id: str, context_ids: Tensor, probe_ids: Tensor) -> Path:
+        """Prefill one context and write its file atomically (skipped when a valid file exists)."""
+        path = self.path_for(sample_id)
+        if self.has(sample_id):
+            return path
+        sim = self.simulator
+        accumulate = any(p == "h2o" for p in self.policies)
+        capture = sim.capture(context_ids, accumulate=accumulate)
+        num_layers = capture.num_layers
+        n = capture.context_length
+        tensors: dict[str, Tensor] = {}
+        for layer in range(num_layers):
+            tensors[f"k.{layer}"] = capture.keys[layer].to(torch.float16).contiguous()
+            tensors[f"v.{layer}"] = capture.values[layer].to(torch.float16).contiguous()
+            for policy in self.policies:
+                tensors[f"rank.{layer}.{policy}"] = capture.ranks(layer, policy).to(torch.int32).contiguous()
+        feats = [
+            torch.cat(
+                [
+                    layer_features(capture.stats[layer], min(b, n), self.overlap_policies, num_layers)
+                    for layer in range(num_layers)
+                ]
+            )
+            for b in self.budgets
+        ]
+        tensors["features"] = torch.stack(feats).float().contiguous()  # (K, L, F)
+        tensors["budgets"] = torch.tensor(self.budgets, dtype=torch.int64)
+        probe_ids = probe_ids.reshape(-1).long()
+        tensors["probe_ids"] = probe_ids.contiguous()
+        zero_bias = [torch.zeros(1, *k.shape[:2], dtype=k.dtype) for k in capture.keys]
+        full = sim.probe_logits(capture, probe_ids, zero_bias)[0]  # (m, V)
+        tensors["full_logprobs"] = torch.log_softmax(full, dim=-1).to(torch.float16).contiguous()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "sample_id": sample_id})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_features(self, sample_id: str) -> Tensor:
+        """Only the layer signals ``(K, L, F)`` of one cached prefill (cheap: K/V are not read)."""
+        if not self.has(sample_id):
+            raise FileNotFoundError(f"no valid cached prefill for sample {sample_id!r}")
+        with safe_open(self.path_for(sample_id), framework="pt") as f:
+            return f.get_tensor("features")
+
+    def load(self, sample_id: str) -> StoredPrefill:
+        path = self.path_for(sample_id)
+        if not self.has(sample_id):
+            raise FileNotFoundError(f"no valid cached prefill for sample {sample_id!r} (expected {path})")
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            num_layers = sum(1 for name in names if name.startswith("k."))
+            ranks = {
+                (layer, policy): f.get_tensor(f"rank.{layer}.{policy}").long()
+                for layer in range(num_layers)
+                for policy in self.policies
+            }
+            return StoredPrefill(
+                sample_id=sample_id,
+                keys=[f.get_tensor(f"k.{layer}") for layer in range(num_layers)],
+                values=[f.get_tensor(f"v.{layer}") for layer in range(num_layers)],
+                ranks=ranks,
+                features=f.get_tensor("features"),
+                budgets=f.get_tensor("budgets"),
+                probe_ids=f.get_tensor("probe_ids"),
+                full_logprobs=f.get_tensor("full_logprobs").float(),
+            )
