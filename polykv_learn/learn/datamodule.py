@@ -8,6 +8,8 @@ loaded lazily from disk, one prefill at a time.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +38,23 @@ class _PrefillDataset(Dataset):
         return self.store.load(self.ids[index])
 
 
+def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
+    """Rows round-robin over their ``source`` (shuffled within each source), so a limit keeps every source."""
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(str(row.get("source", "")), []).append(row)
+    rng = random.Random(seed)
+    queues = []
+    for name in sorted(by_source):
+        items = by_source[name]
+        rng.shuffle(items)
+        queues.append(items)
+    for i in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if i < len(q):
+                yield q[i]
+
+
 def _as_list(batch: list[StoredPrefill]) -> list[StoredPrefill]:
     return batch
 
@@ -56,6 +75,7 @@ class PrefillDataModule(L.LightningDataModule):
         max_val_samples: int | None = 12,
         window: int = 32,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         """
         Args:
@@ -74,6 +94,7 @@ class PrefillDataModule(L.LightningDataModule):
             max_val_samples: use at most this many validation samples (None: all).
             window: observation window of the captured statistics (queries of the last ``window`` positions).
             num_workers: data loader workers.
+            seed: order in which samples are taken (sources interleaved, shuffled within each source).
         """
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -94,6 +115,7 @@ class PrefillDataModule(L.LightningDataModule):
         self.limits = {"train": max_train_samples, "validation": max_val_samples}
         self.window = window
         self.num_workers = num_workers
+        self.seed = seed
         self.check_data_dir()
         self._store: PrefillStore | None = None
         self.train_ids: list[str] = []
@@ -127,7 +149,7 @@ class PrefillDataModule(L.LightningDataModule):
         rows = load_dataset("json", data_files=str(self.corpus_file(split)), split="train")
         tok = shared_tokenizer(self.model_name)
         out = []
-        for row in rows:
+        for row in _interleave_sources(rows, self.seed):
             context = tok(row["context"], add_special_tokens=False).input_ids[: self.max_context_tokens]
             probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
             if len(context) < self.min_context_tokens or not probe:

@@ -1,0 +1,401 @@
+"""Offline LongBench-style evaluation tasks built from the raw sources, as records of the user JSONL schema.
+
+=========================  ===========  ==============  ======================================================
+task                       source       metric          what is asked
+=========================  ===========  ==============  ======================================================
+``single_doc_qa``          quoref       qa_f1           a Wikipedia passage's question; the passage sits
+                                                        among distractor passages
+``multi_doc_qa``           quoref       qa_f1           numbered passages; the question names the passage
+``passkey``                synthetic    string_match    the pass key hidden in a noise haystack
+``multi_key_needle``       synthetic    string_match    one of several keyed magic numbers
+``kv_lookup``              synthetic    string_match    the value of one UUID key in a JSON object
+``variable_tracking``      synthetic    string_match    all variables bound to a value through chains
+                                                        ``VAR B = VAR A`` (score = share of them found)
+``few_shot_classification`` snips       classification  the intent of an utterance after many labelled ones
+``code_completion``        python       code_sim        the next line of a Python file prefix
+``summarisation``          xsum         rouge_l         a one-sentence summary of one of several articles
+``book_qa``                austen       qa_f1           the sentence that follows a quoted one in a chapter
+=========================  ===========  ==============  ======================================================
+
+Held out: ``TEST_ONLY_TASKS`` (``variable_tracking``, ``code_completion``) get only ``test`` records, and
+neither they nor their only source (Python code: ``TEST_ONLY_SOURCES``) appear in the training corpus, so
+they measure generalisation to unseen task types and an unseen domain.
+
+Splits: the *key document* of a record (the QA passage, query utterance, summarised article, chapter, code
+file) decides its split: ``test`` when ``document_split(doc_id, fractions, seed) == "test"``, else ``train``.
+``train`` records use only non-test documents; ``test`` records may draw distractors and demonstrations from
+every document of the source (they are never trained on as a key). Synthetic records are generated with a
+seed per split. Test-only tasks use every document of their source.
+
+A model reads ``context``, then ``question``, then ``answer_prefix`` (e.g. ``f"{context}\\n\\n{question}\\n
+{answer_prefix}"``). With ``chat=True`` the ``answer_prefix`` is left empty (the chat template opens the
+assistant turn); the instructions are the same in both modes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from polykv_learn.data.corpus import DEFAULT_FRACTIONS, document_split
+from polykv_learn.data.sources import Document, LengthFn, approx_tokens, sized_synthetic
+from polykv_learn.eval.jsonl import write_jsonl
+
+__all__ = [
+    "TASKS",
+    "TASK_SPECS",
+    "TEST_ONLY_SOURCES",
+    "TEST_ONLY_TASKS",
+    "TaskSpec",
+    "build_tasks",
+    "write_jsonl",
+]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static facts of a task type."""
+
+    metric: str
+    max_new_tokens: int
+    answer_prefix: str
+    source: str  # the source of its documents ("synthetic": generated)
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "single_doc_qa": TaskSpec("qa_f1", 32, "Answer:", "quoref"),
+    "multi_doc_qa": TaskSpec("qa_f1", 32, "Answer:", "quoref"),
+    "passkey": TaskSpec("string_match", 16, "The pass key is", "synthetic"),
+    "multi_key_needle": TaskSpec("string_match", 16, "Answer:", "synthetic"),
+    "kv_lookup": TaskSpec("string_match", 48, "Corresponding value:", "synthetic"),
+    "variable_tracking": TaskSpec("string_match", 32, "Answer:", "synthetic"),
+    "few_shot_classification": TaskSpec("classification", 16, "Intent:", "snips"),
+    "code_completion": TaskSpec("code_sim", 64, "Next line of code:\n", "python"),
+    "summarisation": TaskSpec("rouge_l", 64, "Summary:", "xsum"),
+    "book_qa": TaskSpec("qa_f1", 64, "Next sentence:", "austen"),
+}
+TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+TEST_ONLY_TASKS: tuple[str, ...] = ("variable_tracking", "code_completion")
+"""Task types held out of training: only ``test`` records, and nothing of them in the training corpus."""
+TEST_ONLY_SOURCES: tuple[str, ...] = ("python",)
+"""Sources used only by test-only tasks (kept out of the training corpus)."""
+
+_QA_INSTRUCTION = "Answer the question based on the passages above. Only give the answer, no other words."
+
+
+@dataclass
+class _Draft:
+    """A record before the common fields are filled in."""
+
+    context: str
+    question: str
+    answers: list[str]
+    doc_ids: list[str]
+    all_classes: list[str] | None = None
+
+
+class _Env:
+    """What a builder needs: rng, token range and target, documents (key pool and filler pool)."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        length_fn: LengthFn,
+        lo: int,
+        hi: int,
+        keys: Sequence[Document],
+        fillers: Sequence[Document],
+        seed: str,
+    ) -> None:
+        self.rng, self.length_fn, self.lo, self.hi = rng, length_fn, lo, hi
+        self.keys, self.fillers, self.seed = keys, fillers, seed
+        self._lengths: dict[tuple[str, str | None], int] = {}
+
+    def tokens(self, doc: Document, text: str | None = None) -> int:
+        """Token length of a document's text (memoised), or of ``text`` rendered from it."""
+        key = (doc.doc_id, text)
+        if key not in self._lengths:
+            self._lengths[key] = self.length_fn(doc.text if text is None else text)
+        return self._lengths[key]
+
+    def target(self) -> int:
+        return self.rng.randint(self.lo, self.hi)
+
+    def pack(self, key: Document, render: Callable[[Document], str], target: int) -> list[Document]:
+        """``key`` plus random distinct fillers until the rendered length reaches ``target`` (without passing
+        98% of the range's upper end), shuffled."""
+        parts, total = [key], self.tokens(key, render(key)) + 2
+        pool = [d for d in self.fillers if d.doc_id != key.doc_id]
+        for other in self.rng.sample(pool, min(len(pool), 400)):
+            if total >= target:
+                break
+            n = self.tokens(other, render(other)) + 2
+            if total + n <= 0.98 * self.hi:
+                parts.append(other)
+                total += n
+        self.rng.shuffle(parts)
+        return parts
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _ids(key: Document, parts: Sequence[Document]) -> list[str]:
+    """Document ids of a record, key document first."""
+    return [key.doc_id] + [d.doc_id for d in parts if d.doc_id != key.doc_id]
+
+
+def _single_doc_qa(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    qa = env.rng.choice(key.qa)
+    parts = env.pack(key, lambda d: d.text, env.target())
+    context = "\n\n".join(d.text for d in parts)
+    question = f"{_QA_INSTRUCTION}\n\nQuestion: {qa.question}"
+    return _Draft(context, question, list(qa.answers), _ids(key, parts))
+
+
+def _multi_doc_qa(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    qa = env.rng.choice(key.qa)
+    parts = env.pack(key, lambda d: f"Passage 00:\n{d.text}", env.target())
+    context = "\n\n".join(f"Passage {i + 1}:\n{d.text}" for i, d in enumerate(parts))
+    j = parts.index(key) + 1
+    question = (
+        f"Answer the question using only Passage {j}. Only give the answer, no other words.\n\nQuestion: {qa.question}"
+    )
+    return _Draft(context, question, list(qa.answers), _ids(key, parts))
+
+
+def _summarisation(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    parts = env.pack(key, lambda d: f"Article 00:\n{d.text}", env.target())
+    context = "\n\n".join(f"Article {i + 1}:\n{d.text}" for i, d in enumerate(parts))
+    j = parts.index(key) + 1
+    question = f"Write a one-sentence summary of Article {j}."
+    return _Draft(context, question, [key.summary], _ids(key, parts))
+
+
+def _demo(doc: Document) -> str:
+    return f"Utterance: {doc.text}\nIntent: {doc.label}"
+
+
+def _few_shot_classification(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    classes = sorted(
+        {c for d in env.fillers for c in d.meta.get("classes", "").split(",") if c}
+        | {d.label for d in env.fillers}
+        | {key.label}
+    )
+    target, pool = env.target(), [d for d in env.fillers if d.text != key.text]
+    demos: list[Document] = []
+    order: list[Document] = []
+    total = 0
+    while pool and total < target * 0.97:  # demonstrations repeat (reshuffled) once the pool is used up
+        if not order:
+            order = env.rng.sample(pool, len(pool))
+        demo = order.pop()
+        n = env.tokens(demo, _demo(demo)) + 2
+        if total + n > target:
+            break
+        demos.append(demo)
+        total += n
+    context = "\n\n".join(_demo(d) for d in demos)
+    question = (
+        f"Determine the intent of the utterance below; the possible intents are: {', '.join(classes)}."
+        f"\n\nUtterance: {key.text}"
+    )
+    return _Draft(context, question, [key.label], [key.doc_id] + sorted({d.doc_id for d in demos}), classes)
+
+
+_MEANINGFUL = re.compile(r"[A-Za-z_]")
+
+
+def _code_completion(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    lines = key.text.split("\n")
+    per_char = env.tokens(key) / max(len(key.text), 1)
+    target = env.target()
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    min_chars = env.lo / per_char
+    candidates = [
+        k
+        for k, line in enumerate(lines)
+        if starts[k] >= min_chars
+        and len(line.strip()) >= 8
+        and _MEANINGFUL.search(line)
+        and not line.strip().startswith(("#", '"""', "'''"))
+    ]
+    if not candidates:
+        return None
+    k = env.rng.choice(candidates)
+    s = 0
+    for _ in range(4):  # first line s such that lines[s:k] holds about `target` tokens
+        want = target / per_char
+        s = bisect.bisect_left(starts, starts[k] - want, 0, k)
+        s = min(s, k - 1)
+        n = env.length_fn("\n".join(lines[s:k]))
+        if abs(n - target) <= 0.03 * target or s == 0:
+            break
+        per_char = n / max(starts[k] - starts[s], 1)
+    return _Draft(
+        "\n".join(lines[s:k]),
+        "Complete the code above: write its next line.",
+        [lines[k].strip()],
+        [key.doc_id],
+    )
+
+
+_SENTENCE_END = re.compile(
+    r"(?<!\bMr\.)(?<!\bMrs\.)(?<!\bDr\.)(?<!\bSt\.)(?:(?<=[.!?])|(?<=[.!?][\"']))\s+"
+    r"(?=[\"'A-Z])"
+)
+
+
+def _book_qa(env: _Env) -> _Draft | None:
+    key = env.rng.choice(env.keys)
+    paras = key.text.split("\n\n")
+    per_char = env.tokens(key) / max(len(key.text), 1)
+    want = env.target() / per_char
+    remaining = [0] * (len(paras) + 1)  # characters from paragraph i to the end
+    for i in range(len(paras) - 1, -1, -1):
+        remaining[i] = remaining[i + 1] + len(paras[i]) + 2
+    starts = [i for i in range(len(paras)) if remaining[i] >= want] or [0]
+    chosen: list[str] = []
+    size = 0
+    for para in paras[env.rng.choice(starts) :]:
+        if size + len(para) > want and chosen:
+            break
+        chosen.append(para)
+        size += len(para) + 2
+    context = "\n\n".join(chosen)
+    sentences = [s for para in chosen for s in _SENTENCE_END.split(para)]
+    pairs = [
+        (a, b)
+        for a, b in zip(sentences, sentences[1:], strict=False)
+        if len(a.split()) >= 6 and 4 <= len(b.split()) <= 50 and context.count(a) == 1 and b in context
+    ]
+    if not pairs:
+        return None
+    before, after = env.rng.choice(pairs)
+    question = (
+        f'In the text above, which sentence comes right after this one: "{before}" Copy that next sentence exactly.'
+    )
+    return _Draft(context, question, [after], [key.doc_id])
+
+
+def _synthetic(kind: str) -> Callable[[_Env], _Draft | None]:
+    def build(env: _Env) -> _Draft | None:
+        target = min(max(env.target(), round(env.lo * 1.06)), round(env.hi * 0.94))
+        text, qa, _ = sized_synthetic(kind, f"{env.seed}:{env.rng.random()}", env.length_fn, target)
+        return _Draft(text, qa.question, list(qa.answers), [])
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[_Env], _Draft | None]] = {
+    "single_doc_qa": _single_doc_qa,
+    "multi_doc_qa": _multi_doc_qa,
+    "passkey": _synthetic("passkey"),
+    "multi_key_needle": _synthetic("multi_key_needle"),
+    "kv_lookup": _synthetic("kv_lookup"),
+    "variable_tracking": _synthetic("variable_tracking"),
+    "few_shot_classification": _few_shot_classification,
+    "code_completion": _code_completion,
+    "summarisation": _summarisation,
+    "book_qa": _book_qa,
+}
+_NEEDS = {
+    "single_doc_qa": "qa",
+    "multi_doc_qa": "qa",
+    "summarisation": "summary",
+    "few_shot_classification": "label",
+}
+
+
+# ----------------------------------------------------------------------------------------------- assembly
+
+
+def _pools(
+    task: str, split: str, docs: Sequence[Document], fractions: Mapping[str, float], seed: int
+) -> tuple[list[Document], list[Document]]:
+    """(key documents, filler documents) of a task's split."""
+    need = _NEEDS.get(task)
+    docs = sorted((d for d in docs if need is None or getattr(d, need)), key=lambda d: d.doc_id)
+    if task in TEST_ONLY_TASKS:
+        return docs, docs
+    is_test = [document_split(d.doc_id, fractions, seed) == "test" for d in docs]
+    test = [d for d, t in zip(docs, is_test, strict=True) if t]
+    train = [d for d, t in zip(docs, is_test, strict=True) if not t]
+    return (test, docs) if split == "test" else (train, train)
+
+
+def build_tasks(
+    documents_by_source: Mapping[str, Sequence[Document]],
+    length_fn: LengthFn = approx_tokens,
+    target_tokens: tuple[int, int] = (1024, 4096),
+    samples_per_task: int | Mapping[str, int] = 50,
+    seed: int = 0,
+    chat: bool = False,
+    tasks: Sequence[str] | None = None,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    with_doc_ids: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluation records of every task in ``tasks`` (default ``TASKS``) for splits ``train`` and ``test``
+    (``test`` only for ``TEST_ONLY_TASKS``); see the module docstring.
+
+    ``samples_per_task`` is the number of records per task and split (an int, or a mapping split -> int). A
+    task whose source is missing from ``documents_by_source`` (or has no usable document) is skipped; a task
+    may return fewer records when its documents cannot reach the token range. Every context measures within
+    ``target_tokens`` under ``length_fn``. ``with_doc_ids`` adds a ``doc_ids`` list (documents used, key document
+    first; empty for synthetic tasks) to each record. Deterministic for given inputs and ``seed``."""
+    lo, hi = target_tokens
+    if not 0 < lo <= hi:
+        raise ValueError(f"need 0 < target_tokens[0] <= target_tokens[1], got {target_tokens}")
+    unknown = sorted(set(tasks or ()) - set(TASK_SPECS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; allowed: {', '.join(TASKS)}")
+    records: list[dict[str, Any]] = []
+    for task in tasks or TASKS:
+        spec = TASK_SPECS[task]
+        splits = ("test",) if task in TEST_ONLY_TASKS else ("train", "test")
+        for split in splits:
+            count = samples_per_task if isinstance(samples_per_task, int) else samples_per_task.get(split, 0)
+            if spec.source == "synthetic":
+                keys: list[Document] = []
+                fillers: list[Document] = []
+            else:
+                keys, fillers = _pools(task, split, documents_by_source.get(spec.source, ()), fractions, seed)
+                if not keys:
+                    continue
+            rng = random.Random(f"tasks:{seed}:{task}:{split}")
+            env = _Env(rng, length_fn, lo, hi, keys, fillers, f"{seed}:{task}:{split}")
+            made, attempts = 0, 0
+            while made < count and attempts < 20 * count + 20:
+                attempts += 1
+                draft = _BUILDERS[task](env)
+                if draft is None or not lo <= length_fn(draft.context) <= hi:
+                    continue
+                record = {
+                    "id": f"{task}/{split}/{made:04d}",
+                    "task": task,
+                    "split": split,
+                    "context": draft.context,
+                    "question": draft.question,
+                    "answers": draft.answers,
+                    "metric": spec.metric,
+                    "answer_prefix": "" if chat else spec.answer_prefix,
+                    "max_new_tokens": spec.max_new_tokens,
+                }
+                if draft.all_classes is not None:
+                    record["all_classes"] = draft.all_classes
+                if with_doc_ids:
+                    record["doc_ids"] = draft.doc_ids
+                records.append(record)
+                made += 1
+    return records

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, JSONL samples, sweeps and gap recovery."""
