@@ -30,7 +30,7 @@ def _fit(argv: Sequence[str]) -> None:
     PolyKVCLI(
         PolyKVLearner,
         PrefillDataModule,
-        args=list(argv),
+        args=list(argv),  # parsed here, not from sys.argv
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "polykv-learn"},
     )

@@ -1,0 +1,260 @@
+"""Learning the router and allocator: soft plans, the prefill store, training on tiny-llama, the fit CLI."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from polykv_learn.learn.soft_plan import soft_keep_weights, soft_key_bias
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- soft plans ---------------------------------------------------------------------------------------------------
+def test_soft_keep_weights_sum_to_budget_and_become_hard():
+    ranks = torch.randperm(200)[None, None, :].expand(1, 2, 200)  # (Pol=1, G=2, n)
+    budgets = torch.tensor([10.0, 57.0])
+    soft = soft_keep_weights(ranks, budgets, tau=1.0)  # (R, 1, G, n)
+    assert torch.allclose(soft.sum(-1), budgets[:, None, None], atol=1e-3)  # tails cancel away from rank 0
+    hard = soft_keep_weights(ranks, budgets, tau=1e-4)
+    assert torch.equal(hard > 0.5, ranks[None] < budgets[:, None, None, None])
+
+
+def test_soft_key_bias_mixture_and_gradients():
+    ranks = torch.stack([torch.randperm(50), torch.arange(50)])[:, None, :]  # (Pol=2, G=1, n)
+    probs = torch.tensor([[1.0, 0.0], [0.3, 0.7]], requires_grad=True)
+    budgets = torch.tensor([20.0, 20.0], requires_grad=True)
+    bias = soft_key_bias(ranks, probs, budgets, tau=0.01)  # (R, G, n)
+    assert torch.equal(bias[0, 0] > -1, ranks[0, 0] < 20)  # one-hot routing, tiny tau: the hard keep mask
+    bias.sum().backward()
+    assert probs.grad.abs().sum() > 0 and budgets.grad.abs().sum() > 0
+
+
+# --- a tiny corpus ------------------------------------------------------------------------------------------------
+def _write_corpus(root: Path, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    for split, count in (("train", 8), ("validation", 3)):
+        rows = []
+        for i in range(count):
+            facts = {f"key{rng.randrange(1000)}": rng.randrange(10_000) for _ in range(40)}
+            lines = [f"The value of {k} is {v}." for k, v in facts.items()]
+            target = rng.choice(list(facts))
+            rows.append(
+                {
+                    "id": f"{split}-{i}",
+                    "context": "Facts follow. " + " ".join(lines),
+                    "probe": f" Question: what is {target}? Answer: the value of {target} is {facts[target]}.",
+                }
+            )
+        path = root / "corpus" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prefill_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefills")
+
+
+def _datamodule(corpus, cache_dir, **kw):
+    from polykv_learn.learn.datamodule import PrefillDataModule
+
+    return PrefillDataModule(
+        data_dir=str(corpus),
+        cache_dir=str(cache_dir),
+        model_name="tiny-llama",
+        policies=["streaming", "snapkv", "tova", "knorm"],
+        budgets=[16, 32, 64],
+        max_context_tokens=400,
+        min_context_tokens=100,
+        probe_tokens=24,
+        **kw,
+    )
+
+
+def test_training_lowers_loss_and_beats_the_starting_plan(tiny_corpus, prefill_cache):
+    import lightning as L
+
+    from polykv_learn.learn.module import PolyKVLearner
+    from polykv_learn.plan import Plan
+
+    L.seed_everything(0)
+    dm = _datamodule(tiny_corpus, prefill_cache)
+    learner = PolyKVLearner(
+        model_name="tiny-llama",
+        policies=["streaming", "snapkv", "tova", "knorm"],
+        budget_min=16,
+        budget_max=64,
+        val_budgets=[32],
+        b_min=2,
+        anneal_steps=60,
+        lr=0.02,
+        budgets_per_step=3,
+        # fixed softness and temperature, so that losses at the start and the end are comparable
+        tau_start=0.05,
+        tau_end=0.05,
+        temperature_start=0.5,
+        temperature_end=0.5,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    docs = [dm.store.load(i) for i in dm.train_ids]
+    mean, std = dm.feature_statistics()
+    learner.feature_mean.copy_(mean)
+    learner.feature_std.copy_(std.clamp_min(1e-6))
+
+    def plan_kl(prefill, plan):
+        from polykv_learn.learn.oracle import plan_kls
+
+        return float(plan_kls(learner.simulator, prefill, [plan])[0])
+
+    def total_kl(make_plan):
+        return sum(plan_kl(d, make_plan(d)) for d in docs) / len(docs)
+
+    start = {d.sample_id: learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length) for d in docs}
+    start_kl = total_kl(lambda d: start[d.sample_id])
+
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if outputs is not None:
+                losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
+    trainer.fit(learner, datamodule=dm)
+    learned_kl = total_kl(lambda d: learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length))
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
+    assert learned_kl < start_kl, (learned_kl, start_kl)
+    best_uniform = min(total_kl(lambda d, p=p: Plan.uniform(p, 32, 4)) for p in learner.policies)
+    assert learned_kl < best_uniform, (learned_kl, best_uniform)
+    for d in docs:  # hard plans keep the exact total budget
+        assert learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length).total_budget == 32 * 4
+
+
+def test_prefill_store_never_leaves_a_half_written_file(tiny_corpus, tmp_path, monkeypatch):
+    import polykv_learn.learn.store as store_module
+
+    dm = _datamodule(tiny_corpus, tmp_path / "cache")
+    sample_id, context, probe = dm._tokenized("validation")[0]
+
+    def crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(store_module, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dm.store.build(sample_id, context, probe)
+    assert not dm.store.path_for(sample_id).exists()
+    assert not list((dm.store.root).glob(".tmp-*")), "the temporary file must be removed"
+    monkeypatch.undo()
+    # a truncated file at the final name (e.g. copied by hand) is detected and rebuilt
+    dm.store.root.mkdir(parents=True, exist_ok=True)
+    dm.store.path_for(sample_id).write_bytes(b"garbage")
+    assert not dm.store.has(sample_id)
+    dm.store.build(sample_id, context, probe)
+    loaded = dm.store.load(sample_id)
+    assert loaded.context_length == context.shape[0] and loaded.features.shape[0] == 3
+
+
+def test_bad_config_fails_fast(tmp_path):
+    from polykv_learn.learn.datamodule import PrefillDataModule
+    from polykv_learn.learn.module import PolyKVLearner
+
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        PolyKVLearner(policies=["snapkv", "nope"])
+    with pytest.raises(ValueError, match="controls"):
+        PolyKVLearner(policies=["snapkv", "random"])
+    with pytest.raises(FileNotFoundError, match="prepare-data"):
+        PrefillDataModule(data_dir=str(tmp_path / "missing"))
+
+
+def _fit_cmd(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "polykv_learn.cli", "fit", "--config", str(REPO / "configs" / "tiny.yaml"), *extra]
+
+
+def _run(cmd, cwd, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(tiny_corpus, prefill_cache, tmp_path):
+    common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}"]
+    bad = _run(_fit_cmd(*common, "--model.val_budgets=[32, 100000]", "--data.budgets=[16, 32, 100000]"), tmp_path)
+    assert bad.returncode != 0 and "exceed the model's context" in bad.stderr + bad.stdout
+    art = tmp_path / "artifact"
+    out = _run(_fit_cmd(*common, "--trainer.max_steps=12", f"--model.export_dir={art}"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((art / "polykv.json").read_text())
+    assert config["model"]["num_layers"] == 4 and set(config["validation"]) == {"32", "64"}
+    from polykv_learn.deploy.polykv import PolyKV
+
+    polykv = PolyKV.from_pretrained(art)
+    assert polykv.static_plan(32).total_budget == 4 * 32
+
+
+def test_fit_resumes_from_last_checkpoint_after_a_kill(tiny_corpus, prefill_cache, tmp_path):
+    common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}", "--model.export_dir=null"]
+    proc = subprocess.Popen(
+        _fit_cmd(*common, "--trainer.max_steps=400"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = tmp_path / "runs" / "tiny"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and not list(ckpt.rglob("last*.ckpt")):
+            time.sleep(1)
+        time.sleep(3)
+    finally:
+        proc.kill()
+        proc.wait()
+    last = ckpt / "checkpoints" / "last.ckpt"
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < 400
+    out = _run(_fit_cmd(*common, f"--trainer.max_steps={killed_at + 5}", "--ckpt_path=last"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = torch.load(ckpt / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert resumed == killed_at + 5
+    # the resumed run logged only steps after the checkpoint (a run from scratch would log from step 0)
+    metrics = sorted((ckpt / "lightning_logs").glob("version_*/metrics.csv"))[-1]
+    rows = list(csv.DictReader(metrics.open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/kl")]
+    assert steps and min(steps) >= killed_at, steps
+
+
+def test_fit_ddp_two_cpu_processes(tiny_corpus, prefill_cache, tmp_path):
+    common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}", "--model.export_dir=null"]
+    out = _run(
+        _fit_cmd(
+            *common,
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+        ),
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world_size: 2" in out.stderr + out.stdout or "distributed_backend=gloo" in out.stderr + out.stdout
