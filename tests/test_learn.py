@@ -258,3 +258,17 @@ def test_fit_ddp_two_cpu_processes(tiny_corpus, prefill_cache, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world_size: 2" in out.stderr + out.stdout or "distributed_backend=gloo" in out.stderr + out.stdout
+
+
+def test_fit_gbdt_router_trains_on_oracle_labels_and_exports_trees(tiny_corpus, prefill_cache, tmp_path):
+    common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}"]
+    art = tmp_path / "gbdt"
+    extra = ["--model.router=gbdt", "--model.gbdt_docs=2", "--model.gbdt_budgets=[32]", f"--model.export_dir={art}"]
+    out = _run(_fit_cmd(*common, *extra, "--trainer.max_steps=10"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from polykv_learn.deploy.polykv import PolyKV
+
+    polykv = PolyKV.from_pretrained(art)
+    assert polykv.config["router"]["type"] == "gbdt" and polykv.gbdt is not None
+    plan = polykv.static_plan(32)
+    assert plan.total_budget == 4 * 32 and set(plan.policies) <= set(polykv.gbdt.classes)
