@@ -63,16 +63,21 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32."""
     b, h, n, d = queries.shape
     g = keys.shape[1]
-    k = keys.float()
+    k = keys.float().transpose(-1, -2)  # (b, G, d, n)
     total = torch.zeros(b, g, h // g, n, dtype=torch.float32, device=keys.device)
     key_index = torch.arange(n, device=keys.device)
+    key_bias = torch.zeros(b, n, device=keys.device).masked_fill(~valid, float("-inf"))  # (b, n)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         q = queries[:, :, start:stop].float().reshape(b, g, h // g, stop - start, d)
-        scores = torch.einsum("bgrqd,bgnd->bgrqn", q, k) * scaling  # (b, G, H/G, c, n)
-        causal = key_index[None, :] <= torch.arange(start, stop, device=keys.device)[:, None]  # (c, n)
-        visible = causal[None, None, None] & valid[:, None, None, None, :]
-        probs = _masked_softmax(scores, visible) * valid[:, None, None, start:stop, None]
+        scores = torch.matmul(q, k[:, :, None]) * scaling  # (b, G, H/G, c, n)
+        causal = torch.zeros(stop - start, n, device=keys.device).masked_fill(
+            key_index[None, :] > torch.arange(start, stop, device=keys.device)[:, None], float("-inf")
+        )  # (c, n)
+        q_valid = valid[:, start:stop]  # (b, c)
+        # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
+        bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :], torch.zeros(()))  # (b, c, n)
+        probs = torch.softmax(scores + bias[:, None, None], dim=-1) * q_valid[:, None, None, :, None]
         total += probs.sum(dim=-2)
     return total.reshape(b, h, n)
 

@@ -80,8 +80,13 @@ def feature_names(overlap_policies: Sequence[str] = DEFAULT_OVERLAP_POLICIES) ->
 FEATURE_NAMES: list[str] = feature_names(DEFAULT_OVERLAP_POLICIES)
 
 
-def _keep_mask(policy: str, stats: LayerStats, budget: int) -> Tensor:
-    """Bool ``(batch, G, n)`` mask of the positions ``policy`` keeps at ``budget``."""
+def _keep_mask(policy: str, stats: LayerStats, budget: int, ranks: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Bool ``(batch, G, n)`` mask of the positions ``policy`` keeps at ``budget``.
+
+    ``ranks`` (policy -> ``(batch, G, n)`` ranks from :func:`~polykv_learn.policies.keep_ranks`) skips the sort:
+    the keep set is exactly the positions of rank ``< budget``."""
+    if ranks is not None and policy in ranks:
+        return ranks[policy] < budget
     idx = keep_indices(get_policy(policy), stats, budget)  # (batch, G, k)
     mask = torch.zeros(stats.keys.shape[:3], dtype=torch.bool, device=idx.device)  # (batch, G, n)
     return mask.scatter_(-1, idx, True)
@@ -92,9 +97,11 @@ def layer_features(
     budget: int,
     overlap_policies: Sequence[str],
     num_layers: int,
+    ranks: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Signals of one layer for every batch element: ``(batch, F)`` float32, columns as in
-    :func:`feature_names` ``(overlap_policies)``.
+    :func:`feature_names` ``(overlap_policies)``. ``ranks`` optionally gives each overlap policy's precomputed
+    ranks (``(batch, G, n)``), which makes features at many budgets cheap.
 
     ``budget`` is the average budget ``B``; ``num_layers`` is ``L`` (for the relative depth
     ``stats.layer_idx / (L - 1)``, 0 when ``L == 1``).
@@ -134,7 +141,7 @@ def layer_features(
     temporal = (variance * valid).sum(dim=-1)  # (batch,) = n_valid * mean over real positions
 
     # Jaccard overlap of the keep sets of each pair of policies at budget B, averaged over KV heads.
-    masks = {p: _keep_mask(p, stats, budget).to(attn.device) for p in overlaps}  # p -> (batch, G, n)
+    masks = {p: _keep_mask(p, stats, budget, ranks).to(attn.device) for p in overlaps}  # p -> (batch, G, n)
     jaccard = []
     for p, q in combinations(overlaps, 2):
         inter = (masks[p] & masks[q]).sum(dim=-1).float()  # (batch, G)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from polykv_learn.features import layer_features
+from polykv_learn.policies import get_policy
 from polykv_learn.simulator import ContextCapture, Simulator
 
 FORMAT_VERSION = 1
@@ -118,7 +119,7 @@ class PrefillStore:
         if self.has(sample_id):
             return path
         sim = self.simulator
-        accumulate = any(p == "h2o" for p in self.policies)
+        accumulate = any(get_policy(p).needs_accumulated_attn for p in self.policies)
         capture = sim.capture(context_ids, accumulate=accumulate)
         num_layers = capture.num_layers
         n = capture.context_length
@@ -128,10 +129,15 @@ class PrefillStore:
             tensors[f"v.{layer}"] = capture.values[layer].to(torch.float16).contiguous()
             for policy in self.policies:
                 tensors[f"rank.{layer}.{policy}"] = capture.ranks(layer, policy).to(torch.int32).contiguous()
+        layer_ranks = [
+            {p: capture.ranks(layer, p)[None] for p in self.overlap_policies} for layer in range(num_layers)
+        ]  # the keep set at any budget is rank < budget: no sort per budget
         feats = [
             torch.cat(
                 [
-                    layer_features(capture.stats[layer], min(b, n), self.overlap_policies, num_layers)
+                    layer_features(
+                        capture.stats[layer], min(b, n), self.overlap_policies, num_layers, layer_ranks[layer]
+                    )
                     for layer in range(num_layers)
                 ]
             )
