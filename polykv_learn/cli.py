@@ -68,7 +68,7 @@ def _prepare_data(argv: Sequence[str]) -> None:
         max_docs_per_source=args.max_docs_per_source,
         sources=sources,
         context_tokens=(args.min_context, args.max_context),
-        target_tokens=(max(args.min_context, 1024), args.max_context),
+        target_tokens=(min(max(args.min_context, 1024), args.max_context), args.max_context),
         samples_per_task=args.samples_per_task,
         synthetic_docs=args.synthetic_docs,
         chat=args.chat,
@@ -117,13 +117,15 @@ def _generate(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"fit": None, "validate": None, "prepare-data": _prepare_data, "generate": _generate}
-    try:
-        from polykv_learn.eval.cli import evaluate_main
+    from polykv_learn.eval.cli import evaluate_main
 
-        commands["evaluate"] = evaluate_main
-    except ImportError:  # the evaluation suite is optional at import time
-        pass
+    commands = {
+        "fit": None,
+        "validate": None,
+        "prepare-data": _prepare_data,
+        "generate": _generate,
+        "evaluate": evaluate_main,
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         print(f"commands: {', '.join(commands)}")

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,51 @@ def export_learner(learner: Any, datamodule: Any, directory: str | Path) -> Path
         "budgets": list(datamodule.budgets),
         "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},
         "training": {
+            "wall_time_s": round(time.time() - learner.fit_started_at, 1),
             "global_step": int(learner.global_step),
+            "selected_step": learner.selected_step,
             "train_samples": len(datamodule.train_ids),
             "val_samples": len(datamodule.val_ids),
             "data_dir": str(datamodule.data_dir),
         },
     }
-    return write_artifact(directory, config, tensors)
+    path = write_artifact(directory, config, tensors)
+    write_model_card(path)
+    return path
+
+
+def write_model_card(directory: str | Path, notes: str = "") -> Path:
+    """Write ``README.md`` (the model card) of an artifact from its ``polykv.json``: model, policies, training
+    data and steps, wall time, and the validation table (KL to the full cache on held-out documents)."""
+    from polykv_learn.learn.module import describe_table
+
+    directory = Path(directory)
+    config, _ = read_artifact(directory)
+    model, train = config["model"], config.get("training", {})
+    table = {int(b): row for b, row in config.get("validation", {}).items()}
+    wall = train.get("wall_time_s")
+    lines = [
+        f"# polykv-learn router for {model['name']}",
+        "",
+        f"- model: {model['name']} ({model['num_layers']} layers, {model['num_heads']} heads, "
+        f"{model['num_kv_heads']} KV heads, head dim {model['head_dim']})",
+        f"- routed policies: {', '.join(config['policies'])}; router: {config['router']['type']}",
+        f"- layer features: {len(config['feature_names'])} ({', '.join(config['feature_names'])})",
+        f"- training data: {train.get('train_samples')} training / {train.get('val_samples')} validation samples "
+        f"from `{train.get('data_dir')}` (document-level split; see `polykv-learn prepare-data`)",
+        f"- steps: {train.get('global_step')}"
+        + (f" (exported: step {train['selected_step']}, best validation KL)" if train.get("selected_step") else "")
+        + "; wall time: "
+        + (f"{wall / 60:.1f} min (prefills included)" if wall else "not recorded"),
+        "",
+        "## Validation (hard plan, mean KL to the full cache on the probes of held-out documents; lower is better)",
+        "",
+        describe_table(table) if table else "(no validation was run)",
+    ]
+    if notes:
+        lines += ["", notes]
+    path = directory / "README.md"
+    tmp = directory / ".README.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

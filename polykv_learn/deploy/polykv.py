@@ -111,7 +111,7 @@ class PolyKV:
     def plan_from_features(self, features: Tensor, budget: int, context_length: int) -> Plan:
         """The hard plan for raw features (L, F): router's arg-max policy and the allocator's integer budgets."""
         budget = self._check_budget(budget)
-        scaled = self.scaler.transform(features.float())
+        scaled = self.scaler.transform(features.detach().float().cpu())  # router and allocator live on the CPU
         if self.gbdt is not None:
             policies = self.gbdt.predict(scaled.numpy())
         else:

@@ -13,6 +13,7 @@ scores) at each of ``val_budgets`` on held-out documents.
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import lightning as L
@@ -110,6 +111,8 @@ class PolyKVLearner(L.LightningModule):
         self.validation_table: dict[int, dict[str, float]] = {}
         self._val_sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._simulator: Simulator | None = None
+        self.fit_started_at = time.time()  # wall time of a fit counts from here (prefills included)
+        self.selected_step: int | None = None  # the step of the exported weights, when selected on validation
 
     # --- wiring --------------------------------------------------------------------------------------------------
     @property
@@ -119,6 +122,7 @@ class PolyKVLearner(L.LightningModule):
         return self._simulator
 
     def setup(self, stage: str) -> None:
+        self.simulator.model.to(self.device)  # the frozen LLM follows the learner (e.g. onto a GPU)
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is None:
             return
@@ -206,21 +210,21 @@ class PolyKVLearner(L.LightningModule):
         feats = self.scale(torch.stack([prefill.features_at(b) for b in budgets]).to(self.device))  # (R, L, F)
         progress = self.progress()
         temperature = annealed(self.hparams.temperature_start, self.hparams.temperature_end, progress)
-        tau = torch.tensor(budgets, dtype=torch.float32) * annealed(
+        tau = torch.tensor(budgets, dtype=torch.float32, device=self.device) * annealed(
             self.hparams.tau_start, self.hparams.tau_end, progress
         )  # (R,) in rank units
         probs = self.routing(feats, temperature)  # (R, L, Pol)
         layer_budgets = torch.stack(
             [self.allocator(feats[r], budgets[r], n, self.hparams.b_min) for r in range(len(budgets))]
         )  # (R, L)
-        capture = prefill.to_capture()
+        capture = prefill.to_capture(device=self.device)
         biases = []
         for layer in range(capture.num_layers):
             ranks = torch.stack([capture.ranks(layer, p) for p in self.policies])  # (Pol, G, n)
             biases.append(soft_key_bias(ranks, probs[:, layer], layer_budgets[:, layer], tau))  # (R, G, n)
-        logits = self.simulator.probe_logits(capture, prefill.probe_ids, biases)  # (R, m, V)
+        logits = self.simulator.probe_logits(capture, prefill.probe_ids.to(self.device), biases)  # (R, m, V)
         log_q = F.log_softmax(logits, dim=-1)
-        log_p = prefill.full_logprobs
+        log_p = prefill.full_logprobs.to(self.device)
         return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
     @torch.no_grad()
@@ -231,7 +235,8 @@ class PolyKVLearner(L.LightningModule):
     def _validate_one(self, prefill: StoredPrefill) -> None:
         n = prefill.context_length
         num_layers = len(prefill.keys)
-        capture = prefill.to_capture()
+        capture = prefill.to_capture(device=self.device)
+        probe_ids, full_logprobs = prefill.probe_ids.to(self.device), prefill.full_logprobs.to(self.device)
         for budget in self.hparams.val_budgets:
             if budget >= n:
                 continue
@@ -240,9 +245,9 @@ class PolyKVLearner(L.LightningModule):
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
             methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers)
             logits = self.simulator.probe_logits(
-                capture, prefill.probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
+                capture, probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
             )
-            kl = kl_to_full(prefill.full_logprobs, logits)  # (P,)
+            kl = kl_to_full(full_logprobs, logits)  # (P,)
             for name, value in zip(methods, kl.tolist(), strict=True):
                 sums = self._val_sums[(budget, name)]
                 sums[0] += value
@@ -272,11 +277,30 @@ class PolyKVLearner(L.LightningModule):
             self.log("val/kl_learned", sum(learned_means) / len(learned_means), prog_bar=True, rank_zero_only=True)
 
     # --- export --------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["polykv_validation_table"] = self.validation_table
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.validation_table = {int(b): row for b, row in checkpoint.get("polykv_validation_table", {}).items()}
+
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             from polykv_learn.deploy.artifact import export_learner
 
+            best = self.best_checkpoint()
+            if best is not None:  # model selection on the held-out validation KL of the hard plan
+                checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+                self.load_state_dict(checkpoint["state_dict"])
+                self.on_load_checkpoint(checkpoint)
+                self.selected_step = int(checkpoint["global_step"])
             export_learner(self, self.trainer.datamodule, self.hparams.export_dir)
+
+    def best_checkpoint(self) -> str | None:
+        """The best checkpoint by ``val/kl_learned`` of a ModelCheckpoint that monitors it, if any."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "monitor", None) == "val/kl_learned" and callback.best_model_path:
+                return callback.best_model_path
+        return None
 
 
 def log_uniform_grid(lo: int, hi: int, per_octave: int = 2) -> list[int]:

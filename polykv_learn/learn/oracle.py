@@ -23,12 +23,14 @@ PLANS_PER_PASS = 32
 @torch.no_grad()
 def plan_kls(sim: Simulator, prefill: StoredPrefill, plans: Sequence[Plan]) -> Tensor:
     """Simulated KL to the full cache of each plan (P,), in passes of ``PLANS_PER_PASS`` plans."""
-    capture = prefill.to_capture()
+    device = next(sim.model.parameters()).device
+    capture = prefill.to_capture(device=device)
+    probe_ids, full_logprobs = prefill.probe_ids.to(device), prefill.full_logprobs.to(device)
     out = []
     for start in range(0, len(plans), PLANS_PER_PASS):
         chunk = list(plans[start : start + PLANS_PER_PASS])
-        logits = sim.probe_logits(capture, prefill.probe_ids, sim.hard_biases(capture, chunk))
-        out.append(kl_to_full(prefill.full_logprobs, logits))
+        logits = sim.probe_logits(capture, probe_ids, sim.hard_biases(capture, chunk))
+        out.append(kl_to_full(full_logprobs, logits).cpu())
     return torch.cat(out)
 
 

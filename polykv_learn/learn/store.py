@@ -50,14 +50,14 @@ class StoredPrefill:
     def context_length(self) -> int:
         return self.keys[0].shape[1]
 
-    def to_capture(self, dtype: torch.dtype = torch.float32) -> ContextCapture:
+    def to_capture(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ContextCapture:
         """A :class:`ContextCapture` for the simulator's probe pass (ranks precomputed, no raw statistics)."""
         return ContextCapture(
-            keys=[k.to(dtype) for k in self.keys],
-            values=[v.to(dtype) for v in self.values],
+            keys=[k.to(device=device, dtype=dtype) for k in self.keys],
+            values=[v.to(device=device, dtype=dtype) for v in self.values],
             stats=[],
             last_logits=torch.empty(0),
-            _ranks=dict(self.ranks),
+            _ranks={key: r.to(device) for key, r in self.ranks.items()},
         )
 
     def features_at(self, budget: int) -> Tensor:
