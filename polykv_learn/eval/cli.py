@@ -1,0 +1,216 @@
+"""``polykv-learn evaluate``: every method and budget on an offline LongBench-style suite (or your JSONL).
+
+polykv-learn evaluate --out out/eval                               # test split, all methods, B = 128..1024
+polykv-learn evaluate --out out/eval-aware --query-aware           # the question is compressed too
+polykv-learn evaluate --data my.jsonl --methods full snapkv polykv --budgets 256 --limit 5 --out out/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_DATA = Path("data/polykv/tasks/test.jsonl")
+DEFAULT_ROUTER = Path("checkpoints/smollm2-135m")
+
+EPILOG = """\
+methods (--methods; default: every available one except the `random` control):
+  full                 no eviction (always run: the reference of KL and gap recovery)
+  snapkv streaming h2o tova knorm expected_attention
+                       one policy at every layer with the uniform budget B (`random` as a control)
+  pyramid              PyramidKV linear layer schedule, SnapKV scores
+  cake                 CAKE entropy x variance layer allocation, SnapKV scores
+  polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
+  polykv-static        the same artifact's static plan (one plan per budget)
+  polykv-gbdt          the GBDT router of --gbdt-router, adaptive
+
+protocols: query-agnostic (default) compresses the context alone, then asks the question;
+--query-aware compresses context + question, then feeds only the answer prefix.
+
+outputs in --out: results.json (summary: method -> budget -> task -> mean score and "average";
+full_cache; gap_recovery and gap_recovery_test_only per method and budget; summary_nll, summary_kl;
+example_plans; samples: one record per sample/method/budget with id, task, method, budget, prediction,
+score, nll, kl, context_tokens, kept, kv_bytes), results.md, score_vs_budget.png, plan_map.png.
+
+JSONL schema (--data): one object per line with context, question, answers (list of strings), metric
+(string_match, qa_f1, rouge_l, classification, code_sim); optional task, id, answer_prefix, max_new_tokens,
+all_classes.
+"""
+
+
+def _names(values: Sequence[str] | None) -> list[str] | None:
+    """Accept both ``--methods a b`` and ``--methods a,b``."""
+    if values is None:
+        return None
+    return [v for value in values for v in value.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="polykv-learn evaluate",
+        description="Evaluate KV-cache eviction methods (single policies, PyramidKV, CAKE, the learned PolyKV "
+        "router) at fixed average budgets with real compressed caches and greedy decoding. One full prefill per "
+        "sample is shared by every method and budget.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help=f"JSONL samples (default: {DEFAULT_DATA}, made by `polykv-learn prepare-data`)",
+    )
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, plots)")
+    p.add_argument(
+        "--router",
+        default=None,
+        help=f"trained artifact folder for polykv/polykv-static (default: {DEFAULT_ROUTER} if present)",
+    )
+    p.add_argument("--no-router", action="store_true", help="ignore the default router (baselines only)")
+    p.add_argument("--gbdt-router", default=None, help="artifact folder of a GBDT router (enables polykv-gbdt)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name or local HF folder (default: the router's model, else smollm2-135m)",
+    )
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (space or comma separated)")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=None,
+        help="average budgets B: kept positions per KV head and layer, all kept positions counted "
+        "(default: 128 256 512 1024)",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, help="only these task names (space or comma separated)")
+    p.add_argument("--limit", type=int, default=None, help="at most N samples per task (quick runs)")
+    p.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="compress context + question (SnapKV-paper/KVCache-Factory style) instead of the context alone",
+    )
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        help="wrap context + question in the tokenizer's chat template (user turn; the answer prefix starts the "
+        "assistant turn). The default whenever the tokenizer has a chat template (SmolLM2-Instruct does: without it "
+        "the model often ends its answer at once)",
+    )
+    chat.add_argument(
+        "--no-chat",
+        dest="chat",
+        action="store_false",
+        help="plain text prompt `context\\n\\nquestion\\nanswer_prefix` (the default for tokenizers without a chat "
+        "template)",
+    )
+    p.set_defaults(chat=None)
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="cut contexts longer than this many tokens in the middle (first and last halves kept)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="compressed caches decoded together (default 8)")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="base attention implementation")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice). On a shared or busy machine use 1: oversubscribed "
+        "OpenMP threads can make every matmul many times slower",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def evaluate_main(argv: Sequence[str]) -> dict:
+    """Entry point of ``polykv-learn evaluate``; returns the results dict (also written to ``--out``)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from polykv_learn.capture import CaptureOptions
+    from polykv_learn.deploy.polykv import PolyKV
+    from polykv_learn.eval.jsonl import load_samples
+    from polykv_learn.eval.methods import available_methods, resolve_methods
+    from polykv_learn.eval.runner import DEFAULT_BUDGETS, EvalSettings, Evaluator, run_evaluation, select_samples
+    from polykv_learn.models import SMOLLM2, load_model
+    from polykv_learn.policies import get_policy
+
+    try:
+        settings = EvalSettings(
+            budgets=tuple(args.budgets or DEFAULT_BUDGETS),
+            query_aware=args.query_aware,
+            chat=bool(args.chat),
+            max_context=args.max_context,
+            batch_size=args.batch_size,
+        )
+        router_dir = args.router
+        if router_dir is None and not args.no_router and DEFAULT_ROUTER.is_dir():
+            router_dir = str(DEFAULT_ROUTER)
+        router = PolyKV.from_pretrained(router_dir) if router_dir else None
+        gbdt = PolyKV.from_pretrained(args.gbdt_router) if args.gbdt_router else None
+        methods = resolve_methods(_names(args.methods), available_methods(router, gbdt))
+        samples = select_samples(load_samples(args.data), _names(args.tasks), args.limit)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+
+    artifacts = [a for a in (router, gbdt) if a is not None]
+    if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
+        parser.error("--router and --gbdt-router were trained with different capture options; evaluate them apart")
+    base = artifacts[0].capture if artifacts else CaptureOptions()
+    needs_h2o = any(get_policy(p).needs_accumulated_attn for a in artifacts for p in a.policies) or any(
+        m.kind == "single" and get_policy(m.name).needs_accumulated_attn for m in methods
+    )
+    capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk)
+
+    model_name = args.model or (artifacts[0].model_fingerprint["name"] if artifacts else SMOLLM2)
+    model, tokenizer = load_model(model_name, attn_implementation=args.attn)
+    for a in artifacts:
+        a.check_model(model)
+    if args.chat is None:  # default: the chat template whenever the tokenizer has one
+        settings = dataclasses.replace(settings, chat=bool(getattr(tokenizer, "chat_template", None)))
+    evaluator = Evaluator(model, tokenizer, methods, settings, capture)
+    start = time.perf_counter()
+    config = {
+        "data": args.data,
+        "router": router_dir,
+        "gbdt_router": args.gbdt_router,
+        "model_name": model_name,
+        "tasks": _names(args.tasks),
+        "limit": args.limit,
+    }
+    results = run_evaluation(evaluator, samples, args.out, config=config, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    budgets = [str(b) for b in settings.budgets]
+    print(f"\n{len(samples)} samples, {elapsed:.1f} s ({elapsed / len(samples):.1f} s per sample), {settings.protocol}")
+    print("average score".ljust(22) + "".join(f"B={b}".rjust(10) for b in budgets))
+    for name, per_budget in results["summary"].items():
+        cells = "".join(
+            ("–" if per_budget[b]["average"] is None else f"{per_budget[b]['average']:.3f}").rjust(10) for b in budgets
+        )
+        print(name.ljust(22) + cells)
+    for name, per_budget in results["gap_recovery"].items():
+        cells = "".join(
+            ("–" if per_budget[b]["gap_recovery"] is None else f"{100 * per_budget[b]['gap_recovery']:.1f}%").rjust(10)
+            for b in budgets
+        )
+        print(f"gap recovery {name}".ljust(22) + cells)
+    print(f"outputs in {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    evaluate_main(sys.argv[1:])

@@ -1,0 +1,207 @@
+"""The evaluation's method registry: a name -> how to get the eviction :class:`~polykv_learn.plan.Plan` of one
+sample at one average budget, from the statistics its (shared) prefill captured.
+
+=====================  ========================================================================================
+name                   plan
+=====================  ========================================================================================
+``full``               no eviction (the full cache)
+``<policy>``           every routable policy of :mod:`polykv_learn.policies` by its registry name (``snapkv``,
+                       ``streaming``, ``h2o``, ``tova``, ``knorm``, ``expected_attention``): that policy at
+                       every layer with the uniform budget ``B``; ``random`` (a control) is allowed but not a
+                       default method
+``pyramid``            PyramidKV's linear schedule (arXiv:2406.02069) with SnapKV scores
+``cake``               CAKE-style allocation (arXiv:2503.12491) with SnapKV scores: layer budgets proportional to
+                       ``entropy * temporal variance`` of the layer's window attention
+``polykv``             the learned router + allocator (``--router DIR``), adaptive: the plan is decided from the
+                       features of this very prefill (:meth:`PolyKV.plan_for_stats`)
+``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
+                       features (:meth:`PolyKV.static_plan`)
+``polykv-gbdt``        the GBDT variant (``--gbdt-router DIR``: an artifact whose router is ``gbdt``), adaptive
+=====================  ========================================================================================
+
+Budgets count every kept position per KV head and layer (design §2). Allocations that would give a layer more
+than the context (``pyramid``, ``cake``) are capped at ``n`` and the excess is redistributed, so that every
+method keeps the same total ``L * B`` when ``n > B``; when ``n <= B`` nothing is evicted. The static plan is
+computed for the model's maximum length, so a layer's budget may exceed a shorter context (it then keeps all of
+it; static mode cannot know ``n`` in advance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from polykv_learn.deploy.polykv import PolyKV
+from polykv_learn.plan import Plan
+from polykv_learn.policies import POLICIES, LayerStats, policy_names
+
+__all__ = [
+    "BASELINE_POLICY",
+    "LEARNED_METHODS",
+    "Method",
+    "MethodInput",
+    "available_methods",
+    "cake_signals",
+    "default_method_names",
+    "resolve_methods",
+    "single_policy_methods",
+]
+
+#: the scorer used by the layer-allocation baselines (``pyramid``, ``cake``)
+BASELINE_POLICY = "snapkv"
+#: the methods a trained artifact provides (gap recovery is reported for these)
+LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
+
+
+@dataclass(frozen=True)
+class MethodInput:
+    """What a method sees of one sample: the prefill statistics of every layer (batch element 0 is used)."""
+
+    stats: Sequence[LayerStats]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.stats)
+
+    @property
+    def context_length(self) -> int:
+        return self.stats[0].context_length
+
+
+#: ``fn(sample, budget) -> Plan`` (``None``: no eviction)
+PlanFn = Callable[[MethodInput, int], Plan | None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One evaluated method. ``kind``: ``full``, ``single`` (one policy, uniform budget), ``allocation``
+    (a layer-allocation baseline) or ``learned``."""
+
+    name: str
+    kind: str
+    description: str
+    plan_fn: PlanFn
+
+    def plan(self, sample: MethodInput, budget: int) -> Plan | None:
+        return self.plan_fn(sample, budget)
+
+
+# --- plan builders ----------------------------------------------------------------------------------------------
+def _full(sample: MethodInput, budget: int) -> None:
+    return None
+
+
+def _uniform(policy: str) -> PlanFn:
+    def plan(sample: MethodInput, budget: int) -> Plan:
+        return Plan.uniform(policy, budget, sample.num_layers)
+
+    return plan
+
+
+def _pyramid(sample: MethodInput, budget: int) -> Plan:
+    n = sample.context_length
+    if n <= budget:  # nothing to evict
+        return Plan.uniform(BASELINE_POLICY, budget, sample.num_layers)
+    plan = Plan.pyramid(BASELINE_POLICY, budget, sample.num_layers)
+    if max(plan.budgets) > n:  # cap at n, hand the excess to the other layers
+        plan = Plan.from_allocation(BASELINE_POLICY, [float(b) for b in plan.budgets], budget, b_max=n)
+    return plan
+
+
+def cake_signals(stats: Sequence[LayerStats]) -> tuple[list[float], list[float]]:
+    """Per layer, CAKE's spatial dispersion and temporal shift of the window attention (batch element 0):
+    the entropy of each window query's attention (mean over query heads and window queries) and the variance
+    of each position's attention across window queries, summed over positions (mean over query heads)."""
+    entropies, variances = [], []
+    for s in stats:
+        attn = s.window_attn[0].float()  # (H, w, n)
+        entropies.append(float(-torch.xlogy(attn, attn).sum(dim=-1).mean()))
+        variances.append(float(attn.var(dim=1, correction=0).sum(dim=-1).mean()))
+    return entropies, variances
+
+
+def _cake(sample: MethodInput, budget: int) -> Plan:
+    n = sample.context_length
+    if n <= budget:
+        return Plan.uniform(BASELINE_POLICY, budget, sample.num_layers)
+    entropies, variances = cake_signals(sample.stats)
+    if not any(e * v > 0 for e, v in zip(entropies, variances, strict=True)):  # degenerate: no preference
+        return Plan.uniform(BASELINE_POLICY, budget, sample.num_layers)
+    return Plan.cake(BASELINE_POLICY, budget, entropies, variances, b_max=n)
+
+
+def _adaptive(polykv: PolyKV) -> PlanFn:
+    def plan(sample: MethodInput, budget: int) -> Plan:
+        return polykv.plan_for_stats(sample.stats, budget)
+
+    return plan
+
+
+def _static(polykv: PolyKV) -> PlanFn:
+    cache: dict[int, Plan] = {}
+
+    def plan(sample: MethodInput, budget: int) -> Plan:
+        if budget not in cache:
+            cache[budget] = polykv.static_plan(budget)
+        return cache[budget]
+
+    return plan
+
+
+# --- registry ---------------------------------------------------------------------------------------------------
+def single_policy_methods(include_controls: bool = False) -> list[str]:
+    """Names of the single-policy methods: the routable policies (plus controls such as ``random``)."""
+    return policy_names(routable_only=not include_controls)
+
+
+def available_methods(router: PolyKV | None = None, gbdt: PolyKV | None = None) -> dict[str, Method]:
+    """Every method that can run with the given artifacts, in report order (``random`` last)."""
+    methods: dict[str, Method] = {"full": Method("full", "full", "no eviction", _full)}
+    for name in single_policy_methods(include_controls=True):
+        control = "" if POLICIES[name].routable else " (control)"
+        methods[name] = Method(name, "single", f"{name} at every layer, uniform budget{control}", _uniform(name))
+    methods["pyramid"] = Method("pyramid", "allocation", "PyramidKV linear schedule, SnapKV scores", _pyramid)
+    methods["cake"] = Method("cake", "allocation", "CAKE entropy x variance allocation, SnapKV scores", _cake)
+    if router is not None:
+        methods["polykv"] = Method("polykv", "learned", "learned router + allocator, adaptive", _adaptive(router))
+        methods["polykv-static"] = Method(
+            "polykv-static", "learned", "learned router + allocator, static plan", _static(router)
+        )
+    if gbdt is not None:
+        if gbdt.gbdt is None:
+            raise ValueError("the --gbdt-router artifact has an MLP router, not a GBDT one (router type 'gbdt')")
+        methods["polykv-gbdt"] = Method("polykv-gbdt", "learned", "GBDT router + allocator, adaptive", _adaptive(gbdt))
+    random_first = [m for m in methods if m in POLICIES and not POLICIES[m].routable]
+    return {k: methods[k] for k in [m for m in methods if m not in random_first] + random_first}
+
+
+def all_method_names() -> list[str]:
+    """Every name ``--methods`` may ever accept (some need an artifact)."""
+    return ["full", *single_policy_methods(include_controls=True), "pyramid", "cake", *LEARNED_METHODS]
+
+
+def default_method_names(available: dict[str, Method]) -> list[str]:
+    """All available methods except controls."""
+    return [m for m in available if not (m in POLICIES and not POLICIES[m].routable)]
+
+
+def resolve_methods(names: Sequence[str] | None, available: dict[str, Method]) -> list[Method]:
+    """The methods to run (``None``: the defaults), ``full`` always first; clear errors for bad names."""
+    if names is None:
+        names = default_method_names(available)
+    allowed = all_method_names()
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
+    missing = [n for n in names if n not in available]
+    if missing:
+        needs = {"polykv": "--router DIR", "polykv-static": "--router DIR", "polykv-gbdt": "--gbdt-router DIR"}
+        what = ", ".join(f"{n!r} needs {needs.get(n, 'an artifact')}" for n in missing)
+        raise ValueError(f"method(s) not available: {what}")
+    seen: list[str] = []
+    for n in ["full", *names]:
+        if n not in seen:
+            seen.append(n)
+    return [available[n] for n in seen]

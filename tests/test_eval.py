@@ -1,0 +1,324 @@
+"""The evaluation runner (`polykv-learn evaluate`) on tiny-llama with SmolLM2's tokenizer."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from polykv_learn import adapter
+from polykv_learn.adapter import model_dims
+from polykv_learn.cache import CompressedCache
+from polykv_learn.capture import CaptureOptions
+from polykv_learn.deploy.artifact import write_artifact
+from polykv_learn.deploy.polykv import PolyKV
+from polykv_learn.eval.cli import evaluate_main
+from polykv_learn.eval.methods import available_methods, resolve_methods
+from polykv_learn.eval.metrics import gap_recovery
+from polykv_learn.eval.runner import EvalSettings, Evaluator, build_results
+from polykv_learn.features import feature_names
+from polykv_learn.learn.allocator import BudgetAllocator
+from polykv_learn.learn.router import MLPRouter
+from polykv_learn.models import load_model
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu river stone cloud".split()
+BUDGETS = (32, 96)
+
+
+def make_samples(count=2, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        key = str(31000 + 17 * i)
+        noise = " ".join(rng.choice(WORDS) for _ in range(160))
+        rows.append(
+            {
+                "id": f"s{i}",
+                "task": ("passkey", "variable_tracking")[i % 2],  # the second is a test-only task type
+                "context": f"{noise} The pass key is {key}. {noise}",
+                "question": "What is the pass key?",
+                "answers": [key],
+                "metric": "string_match",
+                "answer_prefix": "The pass key is",
+                "max_new_tokens": 5,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+def make_artifact(directory, model, policies=("snapkv", "streaming", "knorm"), seed=0):
+    """A valid (untrained) PolyKV artifact for ``model``: fresh router/allocator weights, identity scaling."""
+    overlap = ["snapkv", "streaming"]
+    names = feature_names(overlap)
+    torch.manual_seed(seed)
+    router = MLPRouter(len(names), list(policies), hidden=8)
+    allocator = BudgetAllocator(len(names), hidden=8)
+    budgets = [32, 64, 128]
+    tensors = {f"router.{k}": v for k, v in router.state_dict().items()}
+    tensors.update({f"allocator.{k}": v for k, v in allocator.state_dict().items()})
+    tensors["calibration_features"] = torch.zeros(len(budgets), model_dims(model).num_layers, len(names))
+    config = {
+        "model": model_dims(model).to_dict(),
+        "policies": list(policies),
+        "overlap_policies": overlap,
+        "feature_names": names,
+        "scaler": {"mean": [0.0] * len(names), "std": [1.0] * len(names)},
+        "router": {"type": "mlp", "hidden": 8, "num_hidden_layers": router.num_hidden_layers},
+        "allocator": {"hidden": 8, "num_hidden_layers": allocator.num_hidden_layers},
+        "b_min": 4,
+        "capture": {"window": 16, "future": 16, "chunk": 64},
+        "budgets": budgets,
+    }
+    return write_artifact(directory, config, tensors)
+
+
+def make_evaluator(model, tok, names=None, router=None, **settings):
+    methods = resolve_methods(names, available_methods(router))
+    capture = router.capture if router is not None else CaptureOptions(window=16, future=16, accumulate=True)
+    capture = CaptureOptions(capture.window, capture.future, True, capture.chunk)
+    return Evaluator(model, tok, methods, EvalSettings(**{"budgets": BUDGETS, **settings}), capture)
+
+
+def test_results_json_structure_and_gap_recovery(tiny, tmp_path):
+    model, _ = tiny
+    data = write_jsonl(tmp_path / "tiny.jsonl", make_samples())
+    router_dir = make_artifact(tmp_path / "router", model)
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    try:
+        evaluate_main(
+            ["--data", str(data), "--model", "tiny-llama", "--router", str(router_dir), "--out", str(out)]
+            + ["--budgets", *map(str, BUDGETS), "--no-progress", "--batch-size", "3", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("results.json", "results.md", "score_vs_budget.png", "plan_map.png"):
+        assert (out / name).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    methods = res["config"]["methods"]
+    assert methods[0] == "full" and {"polykv", "polykv-static", "pyramid", "cake", "snapkv"} <= set(methods)
+    assert "random" not in methods  # a control: not a default method
+    assert res["tasks"] == ["passkey", "variable_tracking"] and res["test_only_tasks"] == ["variable_tracking"]
+    for method in methods:
+        for b in map(str, BUDGETS):
+            row = res["summary"][method][b]
+            assert set(row) == {"passkey", "variable_tracking", "average"}
+            assert row["average"] == pytest.approx((row["passkey"] + row["variable_tracking"]) / 2)
+    assert res["full_cache"] == res["summary"]["full"][str(BUDGETS[0])]
+    samples = res["samples"]
+    assert len(samples) == 2 * (1 + (len(methods) - 1) * len(BUDGETS))
+    for rec in samples:
+        assert {"id", "task", "method", "budget", "prediction", "score", "nll", "kl"} <= set(rec)
+        assert (rec["budget"] is None) == (rec["method"] == "full")
+        assert rec["kl"] >= -1e-6 and rec["nll"] > 0
+    # the summary is the mean of the sample scores
+    for method in ("snapkv", "polykv"):
+        recs = [r for r in samples if r["method"] == method and r["budget"] == BUDGETS[0] and r["task"] == "passkey"]
+        assert res["summary"][method][str(BUDGETS[0])]["passkey"] == pytest.approx(
+            sum(r["score"] for r in recs) / len(recs)
+        )
+    # gap recovery by hand from the summary
+    singles = res["single_policies"]
+    assert set(singles) == {"snapkv", "streaming", "h2o", "tova", "knorm", "expected_attention"}
+    for key, tasks in (("gap_recovery", res["tasks"]), ("gap_recovery_test_only", ["variable_tracking"])):
+        for b in map(str, BUDGETS):
+
+            def avg(m, b=b, tasks=tasks):
+                return sum(res["summary"][m][b][t] for t in tasks) / len(tasks)
+
+            best = max(avg(s) for s in singles)
+            for method in ("polykv", "polykv-static", "pyramid", "cake"):
+                entry = res[key][method][b]
+                assert entry["best_single_score"] == pytest.approx(best)
+                assert avg(entry["best_single"]) == pytest.approx(best)
+                assert entry["full"] == pytest.approx(avg("full"))
+                expected = gap_recovery(avg(method), best, avg("full")) if avg("full") > best else None
+                assert entry["gap_recovery"] == (None if expected is None else pytest.approx(expected))
+    assert set(res["example_plans"]["polykv"]) == {str(b) for b in BUDGETS}
+
+
+def test_gap_recovery_arithmetic():
+    records = []
+    scores = {"full": 0.9, "snapkv": 0.5, "streaming": 0.3, "polykv": 0.7}
+    for method, s in scores.items():
+        for task, offset in (("a", 0.0), ("b", 0.1)):
+            records.append(
+                {"id": task, "task": task, "method": method, "budget": None if method == "full" else 64}
+                | {"score": s - offset, "nll": 1.0, "kl": 0.0}
+            )
+    res = build_results(records, list(scores), ["snapkv", "streaming"], [64])
+    entry = res["gap_recovery"]["polykv"]["64"]
+    assert entry["best_single"] == "snapkv"
+    assert entry["gap_recovery"] == pytest.approx((0.65 - 0.45) / (0.85 - 0.45))
+    assert res["gap_recovery_test_only"] == {}
+    # the full cache below the best single policy: no gap, no ratio
+    for r in records:
+        if r["method"] == "full":
+            r["score"] = 0.2
+    res = build_results(records, list(scores), ["snapkv", "streaming"], [64])
+    assert res["gap_recovery"]["polykv"]["64"]["gap_recovery"] is None
+
+
+def test_full_equals_generate_and_large_budget_equals_full(tiny):
+    model, tok = tiny
+    sample = make_samples(1)[0]
+    sample["max_new_tokens"] = 8
+    ev = make_evaluator(model, tok, ["snapkv", "streaming", "pyramid"], budgets=(64, 4096), batch_size=4)
+    enc = ev.encode(sample)
+    ids = torch.cat([enc.prompt_ids, enc.tail_ids], dim=1)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    records = ev.evaluate_sample(sample).records
+    full = [r for r in records if r["method"] == "full"]
+    assert len(full) == 1 and full[0]["prediction"] == expected
+    big = [r for r in records if r["budget"] == 4096]
+    assert big and all(r["prediction"] == expected and r["kl"] == pytest.approx(0.0, abs=1e-6) for r in big)
+    assert all(r["nll"] == pytest.approx(full[0]["nll"], rel=1e-5) for r in big)
+    small = [r for r in records if r["budget"] == 64]
+    assert all(r["kept"] == 64 for r in small) and any(r["kl"] > 1e-4 for r in small)
+
+
+def test_batched_forks_equal_one_at_a_time(tiny):
+    model, tok = tiny
+    sample = make_samples(1)[0]
+    names = ["snapkv", "streaming", "knorm", "pyramid", "cake"]
+    batched = make_evaluator(model, tok, names, batch_size=8).evaluate_sample(sample).records
+    single = make_evaluator(model, tok, names, batch_size=1).evaluate_sample(sample).records
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    for a, b in zip(batched, single, strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-5)
+
+
+def test_shared_prefill_is_not_modified(tiny, monkeypatch):
+    model, tok = tiny
+    sample = make_samples(1)[0]
+    ev = make_evaluator(model, tok, ["snapkv", "h2o", "pyramid"], budgets=(32, 4096))
+    shared = {}
+    original_init = CompressedCache.__init__
+
+    def spy(self, *args, **kwargs):  # the first cache built for the sample is the shared prefill
+        original_init(self, *args, **kwargs)
+        shared.setdefault("cache", self)
+
+    monkeypatch.setattr(CompressedCache, "__init__", spy)
+    ev.evaluate_sample(sample)
+    cache = shared["cache"]
+    # a fresh prefill of the same prompt gives the same tensors: nothing was written into the shared one
+    monkeypatch.setattr(CompressedCache, "__init__", original_init)
+    fresh = CompressedCache(model, capture=ev.capture)
+    with torch.no_grad():
+        adapter.forward(model, ev.encode(sample).prompt_ids, fresh)
+    n = ev.encode(sample).prompt_ids.shape[1]
+    for old, new in zip(cache.layers, fresh.layers, strict=True):
+        assert old.keys.shape[-2] == n and old.logical_length == n
+        torch.testing.assert_close(old.keys, new.keys, rtol=0, atol=0)
+        torch.testing.assert_close(old.values, new.values, rtol=0, atol=0)
+        assert old.stats is not None  # the statistics are still there (forks drop their own reference only)
+
+
+def test_in_place_write_is_detected(tiny, monkeypatch):
+    model, tok = tiny
+    ev = make_evaluator(model, tok, ["snapkv"])
+    original = Evaluator._fork
+
+    def bad_fork(self, shared):
+        shared.layers[0].keys.add_(0.0)  # an in-place write into the shared prefill
+        return original(self, shared)
+
+    monkeypatch.setattr(Evaluator, "_fork", bad_fork)
+    with pytest.raises(RuntimeError, match="shared prefill"):
+        ev.evaluate_sample(make_samples(1)[0])
+
+
+def test_query_aware_compresses_the_question(tiny):
+    model, tok = tiny
+    sample = make_samples(1)[0]
+    agnostic = make_evaluator(model, tok, ["snapkv"])
+    aware = make_evaluator(model, tok, ["snapkv"], query_aware=True)
+    enc_g, enc_w = agnostic.encode(sample), aware.encode(sample)
+    # the same token sequence, split at another place
+    seq_g = torch.cat([enc_g.prompt_ids, enc_g.tail_ids], 1)
+    seq_w = torch.cat([enc_w.prompt_ids, enc_w.tail_ids], 1)
+    assert torch.equal(seq_g, seq_w)
+    q_len = len(tok("\n\n" + sample["question"], add_special_tokens=False).input_ids)
+    assert enc_w.prompt_ids.shape[1] == enc_g.prompt_ids.shape[1] + q_len
+    rec_g = agnostic.evaluate_sample(sample).records
+    rec_w = aware.evaluate_sample(sample).records
+    assert rec_w[0]["context_tokens"] == rec_g[0]["context_tokens"] + q_len
+    assert rec_w[0]["prediction"] == rec_g[0]["prediction"]  # full cache: same sequence, same answer
+    assert [r["kl"] for r in rec_g[1:]] != pytest.approx([r["kl"] for r in rec_w[1:]])
+
+
+def test_chat_template_and_max_context(tiny):
+    model, tok = tiny
+    sample = make_samples(1)[0]
+    chat = make_evaluator(model, tok, ["snapkv"], chat=True, max_context=100)
+    enc = chat.encode(sample)
+    text = tok.decode(torch.cat([enc.prompt_ids, enc.tail_ids], 1)[0])
+    assert text.startswith("<|im_start|>system") and "<|im_start|>assistant\nThe pass key is" in text
+    assert enc.context_tokens == 100 and enc.cut_tokens > 0
+    assert enc.prompt_ids.shape[1] == len(tok(text.split("user\n")[0] + "user\n").input_ids) + 100
+
+
+def test_polykv_methods_run_and_static_plan_is_shared(tiny, tmp_path):
+    model, tok = tiny
+    router = PolyKV.from_pretrained(make_artifact(tmp_path / "r", model))
+    ev = make_evaluator(model, tok, ["polykv", "polykv-static"], router=router)
+    result = ev.evaluate_sample(make_samples(1)[0])
+    for budget in BUDGETS:
+        assert result.plans["polykv-static"][budget] == router.static_plan(budget)
+        assert result.plans["polykv"][budget].total_budget == budget * model_dims(model).num_layers
+    assert {r["method"] for r in result.records} == {"full", "polykv", "polykv-static"}
+
+
+def test_bad_methods_fail_clearly(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_samples())
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", str(data), "--model", "tiny-llama", "--out", str(tmp_path), "--methods", "snapkvv"])
+    with pytest.raises(ValueError, match=r"unknown method\(s\) 'snapkvv'; allowed: full, .*snapkv"):
+        resolve_methods(["snapkv", "snapkvv"], available_methods())
+    with pytest.raises(ValueError, match="'polykv' needs --router"):
+        resolve_methods(["polykv"], available_methods())
+    names = [m.name for m in resolve_methods(["tova", "snapkv", "tova"], available_methods())]
+    assert names == ["full", "tova", "snapkv"]
+
+
+def test_bad_methods_message_on_cli(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", make_samples())
+    with pytest.raises(SystemExit) as err:
+        evaluate_main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-router", "--methods", "bogus"])
+    assert err.value.code == 2
+    assert "unknown method(s) 'bogus'; allowed:" in capsys.readouterr().err
+
+
+def test_bad_jsonl_line_fails_with_line_number(tmp_path, capsys):
+    rows = make_samples()
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "answers": "1234"}) + "\n")
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", str(path), "--out", str(tmp_path / "o"), "--no-router"])
+    err = capsys.readouterr().err
+    assert f"{path}:2:" in err and "'answers' must be a non-empty list of strings" in err
+    path.write_text("{not json\n")
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", str(path), "--out", str(tmp_path / "o"), "--no-router"])
+    assert f"{path}:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_unknown_task_filter_fails(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", make_samples())
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-router", "--tasks", "nope"])
+    assert "task(s) 'nope' not in the data" in capsys.readouterr().err
