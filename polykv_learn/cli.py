@@ -90,6 +90,7 @@ def _generate(argv: Sequence[str]) -> None:
     args = p.parse_args(argv)
     import torch
 
+    from polykv_learn import adapter
     from polykv_learn.cache import cache_bytes
     from polykv_learn.deploy.polykv import PolyKV
     from polykv_learn.models import load_model
@@ -102,7 +103,9 @@ def _generate(argv: Sequence[str]) -> None:
     ids = tok(text, return_tensors="pt").input_ids
     cache = polykv.make_cache(model, budget=args.budget, mode=args.mode)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(
+            ids, **{adapter.cache_kwarg(model): cache}, max_new_tokens=args.max_new_tokens, do_sample=False
+        )
     answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     plan = cache.applied_plan
     dims = polykv.model_fingerprint

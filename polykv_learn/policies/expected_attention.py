@@ -72,9 +72,14 @@ class ExpectedAttentionPolicy(Policy):
         sin = stats.window_sin.to(device, dtype)[:, None]  # (batch, 1, w, d)
         x = y * cos - rotate_half(y) * sin  # (batch, H, w, d) pre-RoPE queries
 
-        mu = x.mean(dim=2)  # (batch, H, d)
-        centered = x - mu[:, :, None, :]  # (batch, H, w, d)
-        sigma = centered.transpose(-1, -2) @ centered / x.shape[2]  # (batch, H, d, d), unbiased=False
+        # Statistics of the real window queries only: a left-padded sequence shorter than the window has padding
+        # queries in it (a sequence alone would have a shorter window of its real tokens).
+        real = stats.valid[:, -x.shape[2] :].to(device, dtype)[:, None, :, None]  # (batch, 1, w, 1)
+        count = real.sum(dim=2, keepdim=True).clamp(min=1)  # (batch, 1, 1, 1)
+        mu = (x * real).sum(dim=2, keepdim=True) / count  # (batch, H, 1, d)
+        centered = (x - mu) * real  # (batch, H, w, d)
+        sigma = centered.transpose(-1, -2) @ centered / count  # (batch, H, d, d), unbiased=False
+        mu = mu[:, :, 0]  # (batch, H, d)
 
         # Average RoPE rotation of the future positions: R_t = diag(cos_t) + diag(sin_t) P.
         d = x.shape[-1]

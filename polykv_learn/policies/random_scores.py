@@ -16,7 +16,8 @@ from polykv_learn.policies.base import LayerStats, Policy
 @dataclass
 class RandomPolicy(Policy):
     """Score = uniform random, from a generator seeded with ``seed * 100003 + layer_idx`` (deterministic and
-    independent of the global RNG). Nothing is protected."""
+    independent of the global RNG), drawn per (KV head, position id): a sequence gets the same scores alone or
+    left-padded in a batch. Nothing is protected."""
 
     name = "random"
     routable: ClassVar[bool] = False
@@ -26,5 +27,8 @@ class RandomPolicy(Policy):
     def scores(self, stats: LayerStats) -> Tensor:
         b, g, n = stats.keys.shape[:3]
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 100003 + stats.layer_idx)
-        scores = torch.rand(b, g, n, generator=generator)  # (batch, G, n) on CPU
+        positions = stats.positions.detach().cpu().long().clamp(min=0)  # (batch, n)
+        # (positions, G): the draw for a position id does not depend on how many positions are drawn
+        table = torch.rand(int(positions.max()) + 1, g, generator=generator)
+        scores = table[positions].permute(0, 2, 1)  # (batch, G, n)
         return scores.to(stats.keys.device)
