@@ -8,8 +8,8 @@ builds each layer's own mask (kept context keys are visible unless they are padd
 
 Three ways to decide what to keep:
 - ``plan=Plan(...)`` (static): a layer evicts as soon as its own prefill attention is done;
-- ``planner=fn`` (adaptive): ``fn(stats_per_layer) -> Plan`` runs once all layers are prefilled, at the first
-  update after the prefill (or when :meth:`CompressedCache.compress` is called);
+- ``planner=fn`` (adaptive): ``fn(stats_per_layer) -> Plan`` runs as soon as the last layer's prefill attention
+  is done (every layer then evicts at once, before any new token);
 - neither: capture only (full cache plus every layer's scoring statistics; what the simulator uses).
 """
 
@@ -44,8 +44,6 @@ class CompressedLayer(DynamicLayer):
 
     # --- transformers' cache-layer protocol ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self.logical_length > 0 and self.layer_idx == 0:
-            self.owner.compress_if_pending()
         keys, values = super().update(key_states, value_states)
         self.logical_length += key_states.shape[-2]
         adapter.announce(self.layer_idx, self)
@@ -149,6 +147,8 @@ class CompressedCache(Cache):
         )
         if self.plan is not None:
             layer.evict(self.plan.policies[layer.layer_idx], self.plan.budgets[layer.layer_idx])
+        elif self.planner is not None and layer.layer_idx == len(self.layers) - 1:
+            self.compress()  # adaptive: every layer's statistics exist once the last layer has attended
 
     @property
     def layer_stats(self) -> list[LayerStats]:
@@ -156,10 +156,6 @@ class CompressedCache(Cache):
         if any(s is None for s in stats):
             raise RuntimeError("statistics are only available between the prefill and the compression")
         return stats  # type: ignore[return-value]
-
-    def compress_if_pending(self) -> None:
-        if self.planner is not None and self.applied_plan is None:
-            self.compress()
 
     def compress(self, plan: Plan | None = None) -> Plan:
         """Evict every layer now (adaptive mode): with ``plan`` or the planner's plan for the captured stats."""

@@ -86,7 +86,12 @@ def _generate(argv: Sequence[str]) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--mode", choices=("adaptive", "static"), default="adaptive")
     p.add_argument("--model", default=None, help="model to load (default: the one the router was trained for)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the tokenizer's chat template (default: when the tokenizer has one)",
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -98,7 +103,7 @@ def _generate(argv: Sequence[str]) -> None:
     polykv = PolyKV.from_pretrained(args.router)
     model, tok = load_model(args.model or polykv.model_fingerprint["name"])
     text = Path(args.prompt_file).read_text()
-    if args.chat:
+    if args.chat or (args.chat is None and tok.chat_template):
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
     cache = polykv.make_cache(model, budget=args.budget, mode=args.mode)
