@@ -5,20 +5,17 @@ import random
 
 import pytest
 import torch
+from artifact_helpers import make_artifact
 
 from polykv_learn import adapter
 from polykv_learn.adapter import model_dims
 from polykv_learn.cache import CompressedCache
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.deploy.artifact import write_artifact
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.eval.cli import evaluate_main
 from polykv_learn.eval.methods import available_methods, resolve_methods
 from polykv_learn.eval.metrics import gap_recovery
 from polykv_learn.eval.runner import EvalSettings, Evaluator, build_results
-from polykv_learn.features import feature_names
-from polykv_learn.learn.allocator import BudgetAllocator
-from polykv_learn.learn.router import MLPRouter
 from polykv_learn.models import load_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu river stone cloud".split()
@@ -54,32 +51,6 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny-llama")
-
-
-def make_artifact(directory, model, policies=("snapkv", "streaming", "knorm"), seed=0):
-    """A valid (untrained) PolyKV artifact for ``model``: fresh router/allocator weights, identity scaling."""
-    overlap = ["snapkv", "streaming"]
-    names = feature_names(overlap)
-    torch.manual_seed(seed)
-    router = MLPRouter(len(names), list(policies), hidden=8)
-    allocator = BudgetAllocator(len(names), hidden=8)
-    budgets = [32, 64, 128]
-    tensors = {f"router.{k}": v for k, v in router.state_dict().items()}
-    tensors.update({f"allocator.{k}": v for k, v in allocator.state_dict().items()})
-    tensors["calibration_features"] = torch.zeros(len(budgets), model_dims(model).num_layers, len(names))
-    config = {
-        "model": model_dims(model).to_dict(),
-        "policies": list(policies),
-        "overlap_policies": overlap,
-        "feature_names": names,
-        "scaler": {"mean": [0.0] * len(names), "std": [1.0] * len(names)},
-        "router": {"type": "mlp", "hidden": 8, "num_hidden_layers": router.num_hidden_layers},
-        "allocator": {"hidden": 8, "num_hidden_layers": allocator.num_hidden_layers},
-        "b_min": 4,
-        "capture": {"window": 16, "future": 16, "chunk": 64},
-        "budgets": budgets,
-    }
-    return write_artifact(directory, config, tensors)
 
 
 def make_evaluator(model, tok, names=None, router=None, **settings):
