@@ -539,8 +539,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         "## Average score (mean over tasks) by average budget",
         "",
-        "| method | " + " | ".join(f"B={b}" for b in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
+        *_budget_header(budgets),
     ]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(_fmt(results["summary"][m][b]["average"]) for b in budgets) + " |")
@@ -558,8 +557,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             f"## Gap recovery, {title}: (method - best single) / (full - best single)",
             "",
-            "| method | " + " | ".join(f"B={b}" for b in budgets) + " |",
-            "|---|" + "---:|" * len(budgets),
+            *_budget_header(budgets),
         ]
         for m, row in table.items():
             lines.append(f"| {m} | " + " | ".join(_pct(row[b]["gap_recovery"]) for b in budgets) + " |")
@@ -574,8 +572,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             f"## Mean {title} (mean over tasks)",
             "",
-            "| method | " + " | ".join(f"B={b}" for b in budgets) + " |",
-            "|---|" + "---:|" * len(budgets),
+            *_budget_header(budgets),
         ]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(_fmt(results[key][m][b]["average"]) for b in budgets) + " |")
@@ -673,3 +670,8 @@ def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> P
     plot_score_vs_budget(results, out / "score_vs_budget.png")
     plot_plan_map(results, out / "plan_map.png")
     return out
+
+
+def _budget_header(budgets) -> list[str]:
+    """Header rows of a Markdown table with one column per budget."""
+    return ["| method | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]

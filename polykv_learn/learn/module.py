@@ -12,7 +12,6 @@ scores) at each of ``val_budgets`` on held-out documents.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 
@@ -301,12 +300,6 @@ class PolyKVLearner(L.LightningModule):
             if getattr(callback, "monitor", None) == "val/kl_learned" and callback.best_model_path:
                 return callback.best_model_path
         return None
-
-
-def log_uniform_grid(lo: int, hi: int, per_octave: int = 2) -> list[int]:
-    """Budgets from ``lo`` to ``hi`` spaced evenly in log2 (``per_octave`` points per doubling)."""
-    steps = int(round(math.log2(hi / lo) * per_octave))
-    return sorted({int(round(lo * 2 ** (i / per_octave))) for i in range(steps + 1)})
 
 
 def describe_table(table: dict[int, dict[str, float]]) -> str:
