@@ -69,16 +69,17 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     key_bias = torch.zeros(b, n, device=keys.device).masked_fill(~valid, float("-inf"))  # (b, n)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
+        # causal: queries start..stop-1 see keys 0..stop-1 only, so later keys are never computed (half the work)
         q = queries[:, :, start:stop].float().reshape(b, g, h // g, stop - start, d)
-        scores = torch.matmul(q, k[:, :, None]) * scaling  # (b, G, H/G, c, n)
-        causal = torch.zeros(stop - start, n, device=keys.device).masked_fill(
-            key_index[None, :] > torch.arange(start, stop, device=keys.device)[:, None], float("-inf")
-        )  # (c, n)
+        scores = torch.matmul(q, k[:, :, None, :, :stop]) * scaling  # (b, G, H/G, c, stop)
+        causal = torch.zeros(stop - start, stop, device=keys.device).masked_fill(
+            key_index[None, :stop] > torch.arange(start, stop, device=keys.device)[:, None], float("-inf")
+        )  # (c, stop)
         q_valid = valid[:, start:stop]  # (b, c)
         # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
-        bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :], torch.zeros(()))  # (b, c, n)
+        bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :stop], torch.zeros(()))  # (b,c,stop)
         probs = torch.softmax(scores + bias[:, None, None], dim=-1) * q_valid[:, None, None, :, None]
-        total += probs.sum(dim=-2)
+        total[..., :stop] += probs.sum(dim=-2)
     return total.reshape(b, h, n)
 
 
