@@ -8,7 +8,7 @@ import pytest
 from polykv_learn.data.corpus import document_split
 from polykv_learn.data.prepare import prepare_data
 from polykv_learn.data.sources import Document, QAPair, approx_tokens
-from polykv_learn.data.tasks import TASK_SPECS, TASKS, TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
+from polykv_learn.data.tasks import TASK_INTROS, TASK_SPECS, TASKS, TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
 from polykv_learn.eval.jsonl import load_samples, write_jsonl
 from polykv_learn.eval.metrics import METRICS
 
@@ -18,6 +18,7 @@ EXTRACTIVE = (
     "multi_doc_qa",
     "passkey",
     "multi_key_needle",
+    "multi_query_needle",
     "kv_lookup",
     "variable_tracking",
     "book_qa",
@@ -90,7 +91,16 @@ def test_every_task_built_with_schema(records):
     for r in records:
         assert r["metric"] in METRICS and r["metric"] == TASK_SPECS[r["task"]].metric
         assert isinstance(r["question"], str) and r["answers"] and all(isinstance(a, str) and a for a in r["answers"])
-        assert r["max_new_tokens"] > 0 and r["answer_prefix"] == TASK_SPECS[r["task"]].answer_prefix
+        assert r["max_new_tokens"] > 0
+        if r["task"] in ("multi_key_needle", "multi_query_needle"):  # RULER-style prefix restating the question
+            marker = "numbers for " if "numbers" in r["question"] else "number for "
+            keys = r["question"].split(marker)[1].split(" mentioned")[0]
+            assert r["answer_prefix"].startswith("The special magic number") and keys in r["answer_prefix"]
+        elif TASK_SPECS[r["task"]].source == "synthetic":
+            assert r["answer_prefix"]
+        else:
+            assert r["answer_prefix"] == TASK_SPECS[r["task"]].answer_prefix
+        assert r["context"].startswith(TASK_INTROS[r["task"]] + "\n\n")  # the instruction opens the context
         assert LENGTHS[0] <= approx_tokens(r["context"]) <= LENGTHS[1]
     assert len({r["id"] for r in records}) == len(records)
 
@@ -103,7 +113,8 @@ def test_answers_present_or_derivable(records, documents):
             assert r["answers"][0] in r["all_classes"] and f"Intent: {r['answers'][0]}" in r["context"]
         elif r["task"] == "code_completion":  # the answer is the line right after the context in its file
             file_text = next(d.text for d in documents["python"] if d.doc_id == r["doc_ids"][0])
-            following = file_text.split(r["context"] + "\n", 1)[1].split("\n")[0]
+            code = r["context"].split("\n\n", 1)[1]  # after the instruction
+            following = file_text.split(code + "\n", 1)[1].split("\n")[0]
             assert following.strip() == r["answers"][0]
         elif r["task"] == "summarisation":
             assert any(d.summary == r["answers"][0] for d in documents["xsum"] if d.doc_id == r["doc_ids"][0])

@@ -77,6 +77,7 @@ class QAPair:
 
     question: str
     answers: tuple[str, ...]
+    prefix: str = ""  # an answer prefix that restates the question (helps small models); "" = the task default
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,7 @@ def make_passkey(rng: random.Random, size: int) -> tuple[str, QAPair]:
     key = random_number(rng, 5)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     text = _insert(rng, [NOISE] * size, [needle])
-    return text, QAPair("What is the pass key?", (key,))
+    return text, QAPair("What is the pass key?", (key,), "The pass key is")
 
 
 def make_multi_key_needle(rng: random.Random, size: int, n_keys: int = 4) -> tuple[str, QAPair]:
@@ -479,7 +480,24 @@ def make_multi_key_needle(rng: random.Random, size: int, n_keys: int = 4) -> tup
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values, strict=True)]
     text = _insert(rng, [NOISE] * size, needles)
     i = rng.randrange(n_keys)
-    return text, QAPair(f"What is the special magic number for {keys[i]} mentioned in the text?", (values[i],))
+    return text, QAPair(
+        f"What is the special magic number for {keys[i]} mentioned in the text?",
+        (values[i],),
+        f"The special magic number for {keys[i]} mentioned in the text is",
+    )
+
+
+def make_multi_query_needle(rng: random.Random, size: int, n_keys: int = 4) -> tuple[str, QAPair]:
+    """RULER's multi-query needle: the haystack of :func:`make_multi_key_needle`, but the question asks for the
+    magic numbers of two keys at once (the answers are both numbers; the score is the share found)."""
+    text, _ = make_multi_key_needle(rng, size, n_keys)
+    found = re.findall(r"One of the special magic numbers for (\S+) is: (\d+)\.", text)
+    (k1, v1), (k2, v2) = rng.sample(found, 2)
+    return text, QAPair(
+        f"What are the special magic numbers for {k1} and {k2} mentioned in the text?",
+        (v1, v2),
+        f"The special magic numbers for {k1} and {k2} mentioned in the text are",
+    )
 
 
 def make_kv_lookup(rng: random.Random, size: int) -> tuple[str, QAPair]:
@@ -520,7 +538,11 @@ def make_variable_tracking(rng: random.Random, size: int, hops: int = 4, chains:
             parts.append(NOISE)
     c = rng.randrange(chains)
     question = f"Find all variables that are assigned the value {values[c]} in the text above."
-    return " ".join(parts), QAPair(question, tuple(names[c * hops : (c + 1) * hops]))
+    prefix = (  # RULER's answer prefix
+        f"According to the chain of variable assignments in the text above, {hops} variables are assigned the value"
+        f" {values[c]}, they are:"
+    )
+    return " ".join(parts), QAPair(question, tuple(names[c * hops : (c + 1) * hops]), prefix)
 
 
 SYNTHETIC_KINDS = {
@@ -528,6 +550,7 @@ SYNTHETIC_KINDS = {
     "multi_key_needle": make_multi_key_needle,
     "kv_lookup": make_kv_lookup,
     "variable_tracking": make_variable_tracking,
+    "multi_query_needle": make_multi_query_needle,
 }
 """Synthetic generator of each kind: ``fn(rng, size) -> (text, QAPair)``; ``size`` scales the length."""
 

@@ -8,18 +8,26 @@ task                       source       metric          what is asked
 ``multi_doc_qa``           quoref       qa_f1           numbered passages; the question names the passage
 ``passkey``                synthetic    string_match    the pass key hidden in a noise haystack
 ``multi_key_needle``       synthetic    string_match    one of several keyed magic numbers
+``multi_query_needle``     synthetic    string_match    two of several keyed magic numbers at once (share
+                                                        found)
 ``kv_lookup``              synthetic    string_match    the value of one UUID key in a JSON object
 ``variable_tracking``      synthetic    string_match    all variables bound to a value through chains
                                                         ``VAR B = VAR A`` (score = share of them found)
 ``few_shot_classification`` snips       classification  the intent of an utterance after many labelled ones
-``code_completion``        python       code_sim        the next line of a Python file prefix
+``code_completion``        python       code_sim        the next line of a Python file prefix (no question:
+                                                        the model continues the code, like LongBench's lcc)
 ``summarisation``          xsum         rouge_l         a one-sentence summary of one of several articles
 ``book_qa``                austen       qa_f1           the sentence that follows a quoted one in a chapter
 =========================  ===========  ==============  ======================================================
 
-Held out: ``TEST_ONLY_TASKS`` (``variable_tracking``, ``code_completion``) get only ``test`` records, and
-neither they nor their only source (Python code: ``TEST_ONLY_SOURCES``) appear in the training corpus, so
-they measure generalisation to unseen task types and an unseen domain.
+Every context opens with the task's instruction (``TASK_INTROS``, LongBench/RULER style: what kind of question
+will come, never the question). Synthetic tasks carry an answer prefix that restates the question (RULER style,
+e.g. ``The special magic number for amber-falcon mentioned in the text is``).
+
+Held out: ``TEST_ONLY_TASKS`` (``variable_tracking``, ``code_completion``, ``multi_query_needle``) get only
+``test`` records, and neither they nor their only source (Python code: ``TEST_ONLY_SOURCES``; the two-key
+question) appear in the training corpus, so they measure generalisation to unseen task types and an unseen
+domain. (``multi_query_needle`` reuses the multi-key haystack, which is trained on; its question is new.)
 
 Splits: the *key document* of a record (the QA passage, query utterance, summarised article, chapter, code
 file) decides its split: ``test`` when ``document_split(doc_id, fractions, seed) == "test"``, else ``train``.
@@ -47,6 +55,7 @@ from polykv_learn.eval.jsonl import write_jsonl
 
 __all__ = [
     "TASKS",
+    "TASK_INTROS",
     "TASK_SPECS",
     "TEST_ONLY_SOURCES",
     "TEST_ONLY_TASKS",
@@ -73,18 +82,45 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "multi_key_needle": TaskSpec("string_match", 16, "Answer:", "synthetic"),
     "kv_lookup": TaskSpec("string_match", 48, "Corresponding value:", "synthetic"),
     "variable_tracking": TaskSpec("string_match", 32, "Answer:", "synthetic"),
+    "multi_query_needle": TaskSpec("string_match", 24, "Answer:", "synthetic"),
     "few_shot_classification": TaskSpec("classification", 16, "Intent:", "snips"),
-    "code_completion": TaskSpec("code_sim", 64, "Next line of code:\n", "python"),
+    "code_completion": TaskSpec("code_sim", 64, "", "python"),
     "summarisation": TaskSpec("rouge_l", 64, "Summary:", "xsum"),
     "book_qa": TaskSpec("qa_f1", 64, "Next sentence:", "austen"),
 }
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
-TEST_ONLY_TASKS: tuple[str, ...] = ("variable_tracking", "code_completion")
+TEST_ONLY_TASKS: tuple[str, ...] = ("variable_tracking", "code_completion", "multi_query_needle")
 """Task types held out of training: only ``test`` records, and nothing of them in the training corpus."""
 TEST_ONLY_SOURCES: tuple[str, ...] = ("python",)
 """Sources used only by test-only tasks (kept out of the training corpus)."""
 
 _QA_INSTRUCTION = "Answer the question based on the passages above. Only give the answer, no other words."
+
+#: LongBench/RULER-style task instructions that open each context. They say what kind of question will come, never
+#: the question itself, so the query-agnostic protocol stays query-agnostic. SmolLM2-135M needs them: without the
+#: opening line its pass-key retrieval at 1.7K tokens fell from 6/6 to 1/6 (measured, plain prompt).
+TASK_INTROS: dict[str, str] = {
+    "single_doc_qa": "Answer the question based on the given passages. Only give me the answer and do not output any"
+    " other words. The following are given passages.",
+    "multi_doc_qa": "Answer the question based on the given numbered passages. Only give me the answer and do not"
+    " output any other words. The following are given passages.",
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will"
+    " quiz you about the important information there.",
+    "multi_key_needle": "Some special magic numbers are hidden inside the following text. Make sure to memorize them."
+    " I will quiz you about the numbers afterwards.",
+    "multi_query_needle": "Some special magic numbers are hidden inside the following text. Make sure to memorize"
+    " them. I will quiz you about the numbers afterwards.",
+    "kv_lookup": "Below is a JSON object of key-value pairs. Memorize it. I will ask you for the value of one key"
+    " afterwards.",
+    "variable_tracking": "Memorize and track the chains of variable assignments hidden in the following text. I will"
+    " ask you which variables hold a value afterwards.",
+    "few_shot_classification": "Classify the intent of each utterance. Here are some examples.",
+    "code_completion": "Please complete the code given below.",
+    "summarisation": "You are given several news articles. Afterwards you will be asked to summarize one of them in"
+    " one sentence.",
+    "book_qa": "Read the following chapter of a novel carefully. Afterwards you will be asked to recall one of its"
+    " sentences exactly.",
+}
 
 
 @dataclass
@@ -96,6 +132,7 @@ class _Draft:
     answers: list[str]
     doc_ids: list[str]
     all_classes: list[str] | None = None
+    answer_prefix: str | None = None  # None: the task's default (TaskSpec.answer_prefix)
 
 
 class _Env:
@@ -243,12 +280,8 @@ def _code_completion(env: _Env) -> _Draft | None:
         if abs(n - target) <= 0.03 * target or s == 0:
             break
         per_char = n / max(starts[k] - starts[s], 1)
-    return _Draft(
-        "\n".join(lines[s:k]),
-        "Complete the code above: write its next line.",
-        [lines[k].strip()],
-        [key.doc_id],
-    )
+    # no question: like LongBench's lcc, the model simply continues the code on the next line
+    return _Draft("\n".join(lines[s:k]), "", [lines[k].strip()], [key.doc_id])
 
 
 _SENTENCE_END = re.compile(
@@ -293,7 +326,7 @@ def _synthetic(kind: str) -> Callable[[_Env], _Draft | None]:
     def build(env: _Env) -> _Draft | None:
         target = min(max(env.target(), round(env.lo * 1.06)), round(env.hi * 0.94))
         text, qa, _ = sized_synthetic(kind, f"{env.seed}:{env.rng.random()}", env.length_fn, target)
-        return _Draft(text, qa.question, list(qa.answers), [])
+        return _Draft(text, qa.question, list(qa.answers), [], answer_prefix=qa.prefix or None)
 
     return build
 
@@ -305,6 +338,7 @@ _BUILDERS: dict[str, Callable[[_Env], _Draft | None]] = {
     "multi_key_needle": _synthetic("multi_key_needle"),
     "kv_lookup": _synthetic("kv_lookup"),
     "variable_tracking": _synthetic("variable_tracking"),
+    "multi_query_needle": _synthetic("multi_query_needle"),
     "few_shot_classification": _few_shot_classification,
     "code_completion": _code_completion,
     "summarisation": _summarisation,
@@ -379,17 +413,20 @@ def build_tasks(
             while made < count and attempts < 20 * count + 20:
                 attempts += 1
                 draft = _BUILDERS[task](env)
-                if draft is None or not lo <= length_fn(draft.context) <= hi:
+                if draft is None:
+                    continue
+                context = f"{TASK_INTROS[task]}\n\n{draft.context}"
+                if not lo <= length_fn(context) <= hi:
                     continue
                 record = {
                     "id": f"{task}/{split}/{made:04d}",
                     "task": task,
                     "split": split,
-                    "context": draft.context,
+                    "context": context,
                     "question": draft.question,
                     "answers": draft.answers,
                     "metric": spec.metric,
-                    "answer_prefix": "" if chat else spec.answer_prefix,
+                    "answer_prefix": "" if chat else (draft.answer_prefix or spec.answer_prefix),
                     "max_new_tokens": spec.max_new_tokens,
                 }
                 if draft.all_classes is not None:
