@@ -232,6 +232,15 @@ def test_query_aware_compresses_the_question(tiny):
     assert [r["kl"] for r in rec_g[1:]] != pytest.approx([r["kl"] for r in rec_w[1:]])
 
 
+def test_empty_question_continues_the_context(tiny):
+    """Code completion has no question: the text prompt is the context, then a newline and the answer."""
+    model, tok = tiny
+    sample = {**make_samples(1)[0], "question": "", "answer_prefix": ""}
+    enc = make_evaluator(model, tok, ["snapkv"]).encode(sample)
+    assert tok.decode(enc.prompt_ids[0]) == sample["context"]
+    assert tok.decode(enc.tail_ids[0]) == "\n"
+
+
 def test_chat_template_and_max_context(tiny):
     model, tok = tiny
     sample = make_samples(1)[0]

@@ -50,6 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task")
     p.add_argument("--max-context", type=int, default=None, help="cut longer contexts in the middle (tokens)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
+    p.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="plain prompt (as `polykv-learn evaluate --no-chat`): kvpress then prepends the BOS token to the "
+        "context, the only token that differs from ours",
+    )
     p.add_argument("--venv", default=str(VENV), help="where kvpress's virtual environment lives")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -191,6 +197,8 @@ def inside(args: argparse.Namespace) -> None:
     if not samples:
         raise SystemExit("no samples (check --data, --tasks, --limit)")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if args.no_chat:
+        tokenizer.chat_template = None  # kvpress's pipeline then formats `bos + context`, `question\n + prefix`
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
@@ -201,7 +209,7 @@ def inside(args: argparse.Namespace) -> None:
         context = cut_middle(tokenizer, sample["context"], args.max_context)
         # kvpress puts context + question in one user turn (chat template) with nothing in between; our prompt has
         # "\n\n" there, so the question carries it: the token sequences are the same.
-        question = "\n\n" + sample["question"]
+        question = "\n\n" + sample["question"] if sample["question"] else ""
         kw = dict(question=question, answer_prefix=sample.get("answer_prefix", ""))
         n = pipe.preprocess(context, questions=[question], answer_prefix=kw["answer_prefix"], max_context_length=10**9)[
             "context_ids"
