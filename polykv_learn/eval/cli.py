@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=48,
-        help="compressed caches decoded together (default 48: every method and budget of a sample in one batch; "
-        "decoding a 135M model on CPU is bound by reading the weights, so one wide batch beats several narrow ones)",
+        default=8,
+        help="compressed caches decoded together (default 8; each layer is padded to the batch's longest cache, "
+        "so memory grows with this times the context length)",
     )
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="base attention implementation")
     p.add_argument(

@@ -81,7 +81,7 @@ class EvalSettings:
     query_aware: bool = False
     chat: bool = False
     max_context: int | None = None
-    batch_size: int = 48  # forks decoded together (1: one at a time, no padding)
+    batch_size: int = 8  # forks decoded together (1: one at a time, no padding)
 
     def __post_init__(self) -> None:
         if not self.budgets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in self.budgets):
@@ -319,7 +319,11 @@ class Evaluator:
 
         full_rows, full_logits = self._run(shared, [None], enc, max_new, None)
         by_key: dict[tuple | None, _RowResult] = {None: full_rows[0]}
-        todo = [(k, p) for k, p in jobs.items() if k is not None]
+        # batches of similar cache sizes: each layer of a batch is padded to its longest fork, so mixing a plan
+        # that keeps whole layers (up to n) with uniform small budgets would multiply memory and time
+        todo = sorted(
+            ((k, p) for k, p in jobs.items() if k is not None), key=lambda kp: sum(min(b, n) for b in kp[1].budgets)
+        )
         size = self.settings.batch_size
         for i in range(0, len(todo), size):
             chunk = todo[i : i + size]
