@@ -302,3 +302,29 @@ def test_unknown_task_filter_fails(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-router", "--tasks", "nope"])
     assert "task(s) 'nope' not in the data" in capsys.readouterr().err
+
+
+def test_merge_of_per_task_runs_equals_one_run(tiny, tmp_path):
+    """Evaluating each task in its own process and merging gives the one-run summaries (and tables)."""
+    data = write_jsonl(tmp_path / "tiny.jsonl", make_samples(4))
+    common = ["--data", str(data), "--model", "tiny-llama", "--no-router", "--methods", "snapkv", "streaming",
+              "pyramid", "--budgets", "32", "64", "--no-chat", "--no-progress"]  # fmt: skip
+    whole = evaluate_main([*common, "--out", str(tmp_path / "whole")])
+    for task in ("passkey", "variable_tracking"):
+        evaluate_main([*common, "--tasks", task, "--out", str(tmp_path / task)])
+    merged = evaluate_main(["--merge", str(tmp_path / "passkey"), str(tmp_path / "variable_tracking"),
+                            "--out", str(tmp_path / "merged")])  # fmt: skip
+    assert merged["timing"]["samples"] == 4 and merged["tasks"] == whole["tasks"]
+
+    def close(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        if isinstance(a, float) and isinstance(b, float):
+            return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+        return a == b
+
+    for key in ("summary", "summary_kl", "summary_nll", "full_cache", "gap_recovery", "scored_tasks"):
+        assert close(merged[key], whole[key]), key
+    assert (tmp_path / "merged" / "results.md").is_file()
+    with pytest.raises(SystemExit):  # the same samples twice
+        evaluate_main(["--merge", str(tmp_path / "passkey"), str(tmp_path / "passkey"), "--out", str(tmp_path / "x")])

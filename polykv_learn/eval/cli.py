@@ -131,13 +131,44 @@ def build_parser() -> argparse.ArgumentParser:
         "OpenMP threads can make every matmul many times slower",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="no evaluation: merge the results.json of these --out folders (runs of one configuration on disjoint "
+        "samples, e.g. one process per task) into --out, recomputing every summary",
+    )
     return p
+
+
+def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    import json
+
+    from polykv_learn.eval.runner import merge_results, write_outputs
+
+    parts = []
+    for folder in args.merge:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            parser.error(f"--merge: {path} does not exist (give --out folders of finished evaluate runs)")
+        parts.append(json.loads(path.read_text()))
+    try:
+        results = merge_results(parts)
+    except ValueError as err:
+        parser.error(f"--merge: {err}")
+    results["config"]["tasks"] = sorted({t for p in parts for t in p["tasks"]})
+    write_outputs(results, args.out)
+    print(f"merged {len(parts)} runs, {results['timing']['samples']} samples; outputs in {args.out}")
+    return results
 
 
 def evaluate_main(argv: Sequence[str]) -> dict:
     """Entry point of ``polykv-learn evaluate``; returns the results dict (also written to ``--out``)."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    if args.merge:
+        return _merge(args, parser)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.threads is not None:

@@ -62,6 +62,7 @@ __all__ = [
     "Evaluator",
     "build_results",
     "gap_recovery_table",
+    "merge_results",
     "run_evaluation",
     "select_samples",
     "write_outputs",
@@ -429,6 +430,36 @@ def run_evaluation(
     }
     if out_dir is not None:
         write_outputs(results, out_dir)
+    return results
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs of the same configuration on disjoint samples (e.g. one process per task,
+    which bounds each process's memory and lets a long evaluation resume from the parts already done): the
+    summaries, gap recovery and tables are recomputed from the union of the per-sample records."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    cfg = parts[0]["config"]
+    same = ("protocol", "budgets", "methods", "chat", "max_context", "model", "capture")
+    for i, part in enumerate(parts[1:], 1):
+        differ = [k for k in same if part["config"].get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"run {i} differs from run 0 in {', '.join(differ)}; only runs of one configuration merge")
+    records = [r for part in parts for r in part["samples"]]
+    keys = [(r["id"], r["method"], r["budget"]) for r in records]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the runs share samples (same id, method and budget); merge runs on disjoint samples")
+    results = build_results(records, cfg["methods"], parts[0]["single_policies"], cfg["budgets"])
+    results["config"] = {**cfg, "merged_runs": len(parts)}
+    example_plans: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for method, per_budget in part.get("example_plans", {}).items():
+            for budget, plan in per_budget.items():
+                example_plans.setdefault(method, {}).setdefault(budget, plan)
+    results["example_plans"] = example_plans
+    samples = sum(p["timing"]["samples"] for p in parts)
+    seconds = sum(p["timing"]["seconds"] for p in parts)
+    results["timing"] = {"samples": samples, "seconds": seconds, "seconds_per_sample": seconds / samples}
     return results
 
 
