@@ -15,7 +15,7 @@ from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.eval.cli import evaluate_main
 from polykv_learn.eval.methods import available_methods, resolve_methods
 from polykv_learn.eval.metrics import gap_recovery
-from polykv_learn.eval.runner import EvalSettings, Evaluator, build_results
+from polykv_learn.eval.runner import MEANINGFUL_FULL_SCORE, EvalSettings, Evaluator, build_results
 from polykv_learn.models import load_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu river stone cloud".split()
@@ -138,6 +138,32 @@ def test_gap_recovery_arithmetic():
             r["score"] = 0.2
     res = build_results(records, list(scores), ["snapkv", "streaming"], [64])
     assert res["gap_recovery"]["polykv"]["64"]["gap_recovery"] is None
+
+
+def test_gap_recovery_on_scored_tasks_only():
+    """Tasks the full cache cannot do (mean score < MEANINGFUL_FULL_SCORE) drop out of the scored gap recovery."""
+    scores = {  # task -> method -> score
+        "easy": {"full": 0.8, "snapkv": 0.2, "streaming": 0.4, "polykv": 0.6},
+        "hard": {"full": 0.05, "snapkv": 0.0, "streaming": 0.0, "polykv": 0.0},
+        "variable_tracking": {"full": 0.5, "snapkv": 0.3, "streaming": 0.1, "polykv": 0.1},  # test-only
+    }
+    records = [
+        {"id": task, "task": task, "method": m, "budget": None if m == "full" else 64}
+        | {"score": s, "nll": 1.0, "kl": 0.0}
+        for task, per in scores.items()
+        for m, s in per.items()
+    ]
+    res = build_results(records, ["full", "snapkv", "streaming", "polykv"], ["snapkv", "streaming"], [64])
+    assert MEANINGFUL_FULL_SCORE > 0.05
+    assert res["scored_tasks"] == ["easy", "variable_tracking"]
+    assert res["scored_test_only_tasks"] == ["variable_tracking"]
+    entry = res["gap_recovery_scored"]["polykv"]["64"]  # snapkv 0.25, streaming 0.25 (tie: snapkv), full 0.65
+    assert entry["best_single"] == "snapkv"
+    assert entry["gap_recovery"] == pytest.approx((0.35 - 0.25) / (0.65 - 0.25))
+    only = res["gap_recovery_scored_test_only"]["polykv"]["64"]
+    assert only["best_single"] == "snapkv" and only["gap_recovery"] == pytest.approx((0.1 - 0.3) / (0.5 - 0.3))
+    # all tasks, "hard" included, give another number
+    assert res["gap_recovery"]["polykv"]["64"]["gap_recovery"] != pytest.approx(entry["gap_recovery"])
 
 
 def test_full_equals_generate_and_large_budget_equals_full(tiny):

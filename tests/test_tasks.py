@@ -113,7 +113,7 @@ def test_answers_present_or_derivable(records, documents):
             assert r["answers"][0] in r["all_classes"] and f"Intent: {r['answers'][0]}" in r["context"]
         elif r["task"] == "code_completion":  # the answer is the line right after the context in its file
             file_text = next(d.text for d in documents["python"] if d.doc_id == r["doc_ids"][0])
-            code = r["context"].split("\n\n", 1)[1]  # after the instruction
+            code = r["context"].removeprefix(TASK_INTROS["code_completion"] + "\n\n")
             following = file_text.split(code + "\n", 1)[1].split("\n")[0]
             assert following.strip() == r["answers"][0]
         elif r["task"] == "summarisation":

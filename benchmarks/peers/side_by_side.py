@@ -3,29 +3,19 @@
     python benchmarks/peers/side_by_side.py results/smollm2/results.json results/smollm2/peers.json
 
 Only samples that both files scored are used (kvpress runs are usually smaller: ``--limit``); each cell is the mean
-over those samples of the per-sample score (mean over tasks of the per-task means, like ``summary[...]["average"]``).
+over tasks of the per-task mean score, computed as the evaluation's own summary (``summary[...]["average"]``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections import defaultdict
+import sys
+from pathlib import Path
 
-OURS = ("full", "snapkv", "streaming", "tova", "knorm", "expected_attention", "h2o", "pyramid", "cake", "polykv")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-
-def task_average(records: list[dict], ids: set[str]) -> dict[tuple[str, int | None], float]:
-    """(method, budget) -> mean over tasks of the per-task mean score, on the samples ``ids``."""
-    by: dict[tuple[str, int | None, str], list[float]] = defaultdict(list)
-    for r in records:
-        if r["id"] in ids:
-            by[(r["method"], r["budget"], r["task"])].append(r["score"])
-    per_task: dict[tuple[str, int | None], list[float]] = defaultdict(list)
-    for (method, budget, _), scores in by.items():
-        per_task[(method, budget)].append(statistics.fmean(scores))
-    return {k: statistics.fmean(v) for k, v in per_task.items()}
+from polykv_learn.eval.runner import _table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,21 +23,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ours", help="results.json of polykv-learn evaluate")
     p.add_argument("peers", help="peers.json of benchmarks/peers/run_kvpress.py")
     args = p.parse_args(argv)
-    ours, peers = json.load(open(args.ours)), json.load(open(args.peers))
+    ours, peers = json.loads(Path(args.ours).read_text()), json.loads(Path(args.peers).read_text())
     ids = {r["id"] for r in ours["samples"]} & {r["id"] for r in peers["samples"]}
     if not ids:
         raise SystemExit("the two files share no sample id")
     budgets = [int(b) for b in ours["config"]["budgets"] if b in peers["config"]["budgets"]]
-    a, b = task_average(ours["samples"], ids), task_average(peers["samples"], ids)
     tasks = sorted({r["task"] for r in ours["samples"] if r["id"] in ids})
+    tables = []
+    for label, result in (("ours", ours), ("kvpress", peers)):
+        records = [r for r in result["samples"] if r["id"] in ids]
+        methods = list(dict.fromkeys(r["method"] for r in records))
+        tables.append((label, _table(records, "score", methods, budgets, tasks)))
     print(f"{len(ids)} shared samples ({', '.join(tasks)}); score = mean over tasks\n")
-    print("| method | " + " | ".join(f"B={x}" for x in budgets) + " |")
+    print("| method | " + " | ".join(f"B={b}" for b in budgets) + " |")
     print("|---|" + "---:|" * len(budgets))
-    rows = [("ours: " + m, a, m) for m in OURS if (m, budgets[0]) in a or (m, None) in a]
-    rows += [("kvpress: " + m, b, m) for m in dict.fromkeys(r["method"] for r in peers["samples"])]
-    for label, table, m in rows:
-        cells = [table.get((m, x), table.get((m, None))) for x in budgets]
-        print(f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    for label, table in tables:
+        for method, per_budget in table.items():
+            cells = [per_budget[str(b)]["average"] for b in budgets]
+            print(f"| {label}: {method} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

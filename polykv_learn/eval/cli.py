@@ -157,7 +157,6 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         results = merge_results(parts)
     except ValueError as err:
         parser.error(f"--merge: {err}")
-    results["config"]["tasks"] = sorted({t for p in parts for t in p["tasks"]})
     write_outputs(results, args.out)
     print(f"merged {len(parts)} runs, {results['timing']['samples']} samples; outputs in {args.out}")
     return results

@@ -450,7 +450,8 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise ValueError("the runs share samples (same id, method and budget); merge runs on disjoint samples")
     results = build_results(records, cfg["methods"], parts[0]["single_policies"], cfg["budgets"])
-    results["config"] = {**cfg, "merged_runs": len(parts)}
+    tasks = sorted({t for part in parts for t in part["tasks"]})  # the tasks each run evaluated
+    results["config"] = {**cfg, "tasks": tasks, "merged_runs": len(parts)}
     example_plans: dict[str, dict[str, Any]] = {}
     for part in parts:
         for method, per_budget in part.get("example_plans", {}).items():
