@@ -191,6 +191,73 @@ def test_bad_config_fails_fast(tmp_path):
         PrefillDataModule(data_dir=str(tmp_path / "missing"))
 
 
+def _write_tasks(root: Path, rows: list[dict]) -> Path:
+    path = root / "tasks" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _task_row(i: int, task: str, words: int, **kw) -> dict:
+    return {
+        "id": f"{task}-{i}",
+        "task": task,
+        "split": "train",
+        "context": "Read the text. " + " ".join(f"word{j}" for j in range(words)) + " The pass key is 4711.",
+        "question": "What is the pass key?",
+        "answers": ["4711"],
+        "answer_prefix": "The pass key is",
+        **kw,
+    }
+
+
+def test_task_samples_join_training_with_the_evaluation_layout(tiny_corpus, tmp_path):
+    from polykv_learn.eval.runner import EvalSettings, Evaluator
+    from polykv_learn.learn.datamodule import load_task_rows, task_probe
+    from polykv_learn.learn.shared import shared_tokenizer
+    from polykv_learn.models import load_model
+
+    data = tmp_path / "data"
+    (data / "corpus").mkdir(parents=True)
+    for split in ("train", "validation"):
+        (data / "corpus" / f"{split}.jsonl").write_text((tiny_corpus / "corpus" / f"{split}.jsonl").read_text())
+    rows = [_task_row(0, "passkey", 50), _task_row(1, "passkey", 2000), _task_row(2, "summarisation", 60)]
+    _write_tasks(data, rows)
+    dm = _datamodule(data, tmp_path / "cache", task_file="tasks/train.jsonl")
+    train = {sid.split("|")[0]: (ctx, probe) for sid, ctx, probe in dm._tokenized("train")}
+    # both short task samples train (each task type is its own source); the one longer than max_context is skipped
+    assert {"task/passkey-0", "task/summarisation-2"} <= set(train) and "task/passkey-1" not in train
+    assert len([k for k in train if not k.startswith("task/")]) == 8  # the corpus is all still there
+    assert not [sid for sid, *_ in dm._tokenized("validation") if sid.startswith("task/")]
+
+    # the probe is what the evaluation feeds after the compressed context (text mode), then the gold answer
+    tok = shared_tokenizer("tiny-llama")
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    enc = Evaluator(model, tok, _full_only(), EvalSettings(chat=False)).encode({**rows[0], "metric": "string_match"})
+    ctx, probe = train["task/passkey-0"]
+    assert torch.equal(ctx, enc.prompt_ids[0])
+    assert tok.decode(probe) == tok.decode(torch.cat([enc.tail_ids, enc.answer_ids], 1)[0][: len(probe)])
+    assert task_probe(rows[0]) == "\n\nWhat is the pass key?\nThe pass key is 4711"
+    assert task_probe({**rows[0], "question": "", "answer_prefix": ""}) == "\n4711"
+
+    # the generalisation protocol: no test split, no test-only task type
+    for bad, why in (
+        (_task_row(3, "passkey", 10, split="test"), "'test'"),
+        (_task_row(4, "code_completion", 10), "code"),
+    ):
+        path = _write_tasks(tmp_path / "bad", [rows[0], bad])
+        with pytest.raises(ValueError, match=f"train.jsonl:2: task sample .*{why}.*may not be trained on"):
+            load_task_rows(path)
+    with pytest.raises(FileNotFoundError, match="tasks/nope.jsonl"):
+        _datamodule(data, tmp_path / "cache", task_file="tasks/nope.jsonl")
+
+
+def _full_only():
+    from polykv_learn.eval.methods import available_methods, resolve_methods
+
+    return resolve_methods(["full"], available_methods(None, None))
+
+
 def _fit_cmd(*extra: str) -> list[str]:
     return [sys.executable, "-m", "polykv_learn.cli", "fit", "--config", str(REPO / "configs" / "tiny.yaml"), *extra]
 

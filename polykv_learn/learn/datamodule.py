@@ -4,6 +4,12 @@ Reads ``<data_dir>/corpus/{train,validation}.jsonl`` (written by ``polykv-learn 
 with ``id``, ``context`` and ``probe`` text), tokenizes with the model's tokenizer, and in ``prepare_data`` builds
 the prefill cache (:class:`~polykv_learn.learn.store.PrefillStore`) once: later epochs and runs reuse it. Items are
 loaded lazily from disk, one prefill at a time.
+
+With ``task_file`` (e.g. ``tasks/train.jsonl``, also written by ``prepare-data``), the training split also takes
+task-format samples: the context with its task instruction, and as probe what the evaluation feeds after the
+compression (question, answer prefix, gold answer; :func:`task_probe`). Each task type joins the corpus sources in
+the round-robin, so a limit keeps every one. Only training-split rows of task types that are not test-only are
+accepted (the generalisation protocol); validation stays on the corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from polykv_learn.data.tasks import TEST_ONLY_TASKS
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES
 from polykv_learn.learn.shared import shared_model, shared_tokenizer
 from polykv_learn.learn.store import PrefillStore, StoredPrefill
@@ -55,6 +62,40 @@ def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
                 yield q[i]
 
 
+def task_probe(row: dict) -> str:
+    """The text after the context of a task sample, laid out as the evaluation's text-mode prompt and answer."""
+    question, prefix = row["question"], row.get("answer_prefix", "")
+    sep = " " if prefix and not prefix[-1].isspace() else ""
+    return (f"\n\n{question}" if question else "") + f"\n{prefix}{sep}{row['answers'][0]}"
+
+
+def load_task_rows(path: Path) -> list[dict]:
+    """Training rows (``context``, ``probe``, ``source`` = the task type) from a task file of ``prepare-data``."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            task, split = row.get("task"), row.get("split", "train")
+            if split != "train" or task in TEST_ONLY_TASKS:
+                raise ValueError(
+                    f"{path}:{line_no}: task sample {row.get('id')!r} (task {task!r}, split {split!r}) may not be "
+                    f"trained on: only the train split of task types other than {sorted(TEST_ONLY_TASKS)}"
+                )
+            rows.append(
+                {
+                    "id": f"task/{row['id']}",
+                    "source": f"task:{task}",
+                    "context": row["context"],
+                    "probe": task_probe(row),
+                }
+            )
+    return rows
+
+
 def _as_list(batch: list[StoredPrefill]) -> list[StoredPrefill]:
     return batch
 
@@ -73,6 +114,7 @@ class PrefillDataModule(L.LightningDataModule):
         probe_tokens: int = 32,
         max_train_samples: int | None = 48,
         max_val_samples: int | None = 12,
+        task_file: str | None = None,
         window: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -92,6 +134,10 @@ class PrefillDataModule(L.LightningDataModule):
             probe_tokens: probe tokens per sample (cut to at most this many).
             max_train_samples: use at most this many training samples (None: all).
             max_val_samples: use at most this many validation samples (None: all).
+            task_file: also train on the task-format samples of this file (relative to ``data_dir``, e.g.
+                ``tasks/train.jsonl``): the context with its instruction, probe = question, answer prefix and gold
+                answer; contexts longer than ``max_context_tokens`` are skipped (a cut could drop the evidence).
+                None: the corpus only.
             window: observation window of the captured statistics (queries of the last ``window`` positions).
             num_workers: data loader workers.
             seed: order in which samples are taken (sources interleaved, shuffled within each source).
@@ -113,6 +159,7 @@ class PrefillDataModule(L.LightningDataModule):
         self.min_context_tokens = min_context_tokens
         self.probe_tokens = probe_tokens
         self.limits = {"train": max_train_samples, "validation": max_val_samples}
+        self.task_file = self.data_dir / task_file if task_file else None
         self.window = window
         self.num_workers = num_workers
         self.seed = seed
@@ -124,9 +171,11 @@ class PrefillDataModule(L.LightningDataModule):
     def check_data_dir(self) -> None:
         """Fail fast, before any prefill, when the corpus is missing."""
         missing = [str(self.corpus_file(s)) for s in SPLITS if not self.corpus_file(s).exists()]
+        if self.task_file is not None and not self.task_file.exists():
+            missing.append(str(self.task_file))
         if missing:
             raise FileNotFoundError(
-                f"missing corpus file(s): {', '.join(missing)}; create them with "
+                f"missing data file(s): {', '.join(missing)}; create them with "
                 f"`polykv-learn prepare-data --out {self.data_dir}` (or point data.data_dir at such a folder)"
             )
 
@@ -146,11 +195,16 @@ class PrefillDataModule(L.LightningDataModule):
     def _tokenized(self, split: str) -> list[tuple[str, Tensor, Tensor]]:
         from datasets import load_dataset
 
-        rows = load_dataset("json", data_files=str(self.corpus_file(split)), split="train")
+        rows = list(load_dataset("json", data_files=str(self.corpus_file(split)), split="train"))
+        if split == "train" and self.task_file is not None:
+            rows += load_task_rows(self.task_file)
         tok = shared_tokenizer(self.model_name)
         out = []
         for row in _interleave_sources(rows, self.seed):
-            context = tok(row["context"], add_special_tokens=False).input_ids[: self.max_context_tokens]
+            context = tok(row["context"], add_special_tokens=False).input_ids
+            if row["id"].startswith("task/") and len(context) > self.max_context_tokens:
+                continue
+            context = context[: self.max_context_tokens]
             probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
             if len(context) < self.min_context_tokens or not probe:
                 continue
