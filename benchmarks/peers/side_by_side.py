@@ -1,9 +1,11 @@
 """Our methods and kvpress's presses on exactly the same samples, as one Markdown table.
 
-    python benchmarks/peers/side_by_side.py results/smollm2/results.json results/smollm2/peers.json
+    python benchmarks/peers/side_by_side.py results/smollm2/results.json results/smollm2/peers.json [more.json ...]
 
-Only samples that both files scored are used (kvpress runs are usually smaller: ``--limit``); each cell is the mean
-over tasks of the per-task mean score, computed as the evaluation's own summary (``summary[...]["average"]``).
+Several peers files (e.g. runs of different presses on the same samples) are read as one: a press is taken from the
+first file that has it, and the full cache from the first file. Only samples that both sides scored are used
+(kvpress runs are usually smaller: ``--limit``); each cell is the mean over tasks of the per-task mean score,
+computed as the evaluation's own summary (``summary[...]["average"]``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from polykv_learn.eval.runner import _table  # noqa: E402
 
 
+def combine_peers(parts: list[dict]) -> dict:
+    """One peers result from several: each method from the first part that ran it; budgets common to all parts."""
+    owner: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        for r in part["samples"]:
+            owner.setdefault(r["method"], i)
+    samples = [r for i, part in enumerate(parts) for r in part["samples"] if owner[r["method"]] == i]
+    budgets = [b for b in parts[0]["config"]["budgets"] if all(b in q["config"]["budgets"] for q in parts)]
+    return {"config": {**parts[0]["config"], "budgets": budgets}, "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ours", help="results.json of polykv-learn evaluate")
-    p.add_argument("peers", help="peers.json of benchmarks/peers/run_kvpress.py")
+    p.add_argument("peers", nargs="+", help="peers.json file(s) of benchmarks/peers/run_kvpress.py")
     args = p.parse_args(argv)
-    ours, peers = json.loads(Path(args.ours).read_text()), json.loads(Path(args.peers).read_text())
+    ours = json.loads(Path(args.ours).read_text())
+    peers = combine_peers([json.loads(Path(f).read_text()) for f in args.peers])
     ids = {r["id"] for r in ours["samples"]} & {r["id"] for r in peers["samples"]}
     if not ids:
-        raise SystemExit("the two files share no sample id")
+        raise SystemExit("ours and the peers share no sample id")
     budgets = [int(b) for b in ours["config"]["budgets"] if b in peers["config"]["budgets"]]
     tasks = sorted({r["task"] for r in ours["samples"] if r["id"] in ids})
     tables = []
