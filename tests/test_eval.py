@@ -376,3 +376,24 @@ def test_release_free_memory_returns_freed_heap_pages_to_the_os():
     assert release_free_memory()
     assert before - rss_mb() > 200  # of the 300 MB freed
     del pin
+
+
+def test_decoding_stops_once_the_answer_is_settled(tiny, monkeypatch):
+    from polykv_learn.eval import runner
+
+    model, tok = tiny
+    ev = make_evaluator(model, tok, ["snapkv"])
+    enc = ev.encode(make_samples(1)[0])
+    shared = CompressedCache(model, capture=ev.capture)
+    adapter.forward(model, enc.prompt_ids, shared, logits_to_keep=1)
+    (free,), _ = ev._run(shared, [None], enc, 8, None, "code_sim")
+    assert len(free.tokens) == 8  # a random tiny model: no EOS, nothing settles
+    settled_text = ev._text(free.tokens[:3])
+    monkeypatch.setattr(runner, "answer_settled", lambda metric, text: metric == "code_sim" and text == settled_text)
+    (stopped,), _ = ev._run(shared, [None], enc, 8, None, "code_sim")
+    assert stopped.tokens == free.tokens[:3] and stopped.prediction == settled_text.strip()
+    (other,), _ = ev._run(shared, [None], enc, 8, None, "string_match")  # the fake settles code_sim only
+    assert other.tokens == free.tokens
+    ev_off = make_evaluator(model, tok, ["snapkv"], stop_when_settled=False)
+    (off,), _ = ev_off._run(shared, [None], enc, 8, None, "code_sim")
+    assert off.tokens == free.tokens

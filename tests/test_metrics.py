@@ -1,11 +1,13 @@
 """LongBench metrics on hand-computed cases, the dispatcher, and gap recovery."""
 
 import math
+import random
 
 import pytest
 
 from polykv_learn.eval.metrics import (
     METRICS,
+    answer_settled,
     classification,
     code_sim,
     gap_recovery,
@@ -90,3 +92,36 @@ def test_gap_recovery():
     assert gap_recovery(0.6, 0.5, 0.5) is None  # no gap: undefined
     assert gap_recovery(None, 0.5, 0.7) is None
     assert gap_recovery(0.6, math.nan, 0.7) is None
+
+
+def test_classification_scores_the_first_line():
+    classes = ["get_weather", "play_music"]
+    assert classification("get_weather\nplay_music", ["get_weather"], classes) == 1.0
+    assert classification("\n\nplay_music\nget_weather", ["get_weather"], classes) == 0.0
+
+
+def test_answer_settled_hand_cases():
+    assert not answer_settled("classification", "get_wea")
+    assert not answer_settled("classification", "\n\n  ")  # the first line has not started
+    assert answer_settled("classification", "\nget_weather\n")
+    assert not answer_settled("code_sim", "# comment\n\n    return")
+    assert answer_settled("code_sim", "# comment\n    return x\n")
+    assert not answer_settled("string_match", "38369\nThe pass key is")  # reads the whole answer
+    assert not answer_settled("qa_f1", "a\nb\n") and not answer_settled("rouge_l", "a\nb\n")
+
+
+def test_settled_answers_keep_their_score_whatever_follows():
+    """Decoding stops once an answer is settled: every continuation must leave the score unchanged."""
+    rng = random.Random(0)
+    pieces = ["get_weather", "play_music", "\n", "\n", " ", "# note", "// c", "`", "return x", "foo()", "  "]
+    cases = {"classification": (["get_weather"], ["get_weather", "play_music"]), "code_sim": (["return x + 1"], None)}
+    checked = 0
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 9)))
+        for metric, (answers, classes) in cases.items():
+            final = score(metric, text.strip(), answers, all_classes=classes)
+            for cut in range(len(text) + 1):
+                if answer_settled(metric, text[:cut]):
+                    assert score(metric, text[:cut].strip(), answers, all_classes=classes) == final, (metric, text, cut)
+                    checked += 1
+    assert checked > 500

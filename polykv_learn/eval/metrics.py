@@ -7,15 +7,19 @@ metric             definition
                    articles a/an/the, collapse whitespace); max over the gold answers
 ``rouge_l``        ROUGE-L F1 (precision/recall of the longest common token subsequence, harmonic mean) on
                    lower-cased alphanumeric tokens; max over the gold answers
-``classification`` LongBench ``classification_score``: the class labels (``all_classes``, default the gold
-                   answers) found in the prediction, ignoring labels that are strict substrings of the gold
-                   label; ``1/len(matches)`` if the gold label is among them, else 0; max over gold answers
+``classification`` LongBench ``classification_score`` on the prediction's first line (LongBench scores its
+                   few-shot tasks on the first line only): the class labels (``all_classes``, default the
+                   gold answers) found in it, ignoring labels that are strict substrings of the gold label;
+                   ``1/len(matches)`` if the gold label is among them, else 0; max over gold answers
 ``string_match``   RULER ``string_match_all``: the fraction of gold answers contained in the prediction
                    (case-insensitive)
 ``code_sim``       LongBench ``code_sim_score``: the first line of the prediction that is not blank and does
                    not start with a comment or fence marker (``#``, ``//``, a backtick), compared stripped
                    with the stripped gold line by ``difflib.SequenceMatcher.ratio``; max over gold answers
 =================  =========================================================================================
+
+:func:`answer_settled` tells when more generated text can no longer change a score (a complete first line for
+``classification``, a complete first code line for ``code_sim``): decoding may stop there, with the same score.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 __all__ = [
     "METRICS",
+    "answer_settled",
     "classification",
     "code_sim",
     "gap_recovery",
@@ -92,9 +97,14 @@ def rouge_l(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
+def _first_line(text: str) -> str:
+    return text.lstrip("\n").split("\n")[0]
+
+
 def classification(prediction: str, answers: Sequence[str], all_classes: Sequence[str] | None = None) -> float:
     """LongBench classification score (see the module table); ``all_classes`` defaults to ``answers``."""
     classes = list(all_classes) if all_classes else list(answers)
+    prediction = _first_line(prediction)
     best = 0.0
     for gold in answers:
         matches = [c for c in classes if c in prediction and not (c in gold and c != gold)]
@@ -143,6 +153,18 @@ def score(metric: str, prediction: str, answers: Sequence[str], **kw: object) ->
     if metric == "classification":
         return classification(prediction, answers, kw.get("all_classes"))  # type: ignore[arg-type]
     return METRICS[metric](prediction, answers)
+
+
+def answer_settled(metric: str, text: str) -> bool:
+    """True when no continuation of the generated ``text`` can change its score under ``metric`` (scores are
+    taken on the stripped text): its first line is complete (``classification``) or its first code line is
+    complete (``code_sim``). Never for the metrics that read the whole answer."""
+    lines = text.lstrip().split("\n")[:-1]  # the complete lines
+    if metric == "classification":
+        return bool(lines)
+    if metric == "code_sim":
+        return any(_first_code_line(line) for line in lines)
+    return False
 
 
 def gap_recovery(learned: float | None, best_single: float | None, full: float | None) -> float | None:

@@ -53,7 +53,7 @@ from polykv_learn.capture import CaptureOptions
 from polykv_learn.data.tasks import TEST_ONLY_TASKS
 from polykv_learn.eval.jsonl import atomic_write_text
 from polykv_learn.eval.methods import LEARNED_METHODS, Method, MethodInput
-from polykv_learn.eval.metrics import gap_recovery, score
+from polykv_learn.eval.metrics import answer_settled, gap_recovery, score
 from polykv_learn.plan import Plan
 from polykv_learn.simulator import kl_to_full
 
@@ -86,6 +86,7 @@ class EvalSettings:
     chat: bool = False
     max_context: int | None = None
     batch_size: int = 8  # forks decoded together (1: one at a time, no padding)
+    stop_when_settled: bool = True  # stop a row once more tokens cannot change its score (metrics.answer_settled)
 
     def __post_init__(self) -> None:
         if not self.budgets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in self.budgets):
@@ -232,6 +233,10 @@ class Evaluator:
             layer.logical_length = layer.context_length = rows[0].context_length
         return stacked
 
+    def _text(self, tokens: list[int]) -> str:
+        """The generated text (before stripping) of greedy tokens."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
+
     @staticmethod
     def _rewind(cache: CompressedCache, tokens: int) -> None:
         for layer in cache.layers:
@@ -248,6 +253,7 @@ class Evaluator:
         enc: EncodedSample,
         max_new_tokens: int,
         full_answer_logits: Tensor | None,
+        metric: str | None = None,
     ) -> tuple[list[_RowResult], Tensor]:
         n = enc.prompt_ids.shape[1]
         forks = []
@@ -271,15 +277,16 @@ class Evaluator:
         kl = kl_to_full(full, logits)  # (P,)
         self._rewind(cache, a)
 
-        # greedy decoding
+        # greedy decoding; a row stops at EOS, or once its answer is settled (same score whatever follows)
         next_tok = logits[:, 0].argmax(dim=-1)  # (P,)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         done = [False] * rows
+        settle = metric if self.settings.stop_when_settled else None
         for step in range(max_new_tokens):
             for r, t in enumerate(next_tok.tolist()):
                 if not done[r]:
                     tokens[r].append(t)
-                    done[r] = t in self.eos
+                    done[r] = t in self.eos or (settle is not None and answer_settled(settle, self._text(tokens[r])))
             if all(done) or step == max_new_tokens - 1:
                 break
             feed = torch.tensor([self.pad_id if d else t for d, t in zip(done, next_tok.tolist(), strict=True)])
@@ -287,7 +294,7 @@ class Evaluator:
             next_tok = out.logits[:, -1].argmax(dim=-1)
         results = []
         for r in range(rows):
-            text = self.tokenizer.decode([t for t in tokens[r] if t not in self.eos], skip_special_tokens=True)
+            text = self._text(tokens[r])
             results.append(_RowResult(text.strip(), tokens[r], float(nll[r]), float(kl[r]), kv[r], kept[r]))
         return results, logits[0]
 
@@ -321,7 +328,8 @@ class Evaluator:
                 jobs.setdefault(self._plan_key(plan, n), plan)
         max_new = int(sample["max_new_tokens"])
 
-        full_rows, full_logits = self._run(shared, [None], enc, max_new, None)
+        metric = sample["metric"]
+        full_rows, full_logits = self._run(shared, [None], enc, max_new, None, metric)
         by_key: dict[tuple | None, _RowResult] = {None: full_rows[0]}
         # batches of similar cache sizes: each layer of a batch is padded to its longest fork, so mixing a plan
         # that keeps whole layers (up to n) with uniform small budgets would multiply memory and time
@@ -331,7 +339,7 @@ class Evaluator:
         size = self.settings.batch_size
         for i in range(0, len(todo), size):
             chunk = todo[i : i + size]
-            rows, _ = self._run(shared, [p for _, p in chunk], enc, max_new, full_logits)
+            rows, _ = self._run(shared, [p for _, p in chunk], enc, max_new, full_logits, metric)
             by_key.update({k: r for (k, _), r in zip(chunk, rows, strict=True)})
         after = [(layer.keys._version, layer.values._version) for layer in shared.layers]
         if after != versions:
