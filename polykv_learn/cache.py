@@ -15,6 +15,7 @@ Three ways to decide what to keep:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -35,12 +36,21 @@ class CompressedLayer(DynamicLayer):
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
-        self.owner = owner
+        # a weak reference: a strong one would make every cache a reference cycle, which only the cyclic garbage
+        # collector frees, so caches with their K/V (gigabytes over an evaluation) piled up between its rare runs
+        self._owner = weakref.ref(owner)
         self.layer_idx = layer_idx
         self.logical_length = 0  # positions seen (context + generated), evicted ones included
         self.context_length = 0  # logical length of the prefill
         self.context_visible: Tensor | None = None  # (batch, G, b_l) bool: kept context key is not padding
         self.stats: LayerStats | None = None
+
+    @property
+    def owner(self) -> CompressedCache:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("this cache layer outlived its CompressedCache")
+        return owner
 
     # --- transformers' cache-layer protocol ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

@@ -123,3 +123,27 @@ def test_corrupt_or_partial_artifacts_fail_clearly(tiny_models, artifact, tmp_pa
         PolyKV.from_pretrained(missing_key)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PolyKV.from_pretrained(tmp_path / "nowhere")
+
+
+def test_adaptive_cache_is_freed_without_the_garbage_collector(tiny_models, artifact):
+    """The adaptive planner records the plan on its cache through a weak reference: no cache -> planner -> cache
+    cycle keeping K/V alive until the cyclic collector runs."""
+    import gc
+    import weakref
+
+    from polykv_learn import adapter
+
+    model = tiny_models["tiny-llama"]
+    polykv = PolyKV.from_pretrained(artifact)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = polykv.make_cache(model, budget=32)
+        with torch.no_grad():
+            adapter.forward(model, random_ids(150, seed=22), cache, logits_to_keep=1)
+        assert cache.last_plan is not None  # the planner ran and recorded its plan
+        keys = weakref.ref(cache.layers[0].keys)
+        del cache
+        assert keys() is None
+    finally:
+        gc.enable()

@@ -10,6 +10,7 @@ model.generate(input_ids, past_key_values=cache)
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,13 @@ class PolyKV:
 
         def planner(stats: list[LayerStats]) -> Plan:
             plan = self.plan_for_stats(stats, budget)
-            cache.last_plan = plan
+            owner = cache_ref()
+            if owner is not None:
+                owner.last_plan = plan
             return plan
 
         cache = CompressedCache(model, planner=planner, capture=self.capture)
+        cache_ref = weakref.ref(cache)  # not the cache itself: cache -> planner -> cache would be a reference cycle
         return cache
 
     @contextlib.contextmanager
