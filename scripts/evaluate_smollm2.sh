@@ -7,6 +7,7 @@
 # Env: OUT (per-task runs, default out/eval), RESULTS (merged report, default results/smollm2), ROUTER (artifact,
 # default the bundled checkpoints/smollm2-135m), DATA (default data/polykv/tasks/test.jsonl).
 set -euo pipefail
+trap 'trap - TERM; kill 0' INT TERM  # stopping the script stops every task process (xargs would start the next)
 OUT=${OUT:-out/eval}
 RESULTS=${RESULTS:-results/smollm2}
 JOBS=${JOBS:-2}
