@@ -23,7 +23,7 @@ run_task() {
   if [ -f "$OUT/$task/results.json" ]; then echo "$task: done before, skipped"; return 0; fi
   local start=$SECONDS
   polykv-learn evaluate --data "$DATA" --router "$ROUTER" --no-chat --threads 1 --no-progress "${limit[@]}" \
-    --tasks "$task" --out "$OUT/$task" > "$OUT/$task.log" 2>&1
+    --tasks "$task" --out "$OUT/$task" > "$OUT/$task.log" 2>&1 || { echo "$task: FAILED, see $OUT/$task.log"; return 1; }
   echo "$task: $((SECONDS - start)) s"
 }
 export -f run_task
