@@ -67,18 +67,21 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     total = torch.zeros(b, g, h // g, n, dtype=torch.float32, device=keys.device)
     key_index = torch.arange(n, device=keys.device)
     key_bias = torch.zeros(b, n, device=keys.device).masked_fill(~valid, float("-inf"))  # (b, n)
+    all_valid = bool(valid.all())  # no padding (e.g. one sequence): a plain causal mask, filled in place
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # causal: queries start..stop-1 see keys 0..stop-1 only, so later keys are never computed (half the work)
         q = queries[:, :, start:stop].float().reshape(b, g, h // g, stop - start, d)
-        scores = torch.matmul(q, k[:, :, None, :, :stop]) * scaling  # (b, G, H/G, c, stop)
-        causal = torch.zeros(stop - start, stop, device=keys.device).masked_fill(
-            key_index[None, :stop] > torch.arange(start, stop, device=keys.device)[:, None], float("-inf")
-        )  # (c, stop)
-        q_valid = valid[:, start:stop]  # (b, c)
-        # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
-        bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :stop], torch.zeros(()))  # (b,c,stop)
-        probs = torch.softmax(scores + bias[:, None, None], dim=-1) * q_valid[:, None, None, :, None]
+        scores = torch.matmul(q, k[:, :, None, :, :stop]).mul_(scaling)  # (b, G, H/G, c, stop)
+        future = key_index[None, :stop] > torch.arange(start, stop, device=keys.device)[:, None]  # (c, stop)
+        if all_valid:
+            probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
+        else:
+            causal = torch.zeros(stop - start, stop, device=keys.device).masked_fill(future, float("-inf"))
+            q_valid = valid[:, start:stop]  # (b, c)
+            # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
+            bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :stop], torch.zeros(()))
+            probs = torch.softmax(scores.add_(bias[:, None, None]), dim=-1).mul_(q_valid[:, None, None, :, None])
         total[..., :stop] += probs.sum(dim=-2)
     return total.reshape(b, h, n)
 

@@ -115,9 +115,37 @@ def layer_features(
         raise ValueError(f"stats.layer_idx={stats.layer_idx} is outside [0, num_layers={num_layers})")
     overlaps = _check_overlap_policies(overlap_policies)
 
+    free = stats.memo("layer_features", lambda: _budget_free_signals(stats))
+    n_valid, n = free["n_valid"], stats.context_length
+
+    # Top-k coverage of the averaged attention at k = B/2, B, 2B.
+    top = free["top"]  # (batch, n)
+    coverage = [top[:, min(max(k, 1), n) - 1] for k in (budget // 2, budget, 2 * budget)]  # 3 x (batch,)
+
+    # Jaccard overlap of the keep sets of each pair of policies at budget B, averaged over KV heads.
+    device = top.device
+    masks = {p: _keep_mask(p, stats, budget, ranks).to(device) for p in overlaps}  # p -> (batch, G, n)
+    jaccard = []
+    for p, q in combinations(overlaps, 2):
+        inter = (masks[p] & masks[q]).sum(dim=-1).float()  # (batch, G)
+        union = (masks[p] | masks[q]).sum(dim=-1).float().clamp_min(1)  # (batch, G)
+        jaccard.append((inter / union).mean(dim=-1))  # (batch,)
+
+    batch = top.shape[0]
+    depth = torch.full((batch,), stats.layer_idx / max(num_layers - 1, 1), device=device)  # (batch,)
+    budget_ratio = (budget / n_valid).clamp_max(1.0)  # (batch,)
+
+    columns = [free["entropy"], free["sink_mass"], free["recent_mass"], *coverage, free["temporal"], *jaccard]
+    columns += [free["spread"], depth, free["log_n"], budget_ratio]
+    return torch.stack(columns, dim=-1).float()  # (batch, F)
+
+
+def _budget_free_signals(stats: LayerStats) -> dict[str, Tensor]:
+    """The signals of :func:`layer_features` that do not depend on the budget (each ``(batch,)``, ``top``
+    ``(batch, n)``), computed once per layer statistics."""
     attn = stats.window_attn.float()  # (batch, H, w, n)
     valid = stats.valid.to(attn.device)  # (batch, n)
-    batch, _, w, n = attn.shape
+    _, _, w, n = attn.shape
     n_valid = valid.sum(dim=-1).clamp_min(1).float()  # (batch,)
 
     # Spatial dispersion (CAKE): entropy of each window query's attention, normalised by log n_valid.
@@ -132,21 +160,12 @@ def layer_features(
     sink_mass = (mass * sinks).sum(dim=-1)  # (batch,)
     recent_mass = (mass * recent).sum(dim=-1)  # (batch,)
 
-    # Top-k coverage of the averaged attention at k = B/2, B, 2B.
+    # Cumulated sorted mass, for the top-k coverage at any k.
     top = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (batch, n)
-    coverage = [top[:, min(max(k, 1), n) - 1] for k in (budget // 2, budget, 2 * budget)]  # 3 x (batch,)
 
     # Temporal shift (CAKE): how much each position's attention varies across window queries.
     variance = attn.var(dim=2, correction=0).mean(dim=1)  # (batch, n)
     temporal = (variance * valid).sum(dim=-1)  # (batch,) = n_valid * mean over real positions
-
-    # Jaccard overlap of the keep sets of each pair of policies at budget B, averaged over KV heads.
-    masks = {p: _keep_mask(p, stats, budget, ranks).to(attn.device) for p in overlaps}  # p -> (batch, G, n)
-    jaccard = []
-    for p, q in combinations(overlaps, 2):
-        inter = (masks[p] & masks[q]).sum(dim=-1).float()  # (batch, G)
-        union = (masks[p] | masks[q]).sum(dim=-1).float().clamp_min(1)  # (batch, G)
-        jaccard.append((inter / union).mean(dim=-1))  # (batch,)
 
     # Key-norm spread over real positions.
     norms = stats.keys.float().norm(dim=-1)  # (batch, G, n)
@@ -155,13 +174,16 @@ def layer_features(
     mean_norm = (norms * vmask).sum(dim=-1) / count  # (batch, G)
     std_norm = (((norms - mean_norm[..., None]) ** 2 * vmask).sum(dim=-1) / count).sqrt()  # (batch, G)
     spread = (std_norm / mean_norm.clamp_min(1e-12)).mean(dim=-1)  # (batch,)
-
-    depth = torch.full((batch,), stats.layer_idx / max(num_layers - 1, 1), device=attn.device)  # (batch,)
-    budget_ratio = (budget / n_valid).clamp_max(1.0)  # (batch,)
-
-    columns = [norm_entropy, sink_mass, recent_mass, *coverage, temporal, *jaccard]
-    columns += [spread, depth, log_n, budget_ratio]
-    return torch.stack(columns, dim=-1).float()  # (batch, F)
+    return {
+        "n_valid": n_valid,
+        "entropy": norm_entropy,
+        "log_n": log_n,
+        "sink_mass": sink_mass,
+        "recent_mass": recent_mass,
+        "top": top,
+        "temporal": temporal,
+        "spread": spread,
+    }
 
 
 @dataclass

@@ -35,6 +35,9 @@ def test_accumulated_and_window_attention_match_naive_loops():
     assert torch.allclose(acc.double(), naive.sum(dim=2), atol=1e-5)
     win = window_attention(q[:, :, -7:], k, valid, 0.3)
     assert torch.allclose(win.double(), naive[:, :, -7:], atol=1e-5)
+    unpadded = torch.ones(b, n, dtype=torch.bool)  # no padding anywhere: the in-place causal path
+    naive = _naive_attention_rows(q, k, unpadded, 0.3, list(range(n)))
+    assert torch.allclose(accumulated_attention(q, k, unpadded, 0.3, chunk=10).double(), naive.sum(dim=2), atol=1e-5)
 
 
 def test_features_from_precomputed_ranks_equal_features_from_sorting():

@@ -186,14 +186,22 @@ def test_full_equals_generate_and_large_budget_equals_full(tiny):
     assert all(r["kept"] == 64 for r in small) and any(r["kl"] > 1e-4 for r in small)
 
 
-def test_batched_forks_equal_one_at_a_time(tiny):
+@pytest.mark.parametrize("batch_size,group_size", [(64, 8), (64, 3), (4, 1)])
+def test_batched_forks_equal_one_at_a_time(tiny, monkeypatch, batch_size, group_size):
+    from polykv_learn.eval import runner
+
     model, tok = tiny
-    sample = make_samples(1)[0]
+    sample = {**make_samples(1)[0], "max_new_tokens": 10}
+    # rows settle after different numbers of tokens (a function of their own text), so rows leave the batch at
+    # different steps
+    monkeypatch.setattr(runner, "answer_settled", lambda metric, text, answers=None: len(text) > 8 + len(text) % 5)
     names = ["snapkv", "streaming", "knorm", "pyramid", "cake"]
-    batched = make_evaluator(model, tok, names, batch_size=8).evaluate_sample(sample).records
-    single = make_evaluator(model, tok, names, batch_size=1).evaluate_sample(sample).records
-    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
-    for a, b in zip(batched, single, strict=True):
+    batched = make_evaluator(model, tok, names, batch_size=batch_size, group_size=group_size).evaluate_sample(sample)
+    single = make_evaluator(model, tok, names, batch_size=1, group_size=1).evaluate_sample(sample).records
+    lengths = {len(r["prediction"]) for r in batched.records}
+    assert len(lengths) > 2 and max(lengths) < 40  # rows did stop, at different lengths
+    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single]
+    for a, b in zip(batched.records, single, strict=True):
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-5)
 
@@ -323,6 +331,22 @@ def test_bad_jsonl_line_fails_with_line_number(tmp_path, capsys):
     assert f"{path}:1: invalid JSON" in capsys.readouterr().err
 
 
+def test_shards_split_each_task_and_bad_shards_fail(tmp_path, capsys):
+    from polykv_learn.eval.runner import select_samples
+
+    rows = make_samples(7)  # 4 passkey, 3 variable_tracking, alternating
+    shards = [select_samples(rows, shard=(i, 3)) for i in range(3)]
+    assert sorted(s["id"] for part in shards for s in part) == sorted(r["id"] for r in rows)
+    assert [s["id"] for s in shards[0]] == ["s0", "s1", "s6"]  # the 1st and 4th of each task
+    assert [s["id"] for s in select_samples(rows, ["passkey"], limit=3, shard=(1, 2))] == ["s2"]
+    with pytest.raises(ValueError, match="shard must be I/K with K >= 1 and 0 <= I < K, got 2/2"):
+        select_samples(rows, shard=(2, 2))
+    data = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data", str(data), "--model", "tiny-llama", "--no-router", "--shard", "1-2", "--out", "x"])
+    assert "--shard must be I/K (e.g. 0/2), got '1-2'" in capsys.readouterr().err
+
+
 def test_unknown_task_filter_fails(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_samples())
     with pytest.raises(SystemExit):
@@ -336,11 +360,14 @@ def test_merge_of_per_task_runs_equals_one_run(tiny, tmp_path):
     common = ["--data", str(data), "--model", "tiny-llama", "--no-router", "--methods", "snapkv", "streaming",
               "pyramid", "--budgets", "32", "64", "--no-chat", "--no-progress"]  # fmt: skip
     whole = evaluate_main([*common, "--out", str(tmp_path / "whole")])
-    for task in ("passkey", "variable_tracking"):
-        evaluate_main([*common, "--tasks", task, "--out", str(tmp_path / task)])
-    merged = evaluate_main(["--merge", str(tmp_path / "passkey"), str(tmp_path / "variable_tracking"),
+    evaluate_main([*common, "--tasks", "variable_tracking", "--out", str(tmp_path / "variable_tracking")])
+    for shard in ("0/2", "1/2"):  # passkey in two shards of one sample each
+        part = evaluate_main([*common, "--tasks", "passkey", "--shard", shard, "--out", str(tmp_path / shard[0])])
+        assert part["timing"]["samples"] == 1 and part["config"]["shard"] == shard
+    merged = evaluate_main(["--merge", str(tmp_path / "0"), str(tmp_path / "1"), str(tmp_path / "variable_tracking"),
                             "--out", str(tmp_path / "merged")])  # fmt: skip
     assert merged["timing"]["samples"] == 4 and merged["tasks"] == whole["tasks"]
+    assert "shard" not in merged["config"]
 
     def close(a, b):
         if isinstance(a, dict):
@@ -389,7 +416,9 @@ def test_decoding_stops_once_the_answer_is_settled(tiny, monkeypatch):
     (free,), _ = ev._run(shared, [None], enc, 8, None, "code_sim")
     assert len(free.tokens) == 8  # a random tiny model: no EOS, nothing settles
     settled_text = ev._text(free.tokens[:3])
-    monkeypatch.setattr(runner, "answer_settled", lambda metric, text: metric == "code_sim" and text == settled_text)
+    monkeypatch.setattr(
+        runner, "answer_settled", lambda metric, text, answers=None: metric == "code_sim" and text == settled_text
+    )
     (stopped,), _ = ev._run(shared, [None], enc, 8, None, "code_sim")
     assert stopped.tokens == free.tokens[:3] and stopped.prediction == settled_text.strip()
     (other,), _ = ev._run(shared, [None], enc, 8, None, "string_match")  # the fake settles code_sim only

@@ -176,6 +176,17 @@ def test_matches_naive_on_random_padded_stats(budget):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+def test_one_statistics_object_serves_every_budget():
+    """Budget-free signals and keep orders are computed once per statistics object (an evaluation sweep asks
+    for the features at four budgets), and every budget still matches the naive computation."""
+    stats = random_layer_stats(batch=2, kv_heads=2, heads=4, n=40, window=6, pad=5, seed=11, layer_idx=1)
+    for budget in (3, 12, 25, 60):
+        fast = layer_features(stats, budget, OVERLAP, num_layers=4).double()
+        torch.testing.assert_close(fast, naive_features(stats, budget, OVERLAP, num_layers=4), rtol=1e-5, atol=1e-5)
+    orders = [k for k in stats._memo if k[0] == "order"]
+    assert "layer_features" in stats._memo and len(orders) == len(OVERLAP)
+
+
 def test_feature_errors():
     stats = random_layer_stats(batch=1, n=20, window=4, pad=0, layer_idx=3)
     with pytest.raises(ValueError, match="layer_idx=3 is outside"):

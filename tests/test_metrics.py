@@ -106,22 +106,44 @@ def test_answer_settled_hand_cases():
     assert answer_settled("classification", "\nget_weather\n")
     assert not answer_settled("code_sim", "# comment\n\n    return")
     assert answer_settled("code_sim", "# comment\n    return x\n")
-    assert not answer_settled("string_match", "38369\nThe pass key is")  # reads the whole answer
+    assert not answer_settled("string_match", "38369\nThe pass key is")  # no answers given: cannot tell
+    assert not answer_settled("string_match", "The pass key is 3836", ["38369"])  # may still come
+    assert answer_settled("string_match", "The pass key is 38369", ["38369"])  # more text cannot remove it
+    assert not answer_settled("string_match", "apple, pear", ["Apple", "plum"])  # half found: 0.5 may grow
+    assert answer_settled("string_match", "apple, PLUM", ["Apple", "plum"])
     assert not answer_settled("qa_f1", "a\nb\n") and not answer_settled("rouge_l", "a\nb\n")
 
 
 def test_settled_answers_keep_their_score_whatever_follows():
     """Decoding stops once an answer is settled: every continuation must leave the score unchanged."""
     rng = random.Random(0)
-    pieces = ["get_weather", "play_music", "\n", "\n", " ", "# note", "// c", "`", "return x", "foo()", "  "]
-    cases = {"classification": (["get_weather"], ["get_weather", "play_music"]), "code_sim": (["return x + 1"], None)}
+    pieces = [
+        "get_weather",
+        "play_music",
+        "\n",
+        "\n",
+        " ",
+        "# note",
+        "// c",
+        "`",
+        "return x",
+        "foo()",
+        "  ",
+        "38",
+        "369",
+    ]
+    cases = {
+        "classification": (["get_weather"], ["get_weather", "play_music"]),
+        "code_sim": (["return x + 1"], None),
+        "string_match": (["38369", "play"], None),
+    }
     checked = 0
     for _ in range(400):
         text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 9)))
         for metric, (answers, classes) in cases.items():
             final = score(metric, text.strip(), answers, all_classes=classes)
             for cut in range(len(text) + 1):
-                if answer_settled(metric, text[:cut]):
+                if answer_settled(metric, text[:cut], answers):
                     assert score(metric, text[:cut].strip(), answers, all_classes=classes) == final, (metric, text, cut)
                     checked += 1
     assert checked > 500

@@ -327,3 +327,20 @@ def test_too_many_protected_positions_keeps_exactly_budget(stats):
 def test_budget_must_be_positive(stats):
     with pytest.raises(ValueError, match="budget"):
         keep_indices(get_policy("knorm"), stats, 0)
+
+
+def test_keep_order_is_computed_once_per_policy_options(monkeypatch):
+    stats = random_layer_stats(heads=6)
+    calls = []
+    cls = type(get_policy("snapkv"))
+    original = cls.scores
+    monkeypatch.setattr(cls, "scores", lambda self, st: calls.append(self.kernel_size) or original(self, st))
+    first = keep_indices(get_policy("snapkv"), stats, 10)
+    again = keep_indices(get_policy("snapkv"), stats, 20)  # a new instance, same options: the order is reused
+    other = keep_indices(get_policy("snapkv", kernel_size=1), stats, 10)  # other options: its own order
+    assert calls == [5, 1]
+    fresh = random_layer_stats(heads=6)  # same tensors, empty memo
+    monkeypatch.setattr(cls, "scores", original)
+    assert torch.equal(first, keep_indices(get_policy("snapkv"), fresh, 10))
+    assert torch.equal(again, keep_indices(get_policy("snapkv"), fresh, 20))
+    assert torch.equal(other, keep_indices(get_policy("snapkv", kernel_size=1), fresh, 10))

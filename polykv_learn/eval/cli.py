@@ -49,6 +49,13 @@ def _names(values: Sequence[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ValueError(f"--shard must be I/K (e.g. 0/2), got {text!r}")
+    return int(index), int(count)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="polykv-learn evaluate",
@@ -88,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, help="only these task names (space or comma separated)")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task (quick runs)")
     p.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/K: only every K-th selected sample of each task, from the I-th (K parallel runs, joined by --merge)",
+    )
+    p.add_argument(
         "--query-aware",
         action="store_true",
         help="compress context + question (SnapKV-paper/KVCache-Factory style) instead of the context alone",
@@ -118,9 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=int,
+        default=64,
+        help="compressed caches decoded together as one batch (default 64: every method and budget of a sample; "
+        "their linear layers run as one matrix product)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
         default=8,
-        help="compressed caches decoded together (default 8; each layer is padded to the batch's longest cache, "
-        "so memory grows with this times the context length)",
+        help="caches of similar size whose keys are padded together for attention (default 8; memory grows with "
+        "this times the longest cache in a group)",
     )
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="base attention implementation")
     p.add_argument(
@@ -192,6 +211,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
             chat=bool(args.chat),
             max_context=args.max_context,
             batch_size=args.batch_size,
+            group_size=args.group_size,
         )
         router_dir = args.router
         if router_dir is None and not args.no_router and DEFAULT_ROUTER.is_dir():
@@ -199,7 +219,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
         router = PolyKV.from_pretrained(router_dir) if router_dir else None
         gbdt = PolyKV.from_pretrained(args.gbdt_router) if args.gbdt_router else None
         methods = resolve_methods(_names(args.methods), available_methods(router, gbdt))
-        samples = select_samples(load_samples(args.data), _names(args.tasks), args.limit)
+        samples = select_samples(load_samples(args.data), _names(args.tasks), args.limit, _shard(args.shard))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
 
@@ -227,6 +247,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
         "model_name": model_name,
         "tasks": _names(args.tasks),
         "limit": args.limit,
+        "shard": args.shard,
     }
     results = run_evaluation(evaluator, samples, args.out, config=config, progress=not args.no_progress)
     elapsed = time.perf_counter() - start

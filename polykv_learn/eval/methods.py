@@ -116,10 +116,15 @@ def cake_signals(stats: Sequence[LayerStats]) -> tuple[list[float], list[float]]
     of each position's attention across window queries, summed over positions (mean over query heads)."""
     entropies, variances = [], []
     for s in stats:
-        attn = s.window_attn[0].float()  # (H, w, n)
-        entropies.append(float(-torch.xlogy(attn, attn).sum(dim=-1).mean()))
-        variances.append(float(attn.var(dim=1, correction=0).sum(dim=-1).mean()))
+        entropy, variance = s.memo("cake_signals", lambda s=s: _cake_layer_signals(s))
+        entropies.append(entropy)
+        variances.append(variance)
     return entropies, variances
+
+
+def _cake_layer_signals(stats: LayerStats) -> tuple[float, float]:
+    attn = stats.window_attn[0].float()  # (H, w, n)
+    return float(-torch.xlogy(attn, attn).sum(dim=-1).mean()), float(attn.var(dim=1, correction=0).sum(dim=-1).mean())
 
 
 def _cake(sample: MethodInput, budget: int) -> Plan:

@@ -19,7 +19,8 @@ metric             definition
 =================  =========================================================================================
 
 :func:`answer_settled` tells when more generated text can no longer change a score (a complete first line for
-``classification``, a complete first code line for ``code_sim``): decoding may stop there, with the same score.
+``classification``, a complete first code line for ``code_sim``, every gold answer found for ``string_match``):
+decoding may stop there, with the same score.
 """
 
 from __future__ import annotations
@@ -155,15 +156,18 @@ def score(metric: str, prediction: str, answers: Sequence[str], **kw: object) ->
     return METRICS[metric](prediction, answers)
 
 
-def answer_settled(metric: str, text: str) -> bool:
+def answer_settled(metric: str, text: str, answers: Sequence[str] | None = None) -> bool:
     """True when no continuation of the generated ``text`` can change its score under ``metric`` (scores are
-    taken on the stripped text): its first line is complete (``classification``) or its first code line is
-    complete (``code_sim``). Never for the metrics that read the whole answer."""
+    taken on the stripped text): its first line is complete (``classification``), its first code line is
+    complete (``code_sim``), or it already contains every gold answer (``string_match``, whose score can only
+    grow with more text; needs ``answers``). Never for the metrics that read the whole answer."""
     lines = text.lstrip().split("\n")[:-1]  # the complete lines
     if metric == "classification":
         return bool(lines)
     if metric == "code_sim":
         return any(_first_code_line(line) for line in lines)
+    if metric == "string_match":
+        return bool(answers) and string_match(text.strip(), answers) == 1.0  # type: ignore[arg-type]
     return False
 
 

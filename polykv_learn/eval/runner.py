@@ -53,6 +53,7 @@ from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.data.tasks import TEST_ONLY_TASKS
+from polykv_learn.eval.fork_batch import ForkBatchCache
 from polykv_learn.eval.jsonl import atomic_write_text
 from polykv_learn.eval.methods import LEARNED_METHODS, Method, MethodInput
 from polykv_learn.eval.metrics import answer_settled, gap_recovery, score
@@ -87,7 +88,8 @@ class EvalSettings:
     query_aware: bool = False
     chat: bool = False
     max_context: int | None = None
-    batch_size: int = 8  # forks decoded together (1: one at a time, no padding)
+    batch_size: int = 64  # forks decoded together as one batch (their linear layers run as one matrix product)
+    group_size: int = 8  # forks of similar size whose keys are padded together for attention (1: no padding)
     stop_when_settled: bool = True  # stop a row once more tokens cannot change its score (metrics.answer_settled)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class EvalSettings:
             raise ValueError(f"max_context must be >= 2 tokens, got {self.max_context}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
 
     @property
     def protocol(self) -> str:
@@ -215,36 +219,9 @@ class Evaluator:
             dst.stats = src.stats
         return fork
 
-    def _stack(self, caches: Sequence[CompressedCache]) -> CompressedCache:
-        """One batched cache from compressed forks: each layer padded to its longest fork, padding masked."""
-        stacked = CompressedCache(self.model, capture=caches[0].capture_options)
-        for idx, layer in enumerate(stacked.layers):
-            rows = [c.layers[idx] for c in caches]
-            longest = max(r.keys.shape[-2] for r in rows)
-            _, g, _, d = rows[0].keys.shape
-            keys = rows[0].keys.new_zeros(len(rows), g, longest, d)
-            values = rows[0].values.new_zeros(len(rows), g, longest, d)
-            visible = torch.zeros(len(rows), g, longest, dtype=torch.bool, device=keys.device)
-            for i, r in enumerate(rows):
-                length = r.keys.shape[-2]
-                keys[i, :, :length] = r.keys[0]
-                values[i, :, :length] = r.values[0]
-                visible[i, :, :length] = True if r.context_visible is None else r.context_visible[0]
-            layer.keys, layer.values, layer.context_visible = keys, values, visible
-            layer.is_initialized, layer.device = True, keys.device
-            layer.logical_length = layer.context_length = rows[0].context_length
-        return stacked
-
     def _text(self, tokens: list[int]) -> str:
         """The generated text (before stripping) of greedy tokens."""
         return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
-
-    @staticmethod
-    def _rewind(cache: CompressedCache, tokens: int) -> None:
-        for layer in cache.layers:
-            layer.keys = layer.keys[:, :, :-tokens]
-            layer.values = layer.values[:, :, :-tokens]
-            layer.logical_length -= tokens
 
     # --- one batch of plans -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,8 +233,10 @@ class Evaluator:
         max_new_tokens: int,
         full_answer_logits: Tensor | None,
         metric: str | None = None,
+        answers: Sequence[str] | None = None,
     ) -> tuple[list[_RowResult], Tensor]:
         n = enc.prompt_ids.shape[1]
+        rows, m, a = len(plans), enc.tail_ids.shape[1], enc.answer_ids.shape[1]
         forks = []
         for plan in plans:
             fork = self._fork(shared)
@@ -266,39 +245,48 @@ class Evaluator:
             forks.append(fork)
         kv = [cache_bytes(f) for f in forks]
         kept = [sum(min(b, n) for b in p.budgets) / len(p.budgets) if p is not None else float(n) for p in plans]
-        cache = forks[0] if len(forks) == 1 else self._stack(forks)
-        rows = len(plans)
-        a = enc.answer_ids.shape[1]
+        cache = ForkBatchCache(self.model, forks, self.settings.group_size, reserve=m + a + max_new_tokens)
+        del forks
 
         # tail + gold answer, teacher-forced: logits predicting answer token 0..a-1 (row 0 also starts decoding)
         seq = torch.cat([enc.tail_ids, enc.answer_ids], dim=1).expand(rows, -1)
-        logits = adapter.forward(self.model, seq, cache, logits_to_keep=a + 1).logits[:, :a].float()  # (P, a, V)
-        logp = F.log_softmax(logits, dim=-1)
-        nll = -logp.gather(-1, enc.answer_ids.expand(rows, -1)[..., None])[..., 0].mean(dim=-1)  # (P,)
-        full = logits[0] if full_answer_logits is None else full_answer_logits
-        kl = kl_to_full(full, logits)  # (P,)
-        self._rewind(cache, a)
+        logits = adapter.forward(self.model, seq, cache, logits_to_keep=a + 1).logits  # (P, a + 1, V)
+        first = logits[:, 0].argmax(dim=-1)  # (P,) greedy first answer token
+        full = logits[0, :a] if full_answer_logits is None else full_answer_logits  # (a, V)
+        nll, kl = torch.empty(rows), torch.empty(rows)
+        for i in range(0, rows, 8):  # a few rows at a time: bounded (rows, a, V) temporaries
+            part = logits[i : i + 8, :a].float()  # (p, a, V)
+            logp = F.log_softmax(part, dim=-1)
+            nll[i : i + 8] = -logp.gather(-1, enc.answer_ids.expand(len(part), -1)[..., None])[..., 0].mean(dim=-1)
+            kl[i : i + 8] = kl_to_full(full, part)
+        full = full.float().clone()
+        del logits
+        cache.rewind(a)
 
-        # greedy decoding; a row stops at EOS, or once its answer is settled (same score whatever follows)
-        next_tok = logits[:, 0].argmax(dim=-1)  # (P,)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
+        # greedy decoding; a row stops at EOS or once its answer is settled (same score whatever follows), and
+        # leaves the batch then (live[i]: the plan of batch row i)
         settle = metric if self.settings.stop_when_settled else None
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        live = list(range(rows))
+        next_tok = first
         for step in range(max_new_tokens):
-            for r, t in enumerate(next_tok.tolist()):
-                if not done[r]:
-                    tokens[r].append(t)
-                    done[r] = t in self.eos or (settle is not None and answer_settled(settle, self._text(tokens[r])))
-            if all(done) or step == max_new_tokens - 1:
+            still = []
+            for i, (r, t) in enumerate(zip(live, next_tok.tolist(), strict=True)):
+                tokens[r].append(t)
+                if t not in self.eos and not (settle and answer_settled(settle, self._text(tokens[r]), answers)):
+                    still.append(i)
+            if not still or step == max_new_tokens - 1:
                 break
-            feed = torch.tensor([self.pad_id if d else t for d, t in zip(done, next_tok.tolist(), strict=True)])
-            out = adapter.forward(self.model, feed[:, None].to(self.model.device), cache, logits_to_keep=1)
+            if len(still) < len(live):
+                cache.keep_rows(still)
+                live, next_tok = [live[i] for i in still], next_tok[still]
+            out = adapter.forward(self.model, next_tok[:, None], cache, logits_to_keep=1)
             next_tok = out.logits[:, -1].argmax(dim=-1)
         results = []
         for r in range(rows):
             text = self._text(tokens[r])
             results.append(_RowResult(text.strip(), tokens[r], float(nll[r]), float(kl[r]), kv[r], kept[r]))
-        return results, logits[0]
+        return results, full
 
     # --- one sample ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -331,7 +319,8 @@ class Evaluator:
         max_new = int(sample["max_new_tokens"])
 
         metric = sample["metric"]
-        full_rows, full_logits = self._run(shared, [None], enc, max_new, None, metric)
+        answers = sample["answers"]
+        full_rows, full_logits = self._run(shared, [None], enc, max_new, None, metric, answers)
         by_key: dict[tuple | None, _RowResult] = {None: full_rows[0]}
         # batches of similar cache sizes: each layer of a batch is padded to its longest fork, so mixing a plan
         # that keeps whole layers (up to n) with uniform small budgets would multiply memory and time
@@ -341,7 +330,7 @@ class Evaluator:
         size = self.settings.batch_size
         for i in range(0, len(todo), size):
             chunk = todo[i : i + size]
-            rows, _ = self._run(shared, [p for _, p in chunk], enc, max_new, full_logits, metric)
+            rows, _ = self._run(shared, [p for _, p in chunk], enc, max_new, full_logits, metric, answers)
             by_key.update({k: r for (k, _), r in zip(chunk, rows, strict=True)})
         after = [(layer.keys._version, layer.values._version) for layer in shared.layers]
         if after != versions:
@@ -398,9 +387,17 @@ def _malloc_trim() -> Any:
 
 
 def select_samples(
-    samples: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None, limit: int | None = None
+    samples: Sequence[dict[str, Any]],
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
-    """Samples of the given tasks (all when None), at most ``limit`` per task, in file order."""
+    """Samples of the given tasks (all when None), at most ``limit`` per task, in file order; with ``shard=(i, k)``
+    only every k-th of those per task, starting at the i-th (k disjoint shards that together are the selection,
+    for parallel runs that :func:`merge_results` joins)."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be I/K with K >= 1 and 0 <= I < K, got {index}/{count}")
     if tasks is not None:
         present = {s["task"] for s in samples}
         unknown = [t for t in tasks if t not in present]
@@ -411,10 +408,12 @@ def select_samples(
     for s in samples:
         if tasks is not None and s["task"] not in tasks:
             continue
-        if limit is not None and counts.get(s["task"], 0) >= limit:
+        seen = counts.get(s["task"], 0)
+        if limit is not None and seen >= limit:
             continue
-        counts[s["task"]] = counts.get(s["task"], 0) + 1
-        chosen.append(s)
+        counts[s["task"]] = seen + 1
+        if seen % count == index:
+            chosen.append(s)
     return chosen
 
 
@@ -491,7 +490,9 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("the runs share samples (same id, method and budget); merge runs on disjoint samples")
     results = build_results(records, cfg["methods"], parts[0]["single_policies"], cfg["budgets"])
     tasks = sorted({t for part in parts for t in part["tasks"]})  # the tasks each run evaluated
-    results["config"] = {**cfg, "tasks": tasks, "merged_runs": len(parts)}
+    per_run = ("tasks", "shard")  # what differs between the parts
+    shared = {k: v for k, v in cfg.items() if k not in per_run}
+    results["config"] = {**shared, "tasks": tasks, "merged_runs": len(parts)}
     example_plans: dict[str, dict[str, Any]] = {}
     for part in parts:
         for method, per_budget in part.get("example_plans", {}).items():

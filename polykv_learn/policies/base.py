@@ -10,8 +10,9 @@ valid before padding, protected before unprotected, higher score first, and on t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,6 +38,8 @@ class LayerStats:
     future_sin: Tensor  # (batch, T, d) RoPE sin of the T positions after the context
     accumulated_attn: Tensor | None = None  # (batch, H, n) attention summed over all prefill queries (H2O)
     layer_idx: int = 0
+    # results derived from these statistics (see memo); statistics are never modified, so they stay valid
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_kv_heads(self) -> int:
@@ -53,6 +56,13 @@ class LayerStats:
     @property
     def window_size(self) -> int:
         return self.window_queries.shape[2]
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per ``key`` for these statistics: one prefill evaluated at many budgets
+        (an evaluation sweep, the features of every budget) sorts each policy's scores once."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def group_mean(self, per_query_head: Tensor) -> Tensor:
         """Average a ``(batch, H, ...)`` tensor over the heads of each GQA group -> ``(batch, G, ...)``."""
@@ -83,7 +93,14 @@ class Policy:
 
 
 def order_positions(policy: Policy, stats: LayerStats) -> Tensor:
-    """Positions of each KV head from best to worst under ``policy``: ``(batch, G, n)`` long indices."""
+    """Positions of each KV head from best to worst under ``policy``: ``(batch, G, n)`` long indices (computed
+    once per policy and statistics, then reused; do not modify the result)."""
+    # a dataclass policy is known by its options, another by its address (kept alive by the memo)
+    stored, order = stats.memo(("order", type(policy), repr(policy)), lambda: (policy, _order_positions(policy, stats)))
+    return order if stored == policy else _order_positions(policy, stats)
+
+
+def _order_positions(policy: Policy, stats: LayerStats) -> Tensor:
     scores = policy.scores(stats).float()  # (batch, G, n)
     b, g, n = scores.shape
     protected = policy.protected(stats)
