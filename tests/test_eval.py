@@ -383,6 +383,42 @@ def test_merge_of_per_task_runs_equals_one_run(tiny, tmp_path):
         evaluate_main(["--merge", str(tmp_path / "passkey"), str(tmp_path / "passkey"), "--out", str(tmp_path / "x")])
 
 
+def test_replacing_the_learned_methods_equals_a_full_run_with_the_new_router(tiny, tmp_path, capsys):
+    """A retrained router is evaluated alone (--methods polykv polykv-static) and combined with the baselines of an
+    earlier run: the same results as evaluating every method with the new router."""
+    model, _ = tiny
+    old = make_artifact(tmp_path / "old", model, seed=0)
+    new = make_artifact(tmp_path / "new", model, seed=1, random_allocator=True)
+    data = write_jsonl(tmp_path / "tiny.jsonl", make_samples(2))
+    common = ["--data", str(data), "--model", "tiny-llama", "--budgets", "32", "64", "--no-chat", "--no-progress"]
+    every = ["--methods", "snapkv", "streaming", "polykv", "polykv-static"]
+    evaluate_main([*common, *every, "--router", str(old), "--out", str(tmp_path / "base")])
+    evaluate_main([*common, "--methods", "polykv", "polykv-static", "--router", str(new), "--out", str(tmp_path / "u")])
+    direct = evaluate_main([*common, *every, "--router", str(new), "--out", str(tmp_path / "direct")])
+    merged = evaluate_main(["--merge", str(tmp_path / "base"), str(tmp_path / "u"), "--replace",
+                            "--out", str(tmp_path / "merged")])  # fmt: skip
+    assert merged["summary"] == direct["summary"] and merged["gap_recovery"] == direct["gap_recovery"]
+    for key in ("summary_kl", "summary_nll"):  # other batch compositions: fp32 round-off only
+        for method, per_budget in direct[key].items():
+            for budget, row in per_budget.items():
+                assert merged[key][method][budget] == pytest.approx(row, rel=1e-4, abs=1e-6), (key, method, budget)
+    assert merged["config"]["router"] == str(new)
+    assert merged["config"]["replaced_methods"] == ["polykv", "polykv-static"]
+    base_kl = json.loads((tmp_path / "base" / "results.json").read_text())["summary_kl"]
+    assert merged["summary_kl"]["polykv"] != base_kl["polykv"]  # the routers differ (a random allocator)
+    assert merged["summary_kl"]["snapkv"] == base_kl["snapkv"]
+    # not comparable: other samples
+    evaluate_main([*common, "--limit", "1", "--tasks", "passkey", "--methods", "polykv", "--router", str(new),
+                   "--out", str(tmp_path / "one")])  # fmt: skip
+    with pytest.raises(SystemExit):
+        evaluate_main(["--merge", str(tmp_path / "base"), str(tmp_path / "one"), "--replace",
+                       "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "the runs evaluated different samples (2 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--merge", str(tmp_path / "base"), "--replace", "--out", str(tmp_path / "x")])
+    assert "--replace takes exactly two runs" in capsys.readouterr().err
+
+
 def test_release_free_memory_returns_freed_heap_pages_to_the_os():
     """What keeps a long evaluation's RSS flat: freed heap memory goes back to the OS after each sample."""
     import platform

@@ -158,7 +158,7 @@ def test_prefill_store_never_leaves_a_half_written_file(tiny_corpus, tmp_path, m
     import polykv_learn.learn.store as store_module
 
     dm = _datamodule(tiny_corpus, tmp_path / "cache")
-    sample_id, context, probe = dm._tokenized("validation")[0]
+    sample_id, context, probe, _ = dm._tokenized("validation")[0]
 
     def crash(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
@@ -177,6 +177,35 @@ def test_prefill_store_never_leaves_a_half_written_file(tiny_corpus, tmp_path, m
     dm.store.build(sample_id, context, probe)
     loaded = dm.store.load(sample_id)
     assert loaded.context_length == context.shape[0] and loaded.features.shape[0] == 3
+
+
+def test_answer_share_weights_the_gold_answer_in_the_kl(tiny_corpus, tmp_path):
+    from polykv_learn.learn.module import PolyKVLearner
+
+    dm = _datamodule(tiny_corpus, tmp_path / "cache")
+    sample_id, context, probe, _ = dm._tokenized("validation")[0]
+    probe = probe[:5]
+    dm.store.build(sample_id + "|a2", context, probe, answer_start=2)  # the answer: probe tokens 2, 3, 4
+    task = dm.store.load(sample_id + "|a2")
+    assert task.answer_start == 2 and torch.equal(task.probe_ids, probe)
+    with pytest.raises(ValueError, match=r"answer_start must be in \[0, 5\] \(the probe length\), got 6"):
+        dm.store.build(sample_id + "|a6", context, probe, answer_start=6)
+    dm.store.build(sample_id + "|plain", context, probe)
+    plain = dm.store.load(sample_id + "|plain")
+    assert plain.answer_start is None
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, task.full_logprobs.shape[-1], generator=gen)  # (R, m, V)
+    log_p = task.full_logprobs
+    per_position = (log_p.exp() * (log_p - torch.log_softmax(logits, -1))).sum(-1)  # (R, m)
+    weighted = PolyKVLearner(model_name="tiny-llama", policies=dm.policies, answer_share=0.75)
+    expected = 0.25 * per_position[:, :2].mean(-1) + 0.75 * per_position[:, 2:].mean(-1)
+    torch.testing.assert_close(weighted.probe_kl(task, logits), expected)
+    torch.testing.assert_close(weighted.probe_kl(plain, logits), per_position.mean(-1))  # no answer: uniform
+    uniform = PolyKVLearner(model_name="tiny-llama", policies=dm.policies)
+    torch.testing.assert_close(uniform.probe_kl(task, logits), per_position.mean(-1))
+    with pytest.raises(ValueError, match=r"answer_share must be in \[0, 1\] \(or None\), got 1.5"):
+        PolyKVLearner(model_name="tiny-llama", policies=dm.policies, answer_share=1.5)
 
 
 def test_bad_config_fails_fast(tmp_path):
@@ -223,22 +252,38 @@ def test_task_samples_join_training_with_the_evaluation_layout(tiny_corpus, tmp_
         (data / "corpus" / f"{split}.jsonl").write_text((tiny_corpus / "corpus" / f"{split}.jsonl").read_text())
     rows = [_task_row(0, "passkey", 50), _task_row(1, "passkey", 2000), _task_row(2, "summarisation", 60)]
     _write_tasks(data, rows)
-    dm = _datamodule(data, tmp_path / "cache", task_file="tasks/train.jsonl")
-    train = {sid.split("|")[0]: (ctx, probe) for sid, ctx, probe in dm._tokenized("train")}
+    dm = _datamodule(data, tmp_path / "cache", task_file="tasks/train.jsonl", task_probe_tokens=64)
+    train = {sid.split("|")[0]: (ctx, probe, start) for sid, ctx, probe, start in dm._tokenized("train")}
     # both short task samples train (each task type is its own source); the one longer than max_context is skipped
     assert {"task/passkey-0", "task/summarisation-2"} <= set(train) and "task/passkey-1" not in train
     assert len([k for k in train if not k.startswith("task/")]) == 8  # the corpus is all still there
+    assert all(train[k][2] is None for k in train if not k.startswith("task/"))  # corpus probes have no answer
     assert not [sid for sid, *_ in dm._tokenized("validation") if sid.startswith("task/")]
 
-    # the probe is what the evaluation feeds after the compressed context (text mode), then the gold answer
+    # the probe is exactly what the evaluation feeds after the compressed context (text mode), then the gold answer
     tok = shared_tokenizer("tiny-llama")
     model, _ = load_model("tiny-llama", with_tokenizer=False)
     enc = Evaluator(model, tok, _full_only(), EvalSettings(chat=False)).encode({**rows[0], "metric": "string_match"})
-    ctx, probe = train["task/passkey-0"]
+    ctx, probe, start = train["task/passkey-0"]
     assert torch.equal(ctx, enc.prompt_ids[0])
-    assert tok.decode(probe) == tok.decode(torch.cat([enc.tail_ids, enc.answer_ids], 1)[0][: len(probe)])
+    assert torch.equal(probe, torch.cat([enc.tail_ids, enc.answer_ids], 1)[0]) and start == enc.tail_ids.shape[1]
     assert task_probe(rows[0]) == "\n\nWhat is the pass key?\nThe pass key is 4711"
     assert task_probe({**rows[0], "question": "", "answer_prefix": ""}) == "\n4711"
+    short = _datamodule(data, tmp_path / "cache", task_file="tasks/train.jsonl", task_probe_tokens=5)
+    _, _, probe, start = next(t for t in short._tokenized("train") if t[0].startswith("task/passkey-0|"))
+    assert len(probe) == 5 and start == min(enc.tail_ids.shape[1], 5)  # a cut probe: the answer may be cut off
+
+    # held-out task samples: validated on, never trained on, every task type
+    more = [_task_row(i, task, 40) for i in range(3, 9) for task in ("passkey", "summarisation")]
+    _write_tasks(data, rows + more)
+    held = _datamodule(data, tmp_path / "cache", task_file="tasks/train.jsonl", task_val_samples=3)
+    val = [sid.split("|")[0] for sid, *_ in held._tokenized("validation") if sid.startswith("task/")]
+    trained = {sid.split("|")[0] for sid, *_ in held._tokenized("train")}
+    assert sorted(val) == ["task/passkey-7", "task/passkey-8", "task/summarisation-8"]  # from the end, in turn
+    assert not set(val) & trained and len([s for s in trained if s.startswith("task/")]) == 11
+    with pytest.raises(ValueError, match="task_val_samples must be >= 0 and needs a task_file"):
+        _datamodule(data, tmp_path / "cache", task_val_samples=2)
+    _write_tasks(data, rows)
 
     # the generalisation protocol: no test split, no test-only task type
     for bad, why in (

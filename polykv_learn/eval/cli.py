@@ -158,13 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="no evaluation: merge the results.json of these --out folders (runs of one configuration on disjoint "
         "samples, e.g. one process per task) into --out, recomputing every summary",
     )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --merge BASE UPDATE: take UPDATE's methods (e.g. --methods polykv polykv-static with a retrained "
+        "--router) from UPDATE and every other method from BASE; same samples, full-cache results must agree",
+    )
     return p
 
 
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     import json
 
-    from polykv_learn.eval.runner import merge_results, write_outputs
+    from polykv_learn.eval.runner import merge_results, replace_methods, write_outputs
 
     parts = []
     for folder in args.merge:
@@ -172,8 +178,10 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         if not path.is_file():
             parser.error(f"--merge: {path} does not exist (give --out folders of finished evaluate runs)")
         parts.append(json.loads(path.read_text()))
+    if args.replace and len(parts) != 2:
+        parser.error(f"--replace takes exactly two runs, --merge BASE UPDATE; got {len(parts)}")
     try:
-        results = merge_results(parts)
+        results = replace_methods(*parts) if args.replace else merge_results(parts)
     except ValueError as err:
         parser.error(f"--merge: {err}")
     write_outputs(results, args.out)

@@ -68,6 +68,7 @@ __all__ = [
     "build_results",
     "gap_recovery_table",
     "merge_results",
+    "replace_methods",
     "release_free_memory",
     "run_evaluation",
     "select_samples",
@@ -502,6 +503,46 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     samples = sum(p["timing"]["samples"] for p in parts)
     seconds = sum(p["timing"]["seconds"] for p in parts)
     results["timing"] = {"samples": samples, "seconds": seconds, "seconds_per_sample": seconds / samples}
+    return results
+
+
+def replace_methods(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the methods ``update`` evaluated (other than ``full``) taken from ``update``: e.g. a retrained
+    router re-evaluated with ``--methods polykv polykv-static`` on the same samples, the baselines reused. Both runs
+    must share the configuration and the samples, and their full-cache records must agree (same predictions and
+    scores, NLL to 1e-4): the proof that the two runs are comparable."""
+    cfg, ucfg = base["config"], update["config"]
+    same = ("protocol", "budgets", "chat", "max_context", "model", "capture")
+    differ = [k for k in same if ucfg.get(k) != cfg.get(k)]
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of one configuration combine")
+    full = {r["id"]: r for r in base["samples"] if r["method"] == "full"}
+    ufull = {r["id"]: r for r in update["samples"] if r["method"] == "full"}
+    if full.keys() != ufull.keys():
+        raise ValueError(
+            f"the runs evaluated different samples ({len(full)} and {len(ufull)}, {len(full.keys() ^ ufull.keys())} "
+            "not in both); re-evaluate the same --data, --tasks and --limit"
+        )
+    for sid, r in full.items():
+        u = ufull[sid]
+        if (r["prediction"], r["score"]) != (u["prediction"], u["score"]) or not math.isclose(
+            r["nll"], u["nll"], rel_tol=1e-4, abs_tol=1e-5
+        ):
+            raise ValueError(f"sample {sid!r}: the full cache gives different results in the two runs; not comparable")
+    replaced = [m for m in ucfg["methods"] if m != "full"]
+    methods = list(cfg["methods"]) + [m for m in replaced if m not in cfg["methods"]]
+    records = [r for r in base["samples"] if r["method"] not in replaced]
+    records += [r for r in update["samples"] if r["method"] in replaced]
+    results = build_results(records, methods, base["single_policies"], cfg["budgets"])
+    results["config"] = {**cfg, "methods": methods, "replaced_methods": replaced, "replaced_from": ucfg}
+    for key in ("router", "gbdt_router"):
+        if ucfg.get(key) is not None:
+            results["config"][key] = ucfg[key]
+    results["example_plans"] = {
+        **{m: p for m, p in base.get("example_plans", {}).items() if m not in replaced},
+        **{m: p for m, p in update.get("example_plans", {}).items() if m in replaced},
+    }
+    results["timing"] = dict(base["timing"])  # a run of every method (the update ran only some)
     return results
 
 

@@ -7,9 +7,10 @@ loaded lazily from disk, one prefill at a time.
 
 With ``task_file`` (e.g. ``tasks/train.jsonl``, also written by ``prepare-data``), the training split also takes
 task-format samples: the context with its task instruction, and as probe what the evaluation feeds after the
-compression (question, answer prefix, gold answer; :func:`task_probe`). Each task type joins the corpus sources in
-the round-robin, so a limit keeps every one. Only training-split rows of task types that are not test-only are
-accepted (the generalisation protocol); validation stays on the corpus.
+compression (question, answer prefix, gold answer; :func:`task_probe`), with the index where the gold answer starts
+(the learner may weight the answer's tokens). Each task type joins the corpus sources in the round-robin, so a limit
+keeps every one. Only training-split rows of task types that are not test-only are accepted (the generalisation
+protocol); ``task_val_samples`` of them are held out and validated on next to the corpus.
 """
 
 from __future__ import annotations
@@ -62,11 +63,19 @@ def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
                 yield q[i]
 
 
-def task_probe(row: dict) -> str:
-    """The text after the context of a task sample, laid out as the evaluation's text-mode prompt and answer."""
+def task_probe_parts(row: dict) -> tuple[list[str], str]:
+    """The text after the context of a task sample, in the pieces the evaluation tokenises separately (text mode):
+    the prompt's tail (question, answer prefix) and the gold answer."""
     question, prefix = row["question"], row.get("answer_prefix", "")
     sep = " " if prefix and not prefix[-1].isspace() else ""
-    return (f"\n\n{question}" if question else "") + f"\n{prefix}{sep}{row['answers'][0]}"
+    tail = ([f"\n\n{question}"] if question else []) + [f"\n{prefix}"]
+    return tail, f"{sep}{row['answers'][0]}"
+
+
+def task_probe(row: dict) -> str:
+    """The text after the context of a task sample, laid out as the evaluation's text-mode prompt and answer."""
+    tail, answer = task_probe_parts(row)
+    return "".join(tail) + answer
 
 
 def load_task_rows(path: Path) -> list[dict]:
@@ -85,15 +94,31 @@ def load_task_rows(path: Path) -> list[dict]:
                     f"{path}:{line_no}: task sample {row.get('id')!r} (task {task!r}, split {split!r}) may not be "
                     f"trained on: only the train split of task types other than {sorted(TEST_ONLY_TASKS)}"
                 )
+            tail, answer = task_probe_parts(row)
             rows.append(
                 {
                     "id": f"task/{row['id']}",
                     "source": f"task:{task}",
                     "context": row["context"],
                     "probe": task_probe(row),
+                    "probe_parts": (tail, answer),
                 }
             )
     return rows
+
+
+def split_task_rows(rows: list[dict], val_count: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): ``val_count`` rows held out for validation, round-robin over the task types from the
+    end of each type's rows (in file order), so every type is validated and no row is in both."""
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["source"], []).append(row)
+    held: set[str] = set()
+    for depth in range(max((len(v) for v in by_task.values()), default=0)):
+        for name in sorted(by_task):
+            if len(held) < val_count and depth < len(by_task[name]):
+                held.add(by_task[name][-1 - depth]["id"])
+    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
 
 
 def _as_list(batch: list[StoredPrefill]) -> list[StoredPrefill]:
@@ -115,6 +140,8 @@ class PrefillDataModule(L.LightningDataModule):
         max_train_samples: int | None = 48,
         max_val_samples: int | None = 12,
         task_file: str | None = None,
+        task_probe_tokens: int | None = None,
+        task_val_samples: int = 0,
         window: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -138,6 +165,11 @@ class PrefillDataModule(L.LightningDataModule):
                 ``tasks/train.jsonl``): the context with its instruction, probe = question, answer prefix and gold
                 answer; contexts longer than ``max_context_tokens`` are skipped (a cut could drop the evidence).
                 None: the corpus only.
+            task_probe_tokens: probe tokens of a task sample (cut to at most this many; None: ``probe_tokens``).
+                Long enough to hold the question and the gold answer, or the loss never sees the answer.
+            task_val_samples: task samples of ``task_file`` held out from training and validated on (next to
+                ``max_val_samples`` corpus samples; :func:`split_task_rows`), so model selection also sees the
+                task format. 0: validation on the corpus only.
             window: observation window of the captured statistics (queries of the last ``window`` positions).
             num_workers: data loader workers.
             seed: order in which samples are taken (sources interleaved, shuffled within each source).
@@ -160,6 +192,12 @@ class PrefillDataModule(L.LightningDataModule):
         self.probe_tokens = probe_tokens
         self.limits = {"train": max_train_samples, "validation": max_val_samples}
         self.task_file = self.data_dir / task_file if task_file else None
+        if task_probe_tokens is not None and task_probe_tokens < 1:
+            raise ValueError(f"task_probe_tokens must be >= 1 (or None), got {task_probe_tokens}")
+        if task_val_samples < 0 or (task_val_samples and task_file is None):
+            raise ValueError(f"task_val_samples must be >= 0 and needs a task_file, got {task_val_samples}")
+        self.task_probe_tokens = task_probe_tokens or probe_tokens
+        self.task_val_samples = task_val_samples
         self.window = window
         self.num_workers = num_workers
         self.seed = seed
@@ -192,31 +230,51 @@ class PrefillDataModule(L.LightningDataModule):
             self._store = PrefillStore(root, sim, self.policies, self.overlap_policies, self.budgets)
         return self._store
 
-    def _tokenized(self, split: str) -> list[tuple[str, Tensor, Tensor]]:
+    def _tokenized(self, split: str) -> list[tuple[str, Tensor, Tensor, int | None]]:
+        """(sample id, context ids, probe ids, index of the first gold-answer token in the probe or None)."""
         from datasets import load_dataset
 
         rows = list(load_dataset("json", data_files=str(self.corpus_file(split)), split="train"))
-        if split == "train" and self.task_file is not None:
-            rows += load_task_rows(self.task_file)
-        tok = shared_tokenizer(self.model_name)
-        out = []
-        for row in _interleave_sources(rows, self.seed):
-            context = tok(row["context"], add_special_tokens=False).input_ids
-            if row["id"].startswith("task/") and len(context) > self.max_context_tokens:
-                continue
-            context = context[: self.max_context_tokens]
-            probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
-            if len(context) < self.min_context_tokens or not probe:
-                continue
-            sample_id = f"{row['id']}|{len(context)}|{len(probe)}"
-            out.append((sample_id, torch.tensor(context), torch.tensor(probe)))
-            limit = self.limits[split]
-            if limit is not None and len(out) >= limit:
-                break
+        task_rows: list[dict] = []
+        if self.task_file is not None:
+            train_rows, val_rows = split_task_rows(load_task_rows(self.task_file), self.task_val_samples)
+            task_rows = train_rows if split == "train" else val_rows
+        if split == "train":
+            rows, task_rows = rows + task_rows, []  # task types join the corpus sources in the round-robin
+        out = self._take(rows, self.limits[split], split)
+        if task_rows:
+            out += self._take(task_rows, None, split)
         if not out:
             raise ValueError(
                 f"{self.corpus_file(split)} has no sample with >= {self.min_context_tokens} context tokens"
             )
+        return out
+
+    def _take(self, rows: list[dict], limit: int | None, split: str) -> list[tuple[str, Tensor, Tensor, int | None]]:
+        tok = shared_tokenizer(self.model_name)
+        out = []
+        for row in _interleave_sources(rows, self.seed):
+            context = tok(row["context"], add_special_tokens=False).input_ids
+            answer_start = None
+            if "probe_parts" in row:  # a task sample: whole, and tokenised in the evaluation's pieces
+                if len(context) > self.max_context_tokens:
+                    continue
+                tail, answer = row["probe_parts"]
+                ids = [t for piece in tail for t in tok(piece, add_special_tokens=False).input_ids]
+                answer_start = len(ids)
+                probe = (ids + tok(answer, add_special_tokens=False).input_ids)[: self.task_probe_tokens]
+                answer_start = min(answer_start, len(probe))
+            else:
+                probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
+            context = context[: self.max_context_tokens]
+            if len(context) < self.min_context_tokens or not probe:
+                continue
+            sample_id = f"{row['id']}|{len(context)}|{len(probe)}"
+            if answer_start is not None:
+                sample_id += f"|a{answer_start}"
+            out.append((sample_id, torch.tensor(context), torch.tensor(probe), answer_start))
+            if limit is not None and len(out) >= limit:
+                break
         return out
 
     def prepare_data(self) -> None:
@@ -226,8 +284,8 @@ class PrefillDataModule(L.LightningDataModule):
         for split in SPLITS:
             samples = self._tokenized(split)
             todo = [s for s in samples if not self.store.has(s[0])]
-            for sample_id, context, probe in tqdm(todo, desc=f"prefill {split}", disable=not todo):
-                self.store.build(sample_id, context, probe)
+            for sample_id, context, probe, answer_start in tqdm(todo, desc=f"prefill {split}", disable=not todo):
+                self.store.build(sample_id, context, probe, answer_start)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_ids = [s[0] for s in self._tokenized("train")]

@@ -29,7 +29,7 @@ from polykv_learn.learn.soft_plan import annealed, soft_key_bias
 from polykv_learn.learn.store import StoredPrefill
 from polykv_learn.plan import Plan
 from polykv_learn.policies import POLICIES, check_policy_name
-from polykv_learn.simulator import Simulator, kl_to_full
+from polykv_learn.simulator import Simulator
 
 DEFAULT_POLICIES = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
 ROUTERS = ("mlp", "gbdt")
@@ -57,6 +57,7 @@ class PolyKVLearner(L.LightningModule):
         weight_decay: float = 0.0,
         gbdt_docs: int = 8,
         gbdt_budgets: list[int] = [128, 256],
+        answer_share: float | None = None,
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -83,6 +84,10 @@ class PolyKVLearner(L.LightningModule):
             weight_decay: AdamW weight decay.
             gbdt_docs: training documents used for the oracle labels of the ``gbdt`` router.
             gbdt_budgets: budgets at which oracle labels are computed.
+            answer_share: share of a task sample's loss (training and validation KL) carried by its gold-answer
+                tokens, the rest by the question and answer prefix before them (each part a mean over its tokens);
+                what a task is scored on is the answer. None: every probe token weighs the same (also for corpus
+                samples, which have no answer).
             export_dir: where the frozen artifact is written at the end of fit (None: not written).
             seed: seed of the budget sampling.
         """
@@ -99,6 +104,8 @@ class PolyKVLearner(L.LightningModule):
             raise ValueError(f"need 1 <= b_min <= budget_min <= budget_max, got {b_min}, {budget_min}, {budget_max}")
         if budgets_per_step < 1 or anneal_steps < 1:
             raise ValueError("budgets_per_step and anneal_steps must be >= 1")
+        if answer_share is not None and not 0.0 <= answer_share <= 1.0:
+            raise ValueError(f"answer_share must be in [0, 1] (or None), got {answer_share}")
         self.policies = list(policies)
         self.feature_names = feature_names(overlap_policies)
         num_features = len(self.feature_names)
@@ -222,9 +229,25 @@ class PolyKVLearner(L.LightningModule):
             ranks = torch.stack([capture.ranks(layer, p) for p in self.policies])  # (Pol, G, n)
             biases.append(soft_key_bias(ranks, probs[:, layer], layer_budgets[:, layer], tau))  # (R, G, n)
         logits = self.simulator.probe_logits(capture, prefill.probe_ids.to(self.device), biases)  # (R, m, V)
-        log_q = F.log_softmax(logits, dim=-1)
-        log_p = prefill.full_logprobs.to(self.device)
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return self.probe_kl(prefill, logits).mean()
+
+    def probe_weights(self, prefill: StoredPrefill) -> Tensor:
+        """Weights (m,) summing to 1 of the probe positions in the KL (see ``answer_share``)."""
+        m = prefill.probe_ids.numel()
+        weights = torch.full((m,), 1.0 / m, device=self.device)
+        share, start = self.hparams.answer_share, prefill.answer_start
+        if share is None or start is None or not 0 < start < m:  # no answer, or nothing before it: uniform
+            return weights
+        weights[:start] = (1.0 - share) / start
+        weights[start:] = share / (m - start)
+        return weights
+
+    def probe_kl(self, prefill: StoredPrefill, logits: Tensor) -> Tensor:
+        """KL(full || compressed) of each row of ``logits`` (R, m, V), weighted over the probe positions: (R,)."""
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        log_p = prefill.full_logprobs.to(self.device)  # (m, V)
+        per_position = (log_p.exp() * (log_p - log_q)).sum(-1)  # (R, m)
+        return per_position @ self.probe_weights(prefill)
 
     @torch.no_grad()
     def validation_step(self, batch: list[StoredPrefill], batch_idx: int) -> None:
@@ -235,7 +258,7 @@ class PolyKVLearner(L.LightningModule):
         n = prefill.context_length
         num_layers = len(prefill.keys)
         capture = prefill.to_capture(device=self.device)
-        probe_ids, full_logprobs = prefill.probe_ids.to(self.device), prefill.full_logprobs.to(self.device)
+        probe_ids = prefill.probe_ids.to(self.device)
         for budget in self.hparams.val_budgets:
             if budget >= n:
                 continue
@@ -246,7 +269,7 @@ class PolyKVLearner(L.LightningModule):
             logits = self.simulator.probe_logits(
                 capture, probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
             )
-            kl = kl_to_full(full_logprobs, logits)  # (P,)
+            kl = self.probe_kl(prefill, logits)  # (P,)
             for name, value in zip(methods, kl.tolist(), strict=True):
                 sums = self._val_sums[(budget, name)]
                 sums[0] += value

@@ -8,7 +8,8 @@ Contents of a file (``L`` layers, ``G`` KV heads, ``n`` context tokens, ``m`` pr
 - ``k.{l}``, ``v.{l}``: context keys/values ``(G, n, d)`` (float16, the probe pass upcasts them);
 - ``rank.{l}.{policy}``: rank of every position under the policy ``(G, n)`` (int32; 0 = kept first);
 - ``features``: layer signals ``(K, L, F)`` at each budget of the grid; ``budgets``: ``(K,)``;
-- ``probe_ids``: ``(m,)``; ``full_logprobs``: full-cache next-token log-probs of the probe ``(m, V)`` (float16).
+- ``probe_ids``: ``(m,)``; ``full_logprobs``: full-cache next-token log-probs of the probe ``(m, V)`` (float16);
+- ``answer_start`` (task samples only): ``(1,)`` index of the probe's first gold-answer token.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class StoredPrefill:
     budgets: Tensor  # (K,)
     probe_ids: Tensor  # (m,)
     full_logprobs: Tensor  # (m, V)
+    answer_start: int | None = None  # probe index of the first gold-answer token (task samples)
 
     @property
     def context_length(self) -> int:
@@ -113,8 +115,11 @@ class PrefillStore:
         return meta.get("fingerprint") == self.fingerprint and meta.get("sample_id") == sample_id
 
     @torch.no_grad()
-    def build(self, sample_id: str, context_ids: Tensor, probe_ids: Tensor) -> Path:
-        """Prefill one context and write its file atomically (skipped when a valid file exists)."""
+    def build(self, sample_id: str, context_ids: Tensor, probe_ids: Tensor, answer_start: int | None = None) -> Path:
+        """Prefill one context and write its file atomically (skipped when a valid file exists). ``answer_start``:
+        where the gold answer starts in the probe (task samples; ``0 <= answer_start <= m``)."""
+        if answer_start is not None and not 0 <= answer_start <= probe_ids.numel():
+            raise ValueError(f"answer_start must be in [0, {probe_ids.numel()}] (the probe length), got {answer_start}")
         path = self.path_for(sample_id)
         if self.has(sample_id):
             return path
@@ -150,6 +155,8 @@ class PrefillStore:
         zero_bias = [torch.zeros(1, *k.shape[:2], dtype=k.dtype) for k in capture.keys]
         full = sim.probe_logits(capture, probe_ids, zero_bias)[0]  # (m, V)
         tensors["full_logprobs"] = torch.log_softmax(full, dim=-1).to(torch.float16).contiguous()
+        if answer_start is not None:
+            tensors["answer_start"] = torch.tensor([answer_start], dtype=torch.int64)
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
         os.close(fd)
@@ -189,4 +196,5 @@ class PrefillStore:
                 budgets=f.get_tensor("budgets"),
                 probe_ids=f.get_tensor("probe_ids"),
                 full_logprobs=f.get_tensor("full_logprobs").float(),
+                answer_start=int(f.get_tensor("answer_start")[0]) if "answer_start" in names else None,
             )
