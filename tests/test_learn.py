@@ -312,6 +312,15 @@ def _run(cmd, cwd, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, tmp_path):
+    """Every field of every config is one the CLI knows (a typo or a removed option fails here, not mid-run)."""
+    out = _run([sys.executable, "-m", "polykv_learn.cli", "fit", "--config", str(REPO / "configs" / config),
+                "--print_config"], cwd=tmp_path, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model:" in out.stdout and "data:" in out.stdout
+
+
 def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(tiny_corpus, prefill_cache, tmp_path):
     common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}"]
     bad = _run(_fit_cmd(*common, "--model.val_budgets=[32, 100000]", "--data.budgets=[16, 32, 100000]"), tmp_path)
