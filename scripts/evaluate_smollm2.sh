@@ -36,6 +36,9 @@ for task in $TASKS; do
   for ((shard = 0; shard < SHARDS; shard++)); do units+=("$task $shard"); dirs+=("$OUT/$task.$shard-of-$SHARDS"); done
 done
 start=$SECONDS
-printf '%s\n' "${units[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_unit {}'
+# in the background + wait: bash runs a trap only once a foreground command ends, so a TERM sent while xargs ran
+# in the foreground waited for every remaining unit (measured: the processes lived on after `kill`)
+printf '%s\n' "${units[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_unit {}' &
+wait $!
 echo "all tasks: $((SECONDS - start)) s wall"
 polykv-learn evaluate --merge "${dirs[@]}" --out "$RESULTS"

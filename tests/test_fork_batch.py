@@ -8,19 +8,10 @@ from conftest import random_ids
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.eval.fork_batch import ForkBatchCache
+from polykv_learn.eval.fork_batch import ForkBatchCache, fork_of
 from polykv_learn.plan import Plan
 
 N = 96  # context tokens
-
-
-def fork_of(shared, model):
-    fork = CompressedCache(model, capture=shared.capture_options)
-    for src, dst in zip(shared.layers, fork.layers, strict=True):
-        dst.keys, dst.values, dst.stats = src.keys, src.values, src.stats
-        dst.is_initialized, dst.device = True, src.keys.device
-        dst.logical_length = dst.context_length = src.context_length
-    return fork
 
 
 def plans_for(layers):

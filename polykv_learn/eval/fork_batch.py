@@ -33,7 +33,17 @@ from transformers.cache_utils import Cache, DynamicLayer
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache
 
-__all__ = ["ForkBatchCache"]
+__all__ = ["ForkBatchCache", "fork_of"]
+
+
+def fork_of(shared: CompressedCache, model: PreTrainedModel) -> CompressedCache:
+    """A cache whose layers reference ``shared``'s prefill K/V and statistics (no copy), ready to be compressed."""
+    fork = CompressedCache(model, capture=shared.capture_options)
+    for src, dst in zip(shared.layers, fork.layers, strict=True):
+        dst.keys, dst.values, dst.stats = src.keys, src.values, src.stats
+        dst.is_initialized, dst.device = True, src.keys.device
+        dst.logical_length = dst.context_length = src.context_length
+    return fork
 
 
 @dataclass

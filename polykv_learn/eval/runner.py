@@ -8,13 +8,16 @@ Per sample (design §4, §7):
    own prefill would have produced.
 2. For each method and budget, a **fork** of that cache whose layers reference the same K/V tensors is
    compressed with the method's plan (:meth:`CompressedCache.compress`). Eviction *gathers* the kept positions
-   into new tensors and decoding appends by concatenation, so the shared prefill is never written; the runner
-   checks this on every sample through the tensors' version counters (any in-place write bumps them) and raises
-   if it ever happens. Plans that keep the same positions (e.g. every layer's budget >= the context) are run once.
-3. Several forks are stacked into one batch (each layer padded to the longest fork, padding masked) and run
-   together: the prompt's tail (question and answer prefix, or the answer prefix alone) and the gold answer
-   teacher-forced in one forward (gold-answer NLL and KL to the full cache over the answer positions), then the
-   answer is dropped from the caches again and a manual greedy loop decodes until EOS or ``max_new_tokens``.
+   into new tensors, which the batch below copies into its own buffers, so the shared prefill is never written;
+   the runner checks this on every sample through the tensors' version counters (any in-place write bumps them)
+   and raises if it ever happens. Plans that keep the same positions (e.g. every layer's budget >= the context)
+   are run once.
+3. The forks, ordered by size, run as one batch (:class:`~polykv_learn.eval.fork_batch.ForkBatchCache`: shared
+   linear layers, attention per group of forks, each group padded to its longest layer and masked): the prompt's
+   tail (question and answer prefix, or the answer prefix alone) and the gold answer teacher-forced in one forward
+   (gold-answer NLL and KL to the full cache over the answer positions), then the answer is dropped from the
+   caches again and a manual greedy loop decodes until EOS, ``max_new_tokens`` or a settled answer
+   (:func:`~polykv_learn.eval.metrics.answer_settled`), finished rows leaving the batch.
 
 Protocols. *Query-agnostic* (default): the compressed prompt is the context alone; the question comes after the
 compression (one compressed context could serve many questions; kvpress's default). *Query-aware*
@@ -53,7 +56,7 @@ from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.data.tasks import TEST_ONLY_TASKS
-from polykv_learn.eval.fork_batch import ForkBatchCache
+from polykv_learn.eval.fork_batch import ForkBatchCache, fork_of
 from polykv_learn.eval.jsonl import atomic_write_text
 from polykv_learn.eval.methods import LEARNED_METHODS, Method, MethodInput
 from polykv_learn.eval.metrics import answer_settled, gap_recovery, score
@@ -174,7 +177,6 @@ class Evaluator:
         self.eos = _eos_ids(model, tokenizer)
         if not self.eos:
             raise ValueError("the model and tokenizer define no EOS token to stop greedy decoding at")
-        self.pad_id = min(self.eos)
         if settings.chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat needs a tokenizer with a chat template; this one has none")
 
@@ -211,14 +213,7 @@ class Evaluator:
 
     # --- caches ---------------------------------------------------------------------------------------------------
     def _fork(self, shared: CompressedCache) -> CompressedCache:
-        """A cache whose layers reference the shared prefill's K/V and statistics (no copy)."""
-        fork = CompressedCache(self.model, capture=shared.capture_options)
-        for src, dst in zip(shared.layers, fork.layers, strict=True):
-            dst.keys, dst.values = src.keys, src.values
-            dst.is_initialized, dst.device = True, src.keys.device
-            dst.logical_length = dst.context_length = src.context_length
-            dst.stats = src.stats
-        return fork
+        return fork_of(shared, self.model)
 
     def _text(self, tokens: list[int]) -> str:
         """The generated text (before stripping) of greedy tokens."""
@@ -323,8 +318,8 @@ class Evaluator:
         answers = sample["answers"]
         full_rows, full_logits = self._run(shared, [None], enc, max_new, None, metric, answers)
         by_key: dict[tuple | None, _RowResult] = {None: full_rows[0]}
-        # batches of similar cache sizes: each layer of a batch is padded to its longest fork, so mixing a plan
-        # that keeps whole layers (up to n) with uniform small budgets would multiply memory and time
+        # ordered by cache size: each attention group is padded to its longest fork, so mixing a plan that keeps
+        # whole layers (up to n) with uniform small budgets in one group would multiply memory and time
         todo = sorted(
             ((k, p) for k, p in jobs.items() if k is not None), key=lambda kp: sum(min(b, n) for b in kp[1].budgets)
         )

@@ -241,16 +241,17 @@ class PrefillDataModule(L.LightningDataModule):
             task_rows = train_rows if split == "train" else val_rows
         if split == "train":
             rows, task_rows = rows + task_rows, []  # task types join the corpus sources in the round-robin
-        out = self._take(rows, self.limits[split], split)
+        out = self._take(rows, self.limits[split])
         if task_rows:
-            out += self._take(task_rows, None, split)
+            out += self._take(task_rows, None)
         if not out:
             raise ValueError(
                 f"{self.corpus_file(split)} has no sample with >= {self.min_context_tokens} context tokens"
             )
         return out
 
-    def _take(self, rows: list[dict], limit: int | None, split: str) -> list[tuple[str, Tensor, Tensor, int | None]]:
+    def _take(self, rows: list[dict], limit: int | None) -> list[tuple[str, Tensor, Tensor, int | None]]:
+        """Tokenised samples of ``rows`` (sources interleaved), at most ``limit``."""
         tok = shared_tokenizer(self.model_name)
         out = []
         for row in _interleave_sources(rows, self.seed):
