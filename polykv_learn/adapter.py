@@ -27,6 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from polykv_learn import onednn
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BASE_ATTENTION = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
 
@@ -87,6 +89,30 @@ def cache_kwarg(model: PreTrainedModel) -> str:
 def forward(model: PreTrainedModel, input_ids: Tensor, cache: Any, **kwargs: Any) -> Any:
     """``model(input_ids, <cache kwarg>=cache, use_cache=True, **kwargs)`` for this transformers version."""
     return model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
+
+
+# --- linear layers --------------------------------------------------------------------------------------------
+class OneDNNLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose product runs through :func:`polykv_learn.onednn.linear` (same weights, same
+    parameters and state dict; float32 rounding may differ from MKL's)."""
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Linear's parameter name)
+        return onednn.linear(input, self.weight, self.bias)
+
+
+def use_onednn_linear(model: PreTrainedModel, enabled: bool = True) -> int:
+    """Run every ``nn.Linear`` of ``model`` (projections, MLP, LM head) through oneDNN (``enabled``) or back
+    through ``F.linear``; returns how many layers were switched. Nothing is copied: each module changes class
+    in place, so tied weights (the LM head) stay tied. Without oneDNN in this PyTorch the model is unchanged."""
+    if enabled and not onednn.enabled():
+        return 0
+    old, new = (torch.nn.Linear, OneDNNLinear) if enabled else (OneDNNLinear, torch.nn.Linear)
+    switched = 0
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+            switched += 1
+    return switched
 
 
 # --- attention hook ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from polykv_learn import onednn
 from polykv_learn.policies import LayerStats
 
 #: maps position ids (batch, len) to RoPE (cos, sin), each (batch, len, d)
@@ -60,29 +61,40 @@ def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: floa
 
 def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, chunk: int) -> Tensor:
     """H2O statistics: attention of every valid prefill query summed per key, computed in query chunks.
-    queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32."""
+    queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32.
+
+    Per sequence and KV head, a chunk's scores are one matrix product of its H/G query heads' queries with the
+    keys (:func:`polykv_learn.onednn.linear`: oneDNN on CPU, 2.5-5x faster than the batched ``matmul`` here),
+    and only the chunk's diagonal block needs the causal mask (earlier keys are all visible)."""
     b, h, n, d = queries.shape
     g = keys.shape[1]
-    k = keys.float().transpose(-1, -2)  # (b, G, d, n)
-    total = torch.zeros(b, g, h // g, n, dtype=torch.float32, device=keys.device)
-    key_index = torch.arange(n, device=keys.device)
+    r = h // g
+    k = keys.float()  # (b, G, n, d)
+    q_all = queries.float().reshape(b, g, r, n, d)
+    total = torch.zeros(b, g, r, n, dtype=torch.float32, device=keys.device)
     key_bias = torch.zeros(b, n, device=keys.device).masked_fill(~valid, float("-inf"))  # (b, n)
-    all_valid = bool(valid.all())  # no padding (e.g. one sequence): a plain causal mask, filled in place
+    all_valid = bool(valid.all())  # no padding (e.g. one sequence): the causal mask alone, filled in place
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
+        c = stop - start
         # causal: queries start..stop-1 see keys 0..stop-1 only, so later keys are never computed (half the work)
-        q = queries[:, :, start:stop].float().reshape(b, g, h // g, stop - start, d)
-        scores = torch.matmul(q, k[:, :, None, :, :stop]).mul_(scaling)  # (b, G, H/G, c, stop)
-        future = key_index[None, :stop] > torch.arange(start, stop, device=keys.device)[:, None]  # (c, stop)
-        if all_valid:
-            probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
-        else:
-            causal = torch.zeros(stop - start, stop, device=keys.device).masked_fill(future, float("-inf"))
-            q_valid = valid[:, start:stop]  # (b, c)
-            # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
-            bias = torch.where(q_valid[:, :, None], causal[None] + key_bias[:, None, :stop], torch.zeros(()))
-            probs = torch.softmax(scores.add_(bias[:, None, None]), dim=-1).mul_(q_valid[:, None, None, :, None])
-        total[..., :stop] += probs.sum(dim=-2)
+        block = torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1)  # (c, c) future keys of the chunk
+        for i in range(b):
+            if not all_valid:
+                causal = torch.zeros(c, stop, device=keys.device)
+                causal[:, start:].masked_fill_(block, float("-inf"))
+                q_valid = valid[i, start:stop]  # (c,)
+                # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
+                bias = torch.where(q_valid[:, None], causal + key_bias[i, None, :stop], torch.zeros(()))  # (c, stop)
+            for j in range(g):
+                q = q_all[i, j, :, start:stop].reshape(r * c, d)
+                scores = onednn.linear(q, k[i, j, :stop]).mul_(scaling).view(r, c, stop)  # (H/G, c, stop)
+                if all_valid:
+                    scores[:, :, start:].masked_fill_(block, float("-inf"))
+                    probs = torch.softmax(scores, dim=-1)
+                else:
+                    probs = torch.softmax(scores.add_(bias), dim=-1).mul_(q_valid[None, :, None])
+                total[i, j, :, :stop] += probs.sum(dim=-2)
     return total.reshape(b, h, n)
 
 

@@ -28,6 +28,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from polykv_learn import adapter
 from polykv_learn.adapter import check_supported
 
 SMOLLM2 = "smollm2-135m"
@@ -119,8 +120,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     with_tokenizer: bool = True,
+    onednn_linear: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load ``(model, tokenizer)`` in eval mode; see the module docstring for what ``name_or_path`` can be."""
+    """Load ``(model, tokenizer)`` in eval mode; see the module docstring for what ``name_or_path`` can be.
+    ``onednn_linear``: on CPU, run the linear layers through oneDNN (:func:`adapter.use_onednn_linear`; 2.2x
+    faster float32 products on the project's AMD CPU, same results up to rounding)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
     if name_or_path in TINY_CONFIGS:
@@ -142,6 +146,8 @@ def load_model(
             model.config._name_or_path = SMOLLM2
     model.set_attn_implementation(attn_implementation)
     check_supported(model)
+    if onednn_linear and model.device.type == "cpu":
+        adapter.use_onednn_linear(model)
     model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(name_or_path) if with_tokenizer else None

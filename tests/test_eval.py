@@ -462,3 +462,24 @@ def test_decoding_stops_once_the_answer_is_settled(tiny, monkeypatch):
     ev_off = make_evaluator(model, tok, ["snapkv"], stop_when_settled=False)
     (off,), _ = ev_off._run(shared, [None], enc, 8, None, "code_sim")
     assert off.tokens == free.tokens
+
+
+def test_no_onednn_runs_the_default_blas_with_the_same_results(tiny, tmp_path):
+    """--no-onednn (torch's default float32 products) scores like the oneDNN default: the backends differ only in
+    rounding; the run records which one it used."""
+    from polykv_learn import onednn
+
+    data = write_jsonl(tmp_path / "tiny.jsonl", make_samples(2))
+    common = ["--data", str(data), "--model", "tiny-llama", "--no-router", "--methods", "snapkv", "h2o",
+              "--budgets", "32", "--no-chat", "--no-progress"]  # fmt: skip
+    try:
+        plain = evaluate_main([*common, "--no-onednn", "--out", str(tmp_path / "plain")])
+        assert plain["config"]["matmul"] == "default" and not onednn.enabled()
+        fast = evaluate_main([*common, "--out", str(tmp_path / "fast")])
+    finally:
+        onednn.set_enabled(True)
+    assert fast["config"]["matmul"] == ("onednn" if onednn.available() else "default")
+    for a, b in zip(plain["samples"], fast["samples"], strict=True):
+        keys = ("id", "method", "prediction", "score")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
