@@ -55,8 +55,7 @@ def available() -> bool:
 def _eligible(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
+        and x.dtype == weight.dtype == torch.float32
         and x.numel() >= MIN_ROWS * x.shape[-1] > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and enabled()
@@ -65,7 +64,7 @@ def _eligible(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., in), weight (out, in), bias (out,) -> (..., out); through oneDNN
-    when it applies (CPU, float32/bfloat16, at least :data:`MIN_ROWS` rows, no gradient needed), else F.linear."""
+    when it applies (CPU, float32, at least :data:`MIN_ROWS` rows, no gradient needed), else F.linear."""
     if not _eligible(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, in)
