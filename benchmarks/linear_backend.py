@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polykv_learn import adapter, onednn  # noqa: E402
 from polykv_learn.capture import accumulated_attention  # noqa: E402
 
-TASKS = ["summarisation", "code_completion", "multi_key_needle", "multi_query_needle", "few_shot_classification",
-         "passkey"]  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_speed import TASKS  # noqa: E402  (the six scored task types, as in the evaluation script)
+
 SHAPES = {"q/o proj": (576, 576), "k/v proj": (192, 576), "mlp up/gate": (1536, 576), "mlp down": (576, 1536),
           "lm head": (49152, 576)}  # fmt: skip  (out, in) of SmolLM2-135M
 
@@ -60,10 +61,11 @@ class mkl_only:  # noqa: N801 (used as a context manager)
     """Inside: every :func:`onednn.linear` takes F.linear (as without oneDNN)."""
 
     def __enter__(self) -> None:
+        self._was = onednn.enabled()
         onednn.set_enabled(False)
 
     def __exit__(self, *exc: object) -> None:
-        onednn.set_enabled(True)
+        onednn.set_enabled(self._was)
 
 
 def gemm(args: argparse.Namespace) -> None:

@@ -79,10 +79,11 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
         c = stop - start
         # causal: queries start..stop-1 see keys 0..stop-1 only, so later keys are never computed (half the work)
         block = torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1)  # (c, c) future keys of the chunk
+        if not all_valid:
+            causal = torch.zeros(c, stop, device=keys.device)
+            causal[:, start:].masked_fill_(block, float("-inf"))  # (c, stop)
         for i in range(b):
             if not all_valid:
-                causal = torch.zeros(c, stop, device=keys.device)
-                causal[:, start:].masked_fill_(block, float("-inf"))
                 q_valid = valid[i, start:stop]  # (c,)
                 # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
                 bias = torch.where(q_valid[:, None], causal + key_bias[i, None, :stop], torch.zeros(()))  # (c, stop)

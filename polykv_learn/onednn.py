@@ -2,13 +2,14 @@
 
 PyTorch's CPU wheels run ``torch.nn.functional.linear`` / ``matmul`` in float32 through MKL, which on AMD CPUs
 takes its AVX2 code path; oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor emits) uses
-AVX-512 on any vendor. On the project machine (AMD EPYC, Zen 5, one core) SmolLM2's projection shapes run at
-235-248 GFLOP/s through oneDNN vs 98-110 through MKL from 40 rows up (``benchmarks/linear_backend.py``); a single
-row (a matrix-vector product, bound by reading the weights) is slightly faster through MKL, so it stays there.
+AVX-512 on any vendor. On the project machine (AMD EPYC, Zen 5, one core) SmolLM2's linear layers run at 186-247
+GFLOP/s through oneDNN vs 101-113 through MKL at 40 to 4025 rows, 1.4-2.5x (``benchmarks/linear_backend.py``); a
+single row (a matrix-vector product, bound by reading the weights) is as fast or faster through MKL, so it stays
+there.
 
-The result is the same product up to float32 rounding (another summation order), which is why it is opt-in per
-model (:func:`polykv_learn.adapter.use_onednn_linear`, on for models loaded by :func:`polykv_learn.models.load_model`
-on CPU): one model gives one set of numbers, whichever backend it runs on. No autograd formula exists for the
+The result is the same product up to float32 rounding (another summation order), so the switch is made per model
+(:func:`polykv_learn.adapter.use_onednn_linear`; :func:`polykv_learn.models.load_model` makes it on CPU): one
+model object gives one set of numbers. No autograd formula exists for the
 oneDNN op, so anything that needs gradients takes ``F.linear``.
 """
 

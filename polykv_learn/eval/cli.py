@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-onednn",
         action="store_true",
         help="float32 products through torch's default BLAS (MKL) instead of oneDNN (polykv_learn/onednn.py; the "
-        "same results up to rounding, 1.3x slower per sample on the project's AMD CPU)",
+        "same results up to rounding, 1.4x slower per sample on the project's AMD CPU)",
     )
     p.add_argument(
         "--threads",
