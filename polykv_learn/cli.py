@@ -34,25 +34,10 @@ DEBUG_ENV = "POLYKV_DEBUG"
 
 
 def _fit(argv: Sequence[str]) -> None:
-    from lightning.pytorch.cli import LightningCLI
+    """``fit`` / ``validate`` (``argv`` starts with the subcommand): the Lightning CLI of ``learn/fitcli.py``."""
+    from polykv_learn.learn.fitcli import run_fit
 
-    from polykv_learn.learn.datamodule import PrefillDataModule
-    from polykv_learn.learn.module import PolyKVLearner
-
-    class PolyKVCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # one base model and one policy set for both the prefills and the learner
-            parser.link_arguments("model.model_name", "data.model_name")
-            parser.link_arguments("model.policies", "data.policies")
-            parser.link_arguments("model.overlap_policies", "data.overlap_policies")
-
-    PolyKVCLI(
-        PolyKVLearner,
-        PrefillDataModule,
-        args=list(argv),  # parsed here, not from sys.argv
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "polykv-learn"},
-    )
+    run_fit(list(argv))
 
 
 def _prepare_data(argv: Sequence[str]) -> None:
