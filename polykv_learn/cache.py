@@ -8,15 +8,24 @@ builds each layer's own mask (kept context keys are visible unless they are padd
 
 Three ways to decide what to keep:
 - ``plan=Plan(...)`` (static): a layer evicts as soon as its own prefill attention is done;
-- ``planner=fn`` (adaptive): ``fn(stats_per_layer) -> Plan`` runs as soon as the last layer's prefill attention
-  is done (every layer then evicts at once, before any new token);
+- ``planner=fn`` (adaptive): ``fn(stats_per_layer)`` runs as soon as the last layer's prefill attention is done
+  (every layer then evicts at once, before any new token) and returns one ``Plan`` for every row of the batch or a
+  list with one ``Plan`` per row;
 - neither: capture only (full cache plus every layer's scoring statistics; what the simulator uses).
+
+Batches (left padding only). Each row is compressed as if it were alone: its keep set is chosen from its own
+statistics cut to its real tokens (:func:`row_stats`), and a budget at or above the row's own length keeps the
+whole row. A layer then holds every row padded to the row that keeps the most positions there: a row's kept keys
+sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``).
+
+One prefill per cache: ``generate`` refuses a cache that has already been prefilled (make a new one per call);
+a direct ``model(...)`` forward after the prefill continues the sequence.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,11 +37,61 @@ from polykv_learn.capture import CaptureOptions, compute_layer_stats
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_indices
 
-Planner = Callable[[list[LayerStats]], Plan]
+#: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row
+Planner = Callable[[list[LayerStats]], "Plan | Sequence[Plan]"]
+
+
+def row_stats(stats: LayerStats, row: int) -> LayerStats:
+    """The statistics of batch row ``row`` alone, cut to its real (non-padding) positions: batch 1, ``n`` = the
+    row's own length, every position valid; what a prefill of that sequence by itself records, up to float
+    rounding. Views, not copies, computed once per row (``LayerStats.memo``); one unpadded sequence gives
+    ``stats`` itself. Raises ValueError for a row without real tokens or with padding after a real token."""
+    batch = stats.valid.shape[0]
+    if not 0 <= row < batch:
+        raise IndexError(f"row {row} is outside the batch of {batch}")
+    if batch == 1 and bool(stats.valid.all()):
+        return stats
+    return stats.memo(("row_stats", row), lambda: _cut_row(stats, row))
+
+
+def _real_length(valid: Tensor, row: int) -> int:
+    """Real tokens of ``valid`` (n,) bool, which must be a suffix (left padding)."""
+    n_real = int(valid.sum())
+    if n_real == 0:
+        raise ValueError(f"row {row} of the batch has no real token (its attention_mask is all zeros)")
+    if not bool(valid[valid.shape[0] - n_real :].all()):
+        raise ValueError(
+            f"row {row} of the batch has padding after a real token; CompressedCache needs left padding "
+            "(tokenizer.padding_side = 'left')"
+        )
+    return n_real
+
+
+def _cut_row(stats: LayerStats, row: int) -> LayerStats:
+    n_real = _real_length(stats.valid[row], row)
+    pad = stats.context_length - n_real
+    w = min(stats.window_size, n_real)  # a single sequence shorter than the window uses all of it as the window
+    r = slice(row, row + 1)
+    acc = stats.accumulated_attn
+    return LayerStats(
+        keys=stats.keys[r, :, pad:],  # (1, G, n_real, d)
+        values=stats.values[r, :, pad:],  # (1, G, n_real, d)
+        window_queries=stats.window_queries[r, :, -w:],  # (1, H, w, d)
+        window_attn=stats.window_attn[r, :, -w:, pad:],  # (1, H, w, n_real): padding keys had weight 0
+        valid=stats.valid[r, pad:],  # (1, n_real) all True
+        positions=stats.positions[r, pad:],  # (1, n_real)
+        scaling=stats.scaling,
+        window_cos=stats.window_cos[r, -w:],  # (1, w, d)
+        window_sin=stats.window_sin[r, -w:],
+        future_cos=stats.future_cos[r],  # (1, T, d)
+        future_sin=stats.future_sin[r],
+        accumulated_attn=None if acc is None else acc[r, :, pad:],  # (1, H, n_real): padding queries added 0
+        layer_idx=stats.layer_idx,
+    )
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = b_l + generated``."""
+    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = max_row kept_row + generated``."""
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
@@ -41,8 +100,8 @@ class CompressedLayer(DynamicLayer):
         self._owner = weakref.ref(owner)
         self.layer_idx = layer_idx
         self.logical_length = 0  # positions seen (context + generated), evicted ones included
-        self.context_length = 0  # logical length of the prefill
-        self.context_visible: Tensor | None = None  # (batch, G, b_l) bool: kept context key is not padding
+        self.context_length = 0  # logical length of the prefill (padded length in a batch)
+        self.context_visible: Tensor | None = None  # (batch, G, slots) bool: the slot holds a kept real key
         self.stats: LayerStats | None = None
 
     @property
@@ -75,6 +134,16 @@ class CompressedLayer(DynamicLayer):
         if self.context_visible is not None:
             self.context_visible = self.context_visible.index_select(0, beam_idx.to(self.context_visible.device))
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.context_visible is not None:
+            self.context_visible = self.context_visible.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.context_visible is not None:
+            self.context_visible = self.context_visible[indices]
+
     # --- attention ----------------------------------------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall) -> Tensor:
         q_len = call.query.shape[2]
@@ -95,23 +164,57 @@ class CompressedLayer(DynamicLayer):
         visible = torch.cat([ctx_visible, new_visible], dim=-1).repeat_interleave(h // g, dim=1)  # (b, H, q, kv)
         return call.run_base(call.query, call.key, call.value, visible)
 
-    def evict(self, policy: str, budget: int) -> None:
-        """Keep ``budget`` context positions per KV head chosen by ``policy`` (all of them if budget >= n)."""
-        if self.stats is None:
+    def evict(self, policy: str | Sequence[str], budget: int | Sequence[int]) -> None:
+        """Keep ``budget`` context positions per KV head chosen by ``policy`` (a row keeps all of its real tokens
+        if the budget is at least their number). One value applies to every row; a sequence gives one per row."""
+        stats = self.stats
+        if stats is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to evict with")
         if self.logical_length != self.context_length:
             raise RuntimeError("eviction happens right after the prefill, before any new token")
-        if budget < self.context_length:
-            keep = keep_indices(get_policy(policy), self.stats, budget)  # (b, G, budget)
-            index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-            self.keys = self.keys.gather(2, index)
-            self.values = self.values.gather(2, index)
-            self.context_visible = self.stats.valid[:, None, :].expand_as(self.stats.keys[..., 0]).gather(2, keep)
+        batch, g, n, d = self.keys.shape
+        policies = [policy] * batch if isinstance(policy, str) else list(policy)
+        budgets = list(budget) if isinstance(budget, Sequence) else [budget] * batch
+        if len(policies) != batch or len(budgets) != batch:
+            raise ValueError(
+                f"layer {self.layer_idx}: {len(policies)} policies and {len(budgets)} budgets "
+                f"for a batch of {batch} rows"
+            )
+        keeps, whole = [], True  # per row: (G, kept) positions of the padded layout, ascending
+        for r in range(batch):
+            rs = row_stats(stats, r)
+            pad = n - rs.context_length
+            if budgets[r] < rs.context_length:
+                keeps.append(keep_indices(get_policy(policies[r]), rs, budgets[r])[0] + pad)
+                whole = False
+            else:  # the whole row (its real tokens)
+                keeps.append(torch.arange(pad, n, device=self.keys.device).expand(g, n - pad))
+        slots = max(k.shape[-1] for k in keeps)
+        if whole and slots == n:  # every row keeps all of itself and no slot can go: the layout stays as it is
+            self.stats = None
+            return
+        index = torch.zeros(batch, g, slots, dtype=torch.long, device=self.keys.device)  # (b, G, slots)
+        visible = torch.zeros(batch, g, slots, dtype=torch.bool, device=self.keys.device)  # (b, G, slots)
+        for r, keep in enumerate(keeps):  # padding slots first, then the row's kept keys (like left padding)
+            index[r, :, slots - keep.shape[-1] :] = keep
+            visible[r, :, slots - keep.shape[-1] :] = True
+        gather = index[..., None].expand(-1, -1, -1, d)
+        self.keys = self.keys.gather(2, gather)  # (b, G, slots, d)
+        self.values = self.values.gather(2, gather)
+        if not bool(visible.all()):  # padding slots hold zeros (never visible)
+            self.keys.masked_fill_(~visible[..., None], 0)
+            self.values.masked_fill_(~visible[..., None], 0)
+        self.context_visible = visible
         self.stats = None
 
 
 class CompressedCache(Cache):
-    """A KV cache that evicts per layer after the prefill (see the module docstring)."""
+    """A KV cache that evicts per layer after the prefill (see the module docstring). One cache per prefill.
+
+    ``applied_plans``: the plan of every batch row once compressed (None before). ``applied_plan``: the fixed
+    ``plan`` (static mode, also before the prefill), or after compression the plan every row got (batch 1, the
+    beams of one prompt, a fixed plan, a planner that returned a single ``Plan``); if the rows of a batch got
+    different plans it raises (read ``applied_plans``)."""
 
     def __init__(
         self,
@@ -132,14 +235,66 @@ class CompressedCache(Cache):
         self.plan = plan
         self.planner = planner
         self.capture_options = capture
-        self.applied_plan: Plan | None = plan
+        self.applied_plans: list[Plan] | None = None
+        self._given_to_generate = False
         super().__init__(layers=[CompressedLayer(self, i) for i in range(dims.num_layers)])
         adapter.install_polykv_attention(model)
+
+    @property
+    def applied_plan(self) -> Plan | None:
+        """The plan of every row (see the class docstring); None before an adaptive or capture-only compression."""
+        plans = self.applied_plans
+        if plans is None:
+            return self.plan
+        if all(p == plans[0] for p in plans[1:]):
+            return plans[0]
+        raise RuntimeError(
+            f"this cache compressed a batch of {len(plans)} rows with different plans; read cache.applied_plans "
+            "(one Plan per row)"
+        )
+
+    @property
+    def prefill_length(self) -> int:
+        """Tokens of the prefill this cache holds (the padded length of a batch); 0 while it is unused."""
+        return self.layers[0].context_length
+
+    def check_unused(self) -> None:
+        """Raise ValueError if this cache already holds a prefill (a cache serves one ``generate`` call)."""
+        if self.prefill_length:
+            raise ValueError(
+                f"this CompressedCache was already used for a prefill of {self.prefill_length} tokens; make a new "
+                "one per generate call (polykv.make_cache)"
+            )
+
+    # transformers' generate marks every cache it is given with `_is_user_defined = True` before its prefill
+    # (5.24: GenerationMixin._prepare_cache_for_generation): the one moment a second generate call is visible
+    @property
+    def _is_user_defined(self) -> bool:
+        return self._given_to_generate
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        if value:
+            self.check_unused()
+        self._given_to_generate = bool(value)
+
+    def reset(self) -> None:
+        """Empty the cache (every layer, the applied plans): it can then take a new prefill."""
+        super().reset()
+        self.applied_plans = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.applied_plans is not None:  # beam search: row i now holds what row beam_idx[i] held
+            self.applied_plans = [self.applied_plans[i] for i in beam_idx.tolist()]
 
     def on_prefill(self, layer: CompressedLayer, call: adapter.AttentionCall) -> None:
         n = call.key.shape[2]
         b = call.key.shape[0]
         valid = call.visible(n)[:, -1, :]  # (b, n): keys the last (real) query sees = non-padding
+        if layer.layer_idx == 0 and not bool(valid.all()):
+            for r in range(b):
+                _real_length(valid[r], r)  # left padding only: refused before any policy runs
         positions = call.position_ids
         if positions is None:
             positions = torch.arange(n, device=call.key.device)[None, :]
@@ -157,6 +312,8 @@ class CompressedCache(Cache):
         )
         if self.plan is not None:
             layer.evict(self.plan.policies[layer.layer_idx], self.plan.budgets[layer.layer_idx])
+            if layer.layer_idx == 0:
+                self.applied_plans = [self.plan] * b
         elif self.planner is not None and layer.layer_idx == len(self.layers) - 1:
             self.compress()  # adaptive: every layer's statistics exist once the last layer has attended
 
@@ -167,23 +324,44 @@ class CompressedCache(Cache):
             raise RuntimeError("statistics are only available between the prefill and the compression")
         return stats  # type: ignore[return-value]
 
-    def compress(self, plan: Plan | None = None) -> Plan:
-        """Evict every layer now (adaptive mode): with ``plan`` or the planner's plan for the captured stats."""
-        if self.applied_plan is not None:
+    def compress(self, plan: Plan | Sequence[Plan] | None = None) -> list[Plan]:
+        """Evict every layer now (adaptive mode) with ``plan`` (one ``Plan`` for every row, or one per row) or the
+        planner's plan(s) for the captured stats; returns the plan of every row (``applied_plans``)."""
+        if self.plan is not None:
+            raise RuntimeError("this cache has a fixed plan: it compresses each layer during the prefill")
+        if self.applied_plans is not None:
             raise RuntimeError("this cache is already compressed")
+        stats = self.layer_stats
+        batch = stats[0].keys.shape[0]
         if plan is None:
             if self.planner is None:
                 raise ValueError("no plan given and this cache has no planner")
-            plan = self.planner(self.layer_stats)
-        plan.check_num_layers(len(self.layers))
-        for layer, policy, budget in zip(self.layers, plan.policies, plan.budgets, strict=True):
-            layer.evict(policy, budget)
-        self.applied_plan = plan
-        return plan
+            plan = self.planner(stats)
+        plans = _plans_per_row(plan, batch)
+        for p in plans:
+            p.check_num_layers(len(self.layers))
+        for i, layer in enumerate(self.layers):
+            layer.evict([p.policies[i] for p in plans], [p.budgets[i] for p in plans])
+        self.applied_plans = plans
+        return plans
+
+
+def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:
+    """One plan per batch row: a single ``Plan`` applies to every row."""
+    if isinstance(plan, Plan):
+        return [plan] * batch
+    if isinstance(plan, Sequence) and all(isinstance(p, Plan) for p in plan):
+        if len(plan) != batch:
+            raise ValueError(
+                f"got {len(plan)} plans for a batch of {batch} rows; give one Plan (for every row) or one per row"
+            )
+        return list(plan)
+    raise TypeError(f"a plan must be a Plan or a list of Plans (one per batch row), got {type(plan).__name__}")
 
 
 def cache_bytes(cache: Cache) -> int:
-    """Bytes of key and value tensors actually held by ``cache`` (all layers)."""
+    """Bytes of key and value tensors actually held by ``cache`` (all layers), as allocated: in a batch whose rows
+    keep different numbers of positions, the padding slots of the shorter rows count too."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):

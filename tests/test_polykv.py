@@ -32,11 +32,12 @@ def test_adaptive_generate_applies_plan_for_and_matches_the_simulator(tiny_model
     model = tiny_models["tiny-llama"]
     polykv = PolyKV.from_pretrained(artifact)
     prompt = random_ids(150, seed=21)
-    plan = polykv.plan_for(model, prompt, budget=32)
+    plan = polykv.plan_for(model, prompt[0], budget=32)  # one sequence (n,): one Plan
+    assert polykv.plan_for(model, prompt, budget=32) == [plan]  # a batch (1, n): one Plan per row
     assert plan.total_budget == 4 * 32 and len(set(plan.budgets)) > 1  # a non-uniform plan
     cache = polykv.make_cache(model, budget=32)
     out = model.generate(prompt, cache=cache, max_new_tokens=12, do_sample=False)
-    assert cache.applied_plan == plan
+    assert cache.applied_plan == plan and cache.applied_plans == [plan]
     assert out[0, 150:].tolist() == _simulated_greedy(model, prompt, plan, 12, polykv.capture)
     dims = polykv.model_fingerprint
     per_key = dims["num_kv_heads"] * dims["head_dim"] * 2 * 4
@@ -141,7 +142,7 @@ def test_adaptive_cache_is_freed_without_the_garbage_collector(tiny_models, arti
         cache = polykv.make_cache(model, budget=32)
         with torch.no_grad():
             adapter.forward(model, random_ids(150, seed=22), cache, logits_to_keep=1)
-        assert cache.last_plan is not None  # the planner ran and recorded its plan
+        assert cache.applied_plans is not None  # the planner ran and its plan was applied
         keys = weakref.ref(cache.layers[0].keys)
         del cache
         assert keys() is None

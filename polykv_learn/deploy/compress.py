@@ -9,8 +9,15 @@ Two ways to use an eviction plan (static ``plan=``) or an adaptive ``planner=`` 
 
 The cache prefills with full attention, then keeps ``b_l`` context positions per KV head at layer ``l`` (all of them
 when the prompt is not longer than ``b_l``); generated tokens are appended. Positions continue from the original
-context length and each layer builds its own attention mask, with sdpa and eager attention alike. In a batch, each
-sequence gets its own keep sets and left padding is never kept while real tokens are evicted.
+context length and each layer builds its own attention mask, with sdpa and eager attention alike.
+
+Batches (left padding, with the ``attention_mask``): every row is compressed as if it ran alone: its keep sets come
+from its own statistics, a budget at or above its own length keeps it whole, and padding is never kept. A planner
+may return one ``Plan`` (applied to every row) or one per row. A layer holds its rows padded to the row that keeps
+the most positions there, behind a mask; ``cache_bytes`` counts those padding slots (memory really allocated).
+
+A cache serves one ``generate`` call: a second call with the same cache raises (``compress`` makes a fresh one per
+call).
 """
 
 from __future__ import annotations
@@ -44,16 +51,23 @@ def _check(model: PreTrainedModel, plan: Plan | None, planner: Planner | None) -
             raise TypeError(f"plan must be a polykv_learn.plan.Plan, got {type(plan).__name__}")
         plan.check_num_layers(dims.num_layers)
     if planner is not None and not callable(planner):
-        raise TypeError(f"planner must be callable (list[LayerStats] -> Plan), got {type(planner).__name__}")
+        raise TypeError(
+            "planner must be callable (list[LayerStats] -> a Plan or one Plan per batch row), "
+            f"got {type(planner).__name__}"
+        )
 
 
 def make_cache(model: PreTrainedModel, plan: Plan | None = None, planner: Planner | None = None) -> CompressedCache:
-    """A fresh :class:`CompressedCache` for one ``generate`` call (or one ``model(...)`` prefill).
+    """A fresh :class:`CompressedCache` for one ``generate`` call (or one ``model(...)`` prefill); a second
+    ``generate`` call with it raises ValueError.
 
-    ``plan``: evict each layer to ``(policy_l, b_l)`` right after its prefill; ``planner``: ``fn(stats) -> Plan``
-    decides once all layers are prefilled. Raises ValueError for an unsupported architecture, a plan with another
-    number of layers than the model, or neither/both of ``plan`` and ``planner`` (budgets >= 1 are checked by
-    :class:`Plan` itself). Switches the model to the polykv wrapper of its attention (harmless for other caches).
+    ``plan``: evict each layer to ``(policy_l, b_l)`` right after its prefill (every row of a batch alike);
+    ``planner``: ``fn(stats)`` decides once all layers are prefilled; ``stats`` are the batched statistics of every
+    layer (:func:`~polykv_learn.cache.row_stats` gives one row's, cut to its real tokens) and it returns one
+    ``Plan`` for every row or a list with one ``Plan`` per row. Raises ValueError for an unsupported
+    architecture, a plan with another number of layers than the model, or neither/both of ``plan`` and
+    ``planner`` (budgets >= 1 are checked by :class:`Plan` itself). Switches the model to the polykv wrapper of
+    its attention (harmless for other caches).
     """
     _check(model, plan, planner)
     return CompressedCache(model, plan=plan, planner=planner)

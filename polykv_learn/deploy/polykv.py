@@ -4,13 +4,15 @@ polykv = PolyKV.from_pretrained("checkpoints/smollm2-135m")
 with polykv.apply(model, budget=128):            # adaptive: plan decided on each input at the end of prefill
     model.generate(input_ids, max_new_tokens=64)
 cache = polykv.make_cache(model, budget=128, mode="static")   # one fixed plan, evicts as each layer finishes
-model.generate(input_ids, past_key_values=cache)
+model.generate(input_ids, cache=cache)                       # one cache per generate call
+
+In a left-padded batch (with its ``attention_mask``) every row of an adaptive cache gets its own plan, the one it
+would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lists them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from polykv_learn import adapter
-from polykv_learn.cache import CompressedCache
+from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.features import FeatureScaler, layer_features
@@ -104,9 +106,12 @@ class PolyKV:
         return int(budget)
 
     def features(self, stats: Sequence[LayerStats], budget: int) -> Tensor:
-        """Raw layer signals (L, F) of a prefill at ``budget`` (batch element 0)."""
+        """Raw layer signals (L, F) of one sequence's prefill at ``budget``; a left-padded one-row batch is cut to
+        its real tokens first. For a batch, take each row's statistics with :func:`~polykv_learn.cache.row_stats`
+        (or use :meth:`plans_for_stats`)."""
+        stats = _one_sequence(stats, "features")
         n = stats[0].context_length
-        return torch.cat([layer_features(s, min(budget, n), self.overlap_policies, len(stats))[:1] for s in stats])
+        return torch.cat([layer_features(s, min(budget, n), self.overlap_policies, len(stats)) for s in stats])
 
     @torch.no_grad()
     def plan_from_features(self, features: Tensor, budget: int, context_length: int) -> Plan:
@@ -123,15 +128,33 @@ class PolyKV:
         return Plan.from_lists(policies, budgets)
 
     def plan_for_stats(self, stats: Sequence[LayerStats], budget: int) -> Plan:
+        """The adaptive plan of one sequence's prefill statistics (batch 1; for a batch see :meth:`plans_for_stats`),
+        sized from its real (non-padding) context length."""
+        stats = _one_sequence(stats, "plan_for_stats")
         return self.plan_from_features(self.features(stats, budget), budget, stats[0].context_length)
 
+    def plans_for_stats(self, stats: Sequence[LayerStats], budget: int) -> list[Plan]:
+        """One adaptive plan per batch row: each row's own features and real context length decide its plan."""
+        batch = stats[0].valid.shape[0]
+        return [self.plan_for_stats([row_stats(s, r) for s in stats], budget) for r in range(batch)]
+
     @torch.no_grad()
-    def plan_for(self, model: PreTrainedModel, input_ids: Tensor, budget: int) -> Plan:
-        """The plan adaptive mode would apply to ``input_ids`` (one sequence), for inspection and the simulator."""
+    def plan_for(
+        self, model: PreTrainedModel, input_ids: Tensor, budget: int, attention_mask: Tensor | None = None
+    ) -> Plan | list[Plan]:
+        """The plan(s) adaptive mode would apply, for inspection and the simulator: ``input_ids`` (n,) gives one
+        ``Plan``; a batch (batch, n) gives a list with one ``Plan`` per row (also for one row), each from that
+        row's own features and real length. A left-padded batch needs its ``attention_mask`` (0 = padding)."""
         self.check_model(model)
+        budget = self._check_budget(budget)
+        ids, mask = _check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
-        adapter.forward(model, input_ids[:1] if input_ids.ndim == 2 else input_ids[None], cache, logits_to_keep=1)
-        return self.plan_for_stats(cache.layer_stats, budget)
+        kwargs: dict[str, Any] = {"logits_to_keep": 1}
+        if mask is not None:  # the position ids generate gives a left-padded batch
+            kwargs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))
+        adapter.forward(model, ids, cache, **kwargs)
+        plans = self.plans_for_stats(cache.layer_stats, budget)
+        return plans[0] if input_ids.ndim == 1 else plans
 
     def static_plan(self, budget: int) -> Plan:
         """One fixed plan per budget, from the calibration features (the nearest budget of the grid)."""
@@ -142,7 +165,13 @@ class PolyKV:
 
     # --- deployment ----------------------------------------------------------------------------------------------
     def make_cache(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> CompressedCache:
-        """A fresh cache for one ``generate`` call; ``mode`` is ``adaptive`` or ``static``."""
+        """A fresh cache for ONE ``generate`` call (a second call with it raises); ``mode`` is ``adaptive`` or
+        ``static``.
+
+        Batches (left-padded, with their ``attention_mask``): in adaptive mode every row gets the plan of its own
+        features and real length (``cache.applied_plans``, one per row), exactly as if it ran alone; in static
+        mode every row gets the one calibrated plan. Rows that keep different numbers of positions in a layer are
+        held padded to the longest of them, behind a mask (``cache_bytes`` counts those slots)."""
         self.check_model(model)
         budget = self._check_budget(budget)
         if mode == "static":
@@ -150,25 +179,56 @@ class PolyKV:
         if mode != "adaptive":
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
-        def planner(stats: list[LayerStats]) -> Plan:
-            plan = self.plan_for_stats(stats, budget)
-            owner = cache_ref()
-            if owner is not None:
-                owner.last_plan = plan
-            return plan
+        def planner(stats: list[LayerStats]) -> list[Plan]:
+            return self.plans_for_stats(stats, budget)  # the planner holds no reference to its cache (no cycle)
 
-        cache = CompressedCache(model, planner=planner, capture=self.capture)
-        cache_ref = weakref.ref(cache)  # not the cache itself: cache -> planner -> cache would be a reference cycle
-        return cache
+        return CompressedCache(model, planner=planner, capture=self.capture)
 
     @contextlib.contextmanager
     def apply(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> Iterator[None]:
-        """Within the block, ``model.generate`` (without an explicit cache) uses a fresh compressed cache."""
+        """Within the block, every ``model.generate`` call without an explicit cache gets a fresh compressed cache
+        (:meth:`make_cache`: in adaptive mode each row of a left-padded batch gets its own plan)."""
         from polykv_learn.deploy.compress import compress
 
         self.make_cache(model, budget, mode)  # validate now, not at the first generate
         with compress(model, cache_factory=lambda: self.make_cache(model, budget, mode)):
             yield
+
+
+def _one_sequence(stats: Sequence[LayerStats], method: str) -> list[LayerStats]:
+    """``stats`` of a one-row batch, cut to its real tokens; ValueError for a larger batch."""
+    batch = stats[0].valid.shape[0]
+    if batch != 1:
+        raise ValueError(
+            f"{method} takes the statistics of one sequence, got a batch of {batch}: use plans_for_stats "
+            "(one plan per row) or row_stats(stats, row) per row"
+        )
+    return [row_stats(s, 0) for s in stats]
+
+
+def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``input_ids`` (n,) or (batch, n) and its mask -> (batch, n) ids and mask (None: no padding)."""
+    if not isinstance(input_ids, Tensor) or input_ids.ndim not in (1, 2) or input_ids.shape[-1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a tensor of shape (n,) or (batch, n) with n >= 1, got {shape}")
+    if input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    ids = input_ids if input_ids.ndim == 2 else input_ids[None]
+    if attention_mask is None:
+        return ids, None
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    mask = attention_mask.reshape(ids.shape).long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    for r in range(mask.shape[0]):
+        n_real = int(mask[r].sum())
+        if n_real == 0:
+            raise ValueError(f"row {r} of attention_mask has no token (all zeros)")
+        if not bool(mask[r, mask.shape[1] - n_real :].all()):
+            raise ValueError(f"row {r} of attention_mask has padding after a token; pad on the left")
+    return ids, mask
 
 
 def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
