@@ -218,9 +218,10 @@ def test_bundled_router_generates_from_a_cut_24k_token_prompt(capsys, tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": path.read_text()}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
     cut = len(tok(text, verbose=False).input_ids) - 2000
-    assert err.strip().splitlines()[-1] == (
+    notes = [line for line in err.splitlines() if line.startswith("polykv-learn")]  # transformers logs too
+    assert notes == [
         f"polykv-learn generate: cut {cut} tokens from the middle of the prompt (kept 2000, --max-context 2000)"
-    )
+    ]
     assert "--- plan (adaptive, budget 8, context 2000 tokens) ---" in out and "KV bytes: " in out
 
 
