@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from learn_helpers import fit_cmd
+from learn_helpers import write_corpus as _write_corpus
 
 from polykv_learn.learn.soft_plan import soft_keep_weights, soft_key_bias
 
@@ -38,27 +39,6 @@ def test_soft_key_bias_mixture_and_gradients():
 
 
 # --- a tiny corpus ------------------------------------------------------------------------------------------------
-def _write_corpus(root: Path, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    for split, count in (("train", 8), ("validation", 3)):
-        rows = []
-        for i in range(count):
-            facts = {f"key{rng.randrange(1000)}": rng.randrange(10_000) for _ in range(40)}
-            lines = [f"The value of {k} is {v}." for k, v in facts.items()]
-            target = rng.choice(list(facts))
-            rows.append(
-                {
-                    "id": f"{split}-{i}",
-                    "context": "Facts follow. " + " ".join(lines),
-                    "probe": f" Question: what is {target}? Answer: the value of {target} is {facts[target]}.",
-                }
-            )
-        path = root / "corpus" / f"{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     return _write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -168,7 +148,7 @@ def test_prefill_store_never_leaves_a_half_written_file(tiny_corpus, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         dm.store.build(sample_id, context, probe)
     assert not dm.store.path_for(sample_id).exists()
-    assert not list((dm.store.root).glob(".tmp-*")), "the temporary file must be removed"
+    assert not list((dm.store.root).glob(".*tmp-*")), "the temporary file must be removed"
     monkeypatch.undo()
     # a truncated file at the final name (e.g. copied by hand) is detected and rebuilt
     dm.store.root.mkdir(parents=True, exist_ok=True)
@@ -241,7 +221,7 @@ def _task_row(i: int, task: str, words: int, **kw) -> dict:
 
 
 def test_task_samples_join_training_with_the_evaluation_layout(tiny_corpus, tmp_path):
-    from polykv_learn.eval.runner import EvalSettings, Evaluator
+    from polykv_learn.eval.evaluator import EvalSettings, Evaluator
     from polykv_learn.learn.datamodule import load_task_rows, task_probe
     from polykv_learn.learn.shared import shared_tokenizer
     from polykv_learn.models import load_model
@@ -263,7 +243,8 @@ def test_task_samples_join_training_with_the_evaluation_layout(tiny_corpus, tmp_
     # the probe is exactly what the evaluation feeds after the compressed context (text mode), then the gold answer
     tok = shared_tokenizer("tiny-llama")
     model, _ = load_model("tiny-llama", with_tokenizer=False)
-    enc = Evaluator(model, tok, _full_only(), EvalSettings(chat=False)).encode({**rows[0], "metric": "string_match"})
+    sample = {**rows[0], "metric": "string_match", "max_new_tokens": 8}
+    enc = Evaluator(model, tok, _full_only(), EvalSettings(chat=False)).encode(sample)
     ctx, probe, start = train["task/passkey-0"]
     assert torch.equal(ctx, enc.prompt_ids[0])
     assert torch.equal(probe, torch.cat([enc.tail_ids, enc.answer_ids], 1)[0]) and start == enc.tail_ids.shape[1]
@@ -304,7 +285,7 @@ def _full_only():
 
 
 def _fit_cmd(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "polykv_learn.cli", "fit", "--config", str(REPO / "configs" / "tiny.yaml"), *extra]
+    return fit_cmd(*extra)
 
 
 def _run(cmd, cwd, timeout=600):

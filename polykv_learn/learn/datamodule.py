@@ -15,20 +15,24 @@ protocol); ``task_val_samples`` of them are held out and validated on next to th
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from polykv_learn.capture import CaptureOptions
 from polykv_learn.data.tasks import TEST_ONLY_TASKS
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES
-from polykv_learn.learn.shared import shared_model, shared_tokenizer
+from polykv_learn.learn import checks
+from polykv_learn.learn.shared import max_positions, shared_model, shared_tokenizer
 from polykv_learn.learn.store import PrefillStore, StoredPrefill
-from polykv_learn.policies import check_policy_name
 from polykv_learn.simulator import Simulator
 
 DEFAULT_BUDGETS = [64, 96, 128, 192, 256, 384, 512, 768, 1024]
@@ -80,8 +84,6 @@ def task_probe(row: dict) -> str:
 
 def load_task_rows(path: Path) -> list[dict]:
     """Training rows (``context``, ``probe``, ``source`` = the task type) from a task file of ``prepare-data``."""
-    import json
-
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -154,8 +156,8 @@ class PrefillDataModule(L.LightningDataModule):
             model_name: the base LLM (linked to ``model.model_name``).
             policies: policies whose ranks are cached (linked to ``model.policies``).
             overlap_policies: policies whose keep-set overlaps are features (linked to the model's).
-            budgets: grid of average budgets at which layer features are cached; training samples from it and
-                validation budgets must be in it.
+            budgets: grid of average budgets at which layer features are cached (increasing integers >= 1); training
+                samples from it and validation budgets must be in it.
             max_context_tokens: contexts are cut to at most this many tokens.
             min_context_tokens: shorter contexts are skipped.
             probe_tokens: probe tokens per sample (cut to at most this many).
@@ -175,27 +177,19 @@ class PrefillDataModule(L.LightningDataModule):
             seed: order in which samples are taken (sources interleaved, shuffled within each source).
         """
         super().__init__()
+        self.save_hyperparameters(logger=False)  # for the artifact's config hash; not logged (the learner's are)
+        check_datamodule_args(self.hparams)
         self.data_dir = Path(data_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir / "prefills"
         self.model_name = model_name
         self.policies = list(policies or [])
-        for name in [*self.policies, *overlap_policies]:
-            check_policy_name(name)
         self.overlap_policies = list(overlap_policies)
-        if not budgets or any(int(b) < 1 for b in budgets):
-            raise ValueError(f"budgets must be a non-empty list of positive integers, got {budgets}")
-        self.budgets = sorted({int(b) for b in budgets})
-        if not 1 <= min_context_tokens <= max_context_tokens or probe_tokens < 1:
-            raise ValueError("need 1 <= min_context_tokens <= max_context_tokens and probe_tokens >= 1")
+        self.budgets = list(budgets)
         self.max_context_tokens = max_context_tokens
         self.min_context_tokens = min_context_tokens
         self.probe_tokens = probe_tokens
         self.limits = {"train": max_train_samples, "validation": max_val_samples}
         self.task_file = self.data_dir / task_file if task_file else None
-        if task_probe_tokens is not None and task_probe_tokens < 1:
-            raise ValueError(f"task_probe_tokens must be >= 1 (or None), got {task_probe_tokens}")
-        if task_val_samples < 0 or (task_val_samples and task_file is None):
-            raise ValueError(f"task_val_samples must be >= 0 and needs a task_file, got {task_val_samples}")
         self.task_probe_tokens = task_probe_tokens or probe_tokens
         self.task_val_samples = task_val_samples
         self.window = window
@@ -221,11 +215,14 @@ class PrefillDataModule(L.LightningDataModule):
         return self.data_dir / "corpus" / f"{SPLITS[split]}.jsonl"
 
     @property
+    def capture_options(self) -> CaptureOptions:
+        """What every prefill records (the observation window of the layer features)."""
+        return CaptureOptions(window=self.window)
+
+    @property
     def store(self) -> PrefillStore:
         if self._store is None:
-            from polykv_learn.capture import CaptureOptions
-
-            sim = Simulator(shared_model(self.model_name), CaptureOptions(window=self.window))
+            sim = Simulator(shared_model(self.model_name), self.capture_options)
             root = self.cache_dir / self.model_name.replace("/", "_")
             self._store = PrefillStore(root, sim, self.policies, self.overlap_policies, self.budgets)
         return self._store
@@ -279,9 +276,15 @@ class PrefillDataModule(L.LightningDataModule):
         return out
 
     def prepare_data(self) -> None:
-        """Build the missing prefills (rank 0 only; each is written atomically)."""
+        """Build the missing prefills (rank 0 only; each is written atomically). First the trainer's learner checks
+        that this data module fits it (:meth:`PolyKVLearner.check_data`, before any model load), then temporary
+        files of killed builds are removed (:meth:`PrefillStore.remove_stale`)."""
         from tqdm.auto import tqdm
 
+        learner = self.trainer.lightning_module if self.trainer is not None else None
+        if callable(getattr(learner, "check_data", None)):
+            learner.check_data(self)
+        self.store.remove_stale()
         for split in SPLITS:
             samples = self._tokenized(split)
             todo = [s for s in samples if not self.store.has(s[0])]
@@ -322,4 +325,39 @@ class PrefillDataModule(L.LightningDataModule):
             batch_size=1,
             collate_fn=_as_list,
             num_workers=self.num_workers,
+        )
+
+
+def check_datamodule_args(hp: Any) -> None:
+    """The one-line checks of every :class:`PrefillDataModule` argument (``hp``: its hyperparameters); the model's
+    configuration is read (not its weights) to check that a context and its probe fit the model."""
+    if hp.policies is not None:
+        checks.policy_list("policies", hp.policies)
+    checks.policy_list("overlap_policies", hp.overlap_policies)
+    checks.budget_list("budgets", hp.budgets)
+    checks.int_at_least("min_context_tokens", hp.min_context_tokens, 1)
+    checks.int_at_least("max_context_tokens", hp.max_context_tokens, hp.min_context_tokens)
+    checks.int_at_least("probe_tokens", hp.probe_tokens, 1)
+    checks.int_at_least("task_probe_tokens", hp.task_probe_tokens, 1, optional=True)
+    checks.int_at_least("max_train_samples", hp.max_train_samples, 1, optional=True)
+    checks.int_at_least("max_val_samples", hp.max_val_samples, 1, optional=True)
+    checks.int_at_least("task_val_samples", hp.task_val_samples, 0)
+    if hp.task_val_samples and hp.task_file is None:
+        raise ValueError(f"task_val_samples must be >= 0 and needs a task_file, got {hp.task_val_samples}")
+    checks.int_at_least("window", hp.window, 1)
+    checks.int_at_least("num_workers", hp.num_workers, 0)
+    if not checks.is_int(hp.seed):
+        raise ValueError(f"seed must be an integer, got {hp.seed!r}")
+    for name in ("data_dir", "cache_dir"):
+        value = hp[name]
+        if value is None and name == "cache_dir":
+            continue
+        if not isinstance(value, (str, os.PathLike)) or Path(value).is_file():
+            raise ValueError(f"{name} must be a folder path, got {value!r}")
+    limit = max_positions(hp.model_name)
+    longest = hp.max_context_tokens + max(hp.probe_tokens, hp.task_probe_tokens or 0)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"max_context_tokens + probe tokens ({longest}) exceed the model's context of {limit} tokens "
+            f"({hp.model_name}); allowed: at most {limit} together"
         )

@@ -12,24 +12,29 @@ scores) at each of ``val_budgets`` on held-out documents.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, feature_names
+from polykv_learn.learn import checks, export
 from polykv_learn.learn.allocator import BudgetAllocator
 from polykv_learn.learn.oracle import oracle_labels
 from polykv_learn.learn.router import GBDTRouter, MLPRouter
-from polykv_learn.learn.shared import shared_model
+from polykv_learn.learn.shared import max_positions, shared_model
 from polykv_learn.learn.soft_plan import annealed, soft_key_bias
 from polykv_learn.learn.store import StoredPrefill
 from polykv_learn.plan import Plan
-from polykv_learn.policies import POLICIES, check_policy_name
 from polykv_learn.simulator import Simulator
+from polykv_learn.tables import describe_table  # noqa: F401 (old home; deploy/artifact.py still imports it here)
 
 DEFAULT_POLICIES = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
 ROUTERS = ("mlp", "gbdt")
@@ -93,19 +98,7 @@ class PolyKVLearner(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        for name in [*policies, *overlap_policies]:
-            check_policy_name(name)
-        unroutable = [p for p in policies if not POLICIES[p].routable]
-        if unroutable:
-            raise ValueError(f"policies {unroutable} are controls and cannot be routed")
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
-        if not 1 <= b_min <= budget_min <= budget_max:
-            raise ValueError(f"need 1 <= b_min <= budget_min <= budget_max, got {b_min}, {budget_min}, {budget_max}")
-        if budgets_per_step < 1 or anneal_steps < 1:
-            raise ValueError("budgets_per_step and anneal_steps must be >= 1")
-        if answer_share is not None and not 0.0 <= answer_share <= 1.0:
-            raise ValueError(f"answer_share must be in [0, 1] (or None), got {answer_share}")
+        check_learner_args(self.hparams)
         self.policies = list(policies)
         self.feature_names = feature_names(overlap_policies)
         num_features = len(self.feature_names)
@@ -118,6 +111,8 @@ class PolyKVLearner(L.LightningModule):
         self._val_sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._simulator: Simulator | None = None
         self.fit_started_at = time.time()  # wall time of a fit counts from here (prefills included)
+        self.wall_time_before = 0.0  # wall time of the earlier parts of a resumed fit (from the checkpoint)
+        self.resumed = 0  # how many times this training was resumed from a checkpoint
         self.selected_step: int | None = None  # the step of the exported weights, when selected on validation
 
     # --- wiring --------------------------------------------------------------------------------------------------
@@ -132,17 +127,44 @@ class PolyKVLearner(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is None:
             return
-        max_positions = self.simulator.dims.max_positions
-        too_big = [b for b in self.hparams.val_budgets if b > max_positions]
-        if too_big:
-            raise ValueError(f"val_budgets {too_big} exceed the model's context of {max_positions} tokens")
-        missing = [b for b in self.hparams.val_budgets if b not in dm.budgets]
-        if missing:
-            raise ValueError(f"val_budgets {missing} are not in the data module's budget grid {dm.budgets}")
+        self.check_data(dm)
+        # known only now when SmolLM2 was converted after the constructor ran
+        checks.within_context("val_budgets", self.hparams.val_budgets, self.simulator.dims.max_positions,
+                              self.hparams.model_name)  # fmt: skip
         if stage == "fit" and not self._scaler_fitted():
             mean, std = dm.feature_statistics()
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(std.clamp_min(1e-6))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Check that ``datamodule`` (a :class:`~polykv_learn.learn.datamodule.PrefillDataModule`) prefills what this
+        learner trains on: the same model, its policies and overlap policies, and grid budgets for ``val_budgets``,
+        the training range ``[budget_min, budget_max]`` and (GBDT router) ``gbdt_budgets``. Cheap: run before any
+        prefill (by ``polykv-learn fit`` right after the constructors, and by the data module's ``prepare_data``)."""
+        hp = self.hparams
+        if datamodule.model_name != hp.model_name:
+            raise ValueError(
+                f"data.model_name {datamodule.model_name!r} must be the learner's model_name {hp.model_name!r}"
+            )
+        missing = [p for p in self.policies if p not in datamodule.policies]
+        if missing:
+            raise ValueError(
+                f"data.policies {datamodule.policies} must hold every routed policy (model.policies), missing {missing}"
+            )
+        if list(datamodule.overlap_policies) != list(hp.overlap_policies):
+            raise ValueError(
+                f"data.overlap_policies {datamodule.overlap_policies} must equal model.overlap_policies "
+                f"{list(hp.overlap_policies)} (they define the feature columns)"
+            )
+        grid = list(datamodule.budgets)
+        checks.in_grid("val_budgets", hp.val_budgets, grid)
+        if not [b for b in grid if hp.budget_min <= b <= hp.budget_max]:
+            raise ValueError(
+                f"budget_min..budget_max ({hp.budget_min}..{hp.budget_max}) holds no budget of the data module's grid "
+                f"(data.budgets), so no step could train; allowed: a range holding one of {', '.join(map(str, grid))}"
+            )
+        if hp.router == "gbdt":
+            checks.in_grid("gbdt_budgets", hp.gbdt_budgets, grid)
 
     def _scaler_fitted(self) -> bool:
         return bool((self.feature_mean != 0).any() or (self.feature_std != 1).any())
@@ -298,24 +320,36 @@ class PolyKVLearner(L.LightningModule):
         if learned_means:
             self.log("val/kl_learned", sum(learned_means) / len(learned_means), prog_bar=True, rank_zero_only=True)
 
-    # --- export --------------------------------------------------------------------------------------------------
+    # --- checkpoints and export -----------------------------------------------------------------------------------
+    def wall_time_s(self) -> float:
+        """Wall time of this training in seconds: every part of a resumed fit, each from its learner's construction
+        (prefills included) to now, up to its last checkpoint for the earlier parts."""
+        return self.wall_time_before + (time.time() - self.fit_started_at)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["polykv_validation_table"] = self.validation_table
+        checkpoint["polykv_training"] = {"wall_time_s": self.wall_time_s(), "resumed": self.resumed}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming (``--ckpt_path``): the validation table, the wall time so far and one more resume."""
+        self._restore_validation(checkpoint)
+        done = checkpoint.get("polykv_training", {})
+        self.wall_time_before = float(done.get("wall_time_s", 0.0))
+        self.resumed = int(done.get("resumed", 0)) + 1
+
+    def _restore_validation(self, checkpoint: dict) -> None:
         self.validation_table = {int(b): row for b, row in checkpoint.get("polykv_validation_table", {}).items()}
+
+    def restore_selected(self, checkpoint: dict) -> None:
+        """Take the weights and validation table of ``checkpoint`` (model selection); the wall time and the resume
+        count stay those of this training."""
+        self.load_state_dict(checkpoint["state_dict"])
+        self._restore_validation(checkpoint)
+        self.selected_step = int(checkpoint["global_step"])
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            from polykv_learn.deploy.artifact import export_learner
-
-            best = self.best_checkpoint()
-            if best is not None:  # model selection on the held-out validation KL of the hard plan
-                checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-                self.load_state_dict(checkpoint["state_dict"])
-                self.on_load_checkpoint(checkpoint)
-                self.selected_step = int(checkpoint["global_step"])
-            export_learner(self, self.trainer.datamodule, self.hparams.export_dir)
+            export.export_fit(self, self.trainer, self.hparams.export_dir)
 
     def best_checkpoint(self) -> str | None:
         """The best checkpoint by ``val/kl_learned`` of a ModelCheckpoint that monitors it, if any."""
@@ -324,19 +358,57 @@ class PolyKVLearner(L.LightningModule):
                 return callback.best_model_path
         return None
 
+    # --- what the artifact holds (read by learn/export.py) ---------------------------------------------------------
+    def router_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The artifact's ``router`` entry and the router's tensors (``router.*``, and ``gbdt.*`` for trees)."""
+        entry: dict[str, Any] = {
+            "type": self.hparams.router,
+            "hidden": self.router.hidden,
+            "num_hidden_layers": self.router.num_hidden_layers,
+        }
+        tensors = {f"router.{k}": v for k, v in self.router.state_dict().items()}
+        if self.gbdt is not None:
+            arrays, meta = self.gbdt.to_state()
+            tensors.update({f"gbdt.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            entry["gbdt"] = meta
+        return entry, tensors
 
-def describe_table(table: dict[int, dict[str, float]]) -> str:
-    """A Markdown table of validation KLs: learned vs best uniform vs PyramidKV (and their ratio)."""
-    lines = [
-        "| B | learned | best uniform (policy) | PyramidKV | learned / best uniform |",
-        "|---|---|---|---|---|",
-    ]
-    for budget in sorted(table):
-        row = table[budget]
-        singles = {k: v for k, v in row.items() if k not in ("learned", "pyramid", "best_uniform")}
-        best_name = min(singles, key=singles.get)
-        lines.append(
-            f"| {budget} | {row['learned']:.4f} | {row['best_uniform']:.4f} ({best_name}) | {row['pyramid']:.4f} "
-            f"| {row['learned'] / row['best_uniform']:.3f} |"
-        )
-    return "\n".join(lines)
+    def allocator_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The artifact's ``allocator`` entry and the allocator's tensors (``allocator.*``)."""
+        entry = {"hidden": self.allocator.hidden, "num_hidden_layers": self.allocator.num_hidden_layers}
+        return entry, {f"allocator.{k}": v for k, v in self.allocator.state_dict().items()}
+
+    def scaler_state(self) -> dict[str, list[float]]:
+        """The feature standardisation: ``mean`` and ``std`` of every feature column."""
+        return {"mean": self.feature_mean.tolist(), "std": self.feature_std.tolist()}
+
+
+def check_learner_args(hp: Any) -> None:
+    """The one-line checks of every :class:`PolyKVLearner` argument (``hp``: its hyperparameters); the model's
+    configuration is read (not its weights) to check ``val_budgets`` against its context."""
+    checks.policy_list("policies", hp.policies, routable=True, allow_empty=False)
+    checks.policy_list("overlap_policies", hp.overlap_policies)
+    checks.one_of("router", hp.router, ROUTERS)
+    checks.int_at_least("hidden", hp.hidden, 1)
+    checks.int_at_least("b_min", hp.b_min, 1)
+    checks.int_at_least("budget_min", hp.budget_min, 1)
+    if hp.b_min > hp.budget_min:
+        raise ValueError(f"b_min must be <= budget_min ({hp.budget_min}), got {hp.b_min}")
+    checks.int_at_least("budget_max", hp.budget_max, hp.budget_min)
+    checks.int_at_least("budgets_per_step", hp.budgets_per_step, 1)
+    checks.budget_list("val_budgets", hp.val_budgets)
+    for name in ("tau_start", "tau_end", "temperature_start", "temperature_end", "lr"):
+        checks.positive(name, hp[name])
+    checks.int_at_least("anneal_steps", hp.anneal_steps, 1)
+    checks.non_negative("weight_decay", hp.weight_decay)
+    checks.int_at_least("gbdt_docs", hp.gbdt_docs, 1)
+    checks.budget_list("gbdt_budgets", hp.gbdt_budgets)
+    if hp.answer_share is not None and not (checks.is_number(hp.answer_share) and 0.0 <= hp.answer_share <= 1.0):
+        raise ValueError(f"answer_share must be in [0, 1] (or None), got {hp.answer_share}")
+    if hp.export_dir is not None and (
+        not isinstance(hp.export_dir, (str, os.PathLike)) or Path(hp.export_dir).is_file()
+    ):
+        raise ValueError(f"export_dir must be a folder path (or null), got {hp.export_dir!r}")
+    if not checks.is_int(hp.seed):
+        raise ValueError(f"seed must be an integer, got {hp.seed!r}")
+    checks.within_context("val_budgets", hp.val_budgets, max_positions(hp.model_name), hp.model_name)

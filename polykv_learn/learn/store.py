@@ -1,8 +1,14 @@
 """On-disk cache of context prefills: what training and validation need of one (context, probe) pair.
 
-One safetensors file per sample, written to a temporary name and renamed (never half-written), read lazily
+One safetensors file per sample, written to a temporary name and renamed (never half-written; through
+:func:`polykv_learn.atomic.atomic_file`, so files get the permissions the process umask allows), read lazily
 (memory-mapped) so a dataset of many prefills streams instead of sitting in RAM. A file records the fingerprint of
 what made it (model geometry, policies, budgets grid, capture options); a stale or foreign file is rebuilt.
+
+A temporary name carries its writer's host and process id (``.<file>.tmp-XXXX.w-<host>-<pid>``);
+:meth:`PrefillStore.remove_stale` deletes the ones whose writer is gone (a killed build) and never those of a
+build still running. Temporary files it cannot attribute to a process of this host (another host of a shared
+folder, or the older ``.tmp-*.safetensors`` names) are deleted once older than ``STALE_AFTER_S``.
 
 Contents of a file (``L`` layers, ``G`` KV heads, ``n`` context tokens, ``m`` probe tokens, ``K`` grid budgets):
 - ``k.{l}``, ``v.{l}``: context keys/values ``(G, n, d)`` (float16, the probe pass upcasts them);
@@ -17,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +35,30 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from polykv_learn.atomic import TMP_MARK, atomic_file
 from polykv_learn.features import layer_features
 from polykv_learn.policies import get_policy
 from polykv_learn.simulator import ContextCapture, Simulator
 
 FORMAT_VERSION = 1
+STALE_AFTER_S = 24 * 3600.0  # age after which an unattributable temporary file counts as left behind
+_WRITER = re.compile(r"\.w-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def writer_tag() -> str:
+    """The suffix of this process's temporary names: its host and process id."""
+    return f".w-{socket.gethostname()}-{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (also one of another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -157,16 +184,33 @@ class PrefillStore:
         tensors["full_logprobs"] = torch.log_softmax(full, dim=-1).to(torch.float16).contiguous()
         if answer_start is not None:
             tensors["answer_start"] = torch.tensor([answer_start], dtype=torch.int64)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
-        os.close(fd)
-        try:
+        with atomic_file(path, suffix=writer_tag()) as tmp:
             save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "sample_id": sample_id})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
+
+    def remove_stale(self, now: float | None = None) -> list[Path]:
+        """Delete the temporary files of builds that were killed: those whose writer process (named in the file
+        name) is gone; ones of another host or without a writer tag once older than ``STALE_AFTER_S``. A build
+        still running keeps its file. Returns the deleted paths."""
+        if not self.root.is_dir():
+            return []
+        now = time.time() if now is None else now
+        host = socket.gethostname()
+        removed = []
+        candidates = {*self.root.glob(f".*{TMP_MARK}*"), *self.root.glob(".tmp-*.safetensors")}
+        for entry in sorted(candidates):
+            match = _WRITER.search(entry.name)
+            try:
+                if match and match["host"] == host:
+                    stale = not process_alive(int(match["pid"]))
+                else:
+                    stale = now - entry.lstat().st_mtime > STALE_AFTER_S
+                if stale and entry.is_file():
+                    entry.unlink()
+                    removed.append(entry)
+            except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+                continue
+        return removed
 
     def load_features(self, sample_id: str) -> Tensor:
         """Only the layer signals ``(K, L, F)`` of one cached prefill (cheap: K/V are not read)."""
