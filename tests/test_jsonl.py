@@ -41,6 +41,8 @@ def test_valid_file_defaults_and_blank_lines(tmp_path):
         (json.dumps({**GOOD, "answers": "a"}), "'answers' must be a non-empty list of strings"),
         (json.dumps({**GOOD, "answers": ["a", 1]}), "'answers' must be a non-empty list of strings"),
         (json.dumps({**GOOD, "answers": []}), "'answers' is empty"),
+        (json.dumps({**GOOD, "answers": [""]}), "'answers'[0] is ''; every gold answer must be a non-empty string"),
+        (json.dumps({**GOOD, "answers": ["a", " \t"]}), "'answers'[1] is ' \\t'; every gold answer must be a non-empty"),
         (json.dumps({**GOOD, "metric": "bleu"}), "unknown metric 'bleu'; allowed: string_match, qa_f1"),
         (json.dumps({**GOOD, "max_new_tokens": 0}), "'max_new_tokens' must be a positive integer"),
         (json.dumps({**GOOD, "max_new_tokens": True}), "'max_new_tokens' must be a positive integer"),
@@ -77,3 +79,11 @@ def test_write_jsonl_roundtrip_and_atomicity(tmp_path):
         write_jsonl(failing(), path)
     assert path.read_text(encoding="utf-8") == before  # old file untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.jsonl"]  # no temporary file left
+
+
+def test_atomic_write_text_is_the_package_helper():
+    """data.prepare and the peer benchmarks import ``atomic_write_text`` from here: it is polykv_learn.atomic's."""
+    from polykv_learn import atomic
+    from polykv_learn.eval import jsonl
+
+    assert jsonl.atomic_write_text is atomic.atomic_write_text

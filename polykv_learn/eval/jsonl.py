@@ -1,10 +1,11 @@
 """Reading and writing evaluation samples as JSON Lines.
 
 One JSON object per line. Required: ``context`` (str), ``question`` (str), ``answers`` (non-empty list of
-str), ``metric`` (one of ``polykv_learn.eval.metrics.METRICS``). Optional: ``task`` (str, default
-``"custom"``), ``id`` (str, default ``"line<N>"``, unique in the file), ``answer_prefix`` (str, default
-``""``), ``max_new_tokens`` (positive int, default by metric: ``DEFAULT_MAX_NEW_TOKENS``), ``all_classes``
-(non-empty list of str, used by ``classification``). Other keys (e.g. ``split``) are kept as they are.
+non-empty str: an empty or whitespace-only gold answer cannot be scored), ``metric`` (one of
+``polykv_learn.eval.metrics.METRICS``). Optional: ``task`` (str, default ``"custom"``), ``id`` (str, default
+``"line<N>"``, unique in the file), ``answer_prefix`` (str, default ``""``), ``max_new_tokens`` (positive int,
+default by metric: ``DEFAULT_MAX_NEW_TOKENS``), ``all_classes`` (non-empty list of str, used by
+``classification``). Other keys (e.g. ``split``) are kept as they are.
 Blank lines are skipped.
 """
 
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
+from polykv_learn.atomic import atomic_write_text  # re-exported: data.prepare and the peer benchmarks import it here
 from polykv_learn.eval.metrics import METRICS
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "atomic_write_text", "load_samples", "write_jsonl"]
@@ -58,6 +58,12 @@ def _check(obj: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {obj['answers']!r:.80}")
     if not obj["answers"]:
         raise ValueError(f"{where}: 'answers' is empty; give at least one gold answer string")
+    blank = [i for i, a in enumerate(obj["answers"]) if not a.strip()]
+    if blank:
+        raise ValueError(
+            f"{where}: 'answers'[{blank[0]}] is {obj['answers'][blank[0]]!r}; every gold answer must be a non-empty "
+            "string (not only whitespace)"
+        )
     if obj["metric"] not in METRICS:
         raise ValueError(f"{where}: unknown metric {obj['metric']!r}; allowed: {', '.join(METRICS)}")
     for key in ("task", "id", "answer_prefix"):
@@ -101,31 +107,9 @@ def load_samples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return samples
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike[str], chunks: Iterable[str]) -> None:
-    """Write text chunks to ``path`` atomically: a temporary file in the same folder (created with the
-    usual permissions), then ``os.replace``; creates parent folders; on error the target is untouched."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
-    """Write records as JSON Lines atomically (see ``atomic_write_text``); returns the number written."""
+    """Write records as JSON Lines atomically (:func:`polykv_learn.atomic.atomic_write_text`); returns the number
+    written."""
     count = 0
 
     def lines() -> Iterable[str]:
