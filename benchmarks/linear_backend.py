@@ -99,9 +99,10 @@ def h2o(args: argparse.Namespace) -> None:
 def sweep(args: argparse.Namespace) -> None:
     from polykv_learn.capture import CaptureOptions
     from polykv_learn.deploy.polykv import PolyKV
+    from polykv_learn.eval.evaluator import EvalSettings, Evaluator
     from polykv_learn.eval.jsonl import load_samples
     from polykv_learn.eval.methods import available_methods, resolve_methods
-    from polykv_learn.eval.runner import EvalSettings, Evaluator, select_samples
+    from polykv_learn.eval.results import select_samples
     from polykv_learn.models import load_model
 
     router = PolyKV.from_pretrained(args.router)

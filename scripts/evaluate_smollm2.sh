@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's SmolLM2 evaluation on the test split: each task type's samples in SHARDS disjoint shards, one
-# `polykv-learn evaluate` process per shard (bounded memory; a finished shard is skipped when the script is re-run),
-# JOBS at a time with one torch thread each, longest task types first, then one merged report. Usage (in the venv):
+# `polykv-learn evaluate` process per shard (bounded memory), JOBS at a time with one torch thread each, longest task
+# types first, then one merged report. Re-running the script skips finished shards and resumes stopped ones from the
+# samples they finished (--resume: each shard's folder keeps its own samples.jsonl). Usage (in the venv):
 #   bash scripts/evaluate_smollm2.sh                      # every test sample of the six task types
 #   LIMIT=8 JOBS=2 bash scripts/evaluate_smollm2.sh       # at most 8 samples per task type
 # Env: OUT (per-shard runs, default out/eval), RESULTS (merged report, default results/smollm2), ROUTER (artifact,
@@ -27,7 +28,7 @@ run_unit() {  # one shard of one task: "task shard"
   if [ -f "$dir/results.json" ]; then echo "$task $shard/$SHARDS: done before, skipped"; return 0; fi
   local start=$SECONDS
   polykv-learn evaluate --data "$DATA" --router "$ROUTER" --no-chat --threads 1 --no-progress "${limit[@]}" "${methods[@]}" \
-    --tasks "$task" --shard "$shard/$SHARDS" --out "$dir" > "$dir.log" 2>&1 || { echo "$task $shard: FAILED, see $dir.log"; return 1; }
+    --tasks "$task" --shard "$shard/$SHARDS" --out "$dir" --resume >> "$dir.log" 2>&1 || { echo "$task $shard: FAILED, see $dir.log"; return 1; }
   echo "$task $shard/$SHARDS: $((SECONDS - start)) s"
 }
 export -f run_unit

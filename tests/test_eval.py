@@ -1,11 +1,11 @@
 """The evaluation runner (`polykv-learn evaluate`) on tiny-llama with SmolLM2's tokenizer."""
 
 import json
-import random
 
 import pytest
 import torch
 from artifact_helpers import make_artifact
+from eval_helpers import make_samples, write_jsonl
 
 from polykv_learn import adapter
 from polykv_learn.adapter import model_dims
@@ -13,39 +13,13 @@ from polykv_learn.cache import CompressedCache
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.eval.cli import evaluate_main
+from polykv_learn.eval.evaluator import EvalSettings, Evaluator
 from polykv_learn.eval.methods import available_methods, resolve_methods
 from polykv_learn.eval.metrics import gap_recovery
-from polykv_learn.eval.runner import MEANINGFUL_FULL_SCORE, EvalSettings, Evaluator, build_results
+from polykv_learn.eval.results import MEANINGFUL_FULL_SCORE, build_results
 from polykv_learn.models import load_model
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu river stone cloud".split()
 BUDGETS = (32, 96)
-
-
-def make_samples(count=2, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        key = str(31000 + 17 * i)
-        noise = " ".join(rng.choice(WORDS) for _ in range(160))
-        rows.append(
-            {
-                "id": f"s{i}",
-                "task": ("passkey", "variable_tracking")[i % 2],  # the second is a test-only task type
-                "context": f"{noise} The pass key is {key}. {noise}",
-                "question": "What is the pass key?",
-                "answers": [key],
-                "metric": "string_match",
-                "answer_prefix": "The pass key is",
-                "max_new_tokens": 5,
-            }
-        )
-    return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +162,13 @@ def test_full_equals_generate_and_large_budget_equals_full(tiny):
 
 @pytest.mark.parametrize("batch_size,group_size", [(64, 8), (64, 3), (4, 1)])
 def test_batched_forks_equal_one_at_a_time(tiny, monkeypatch, batch_size, group_size):
-    from polykv_learn.eval import runner
+    from polykv_learn.eval import evaluator
 
     model, tok = tiny
     sample = {**make_samples(1)[0], "max_new_tokens": 10}
     # rows settle after different numbers of tokens (a function of their own text), so rows leave the batch at
     # different steps
-    monkeypatch.setattr(runner, "answer_settled", lambda metric, text, answers=None: len(text) > 8 + len(text) % 5)
+    monkeypatch.setattr(evaluator, "answer_settled", lambda metric, text, answers=None: len(text) > 8 + len(text) % 5)
     names = ["snapkv", "streaming", "knorm", "pyramid", "cake"]
     batched = make_evaluator(model, tok, names, batch_size=batch_size, group_size=group_size).evaluate_sample(sample)
     single = make_evaluator(model, tok, names, batch_size=1, group_size=1).evaluate_sample(sample).records
@@ -299,7 +273,7 @@ def test_polykv_methods_run_and_static_plan_is_shared(tiny, tmp_path):
 
 def test_bad_methods_fail_clearly(tiny, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_samples())
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"^--methods: unknown method\(s\) 'snapkvv'"):
         evaluate_main(["--data", str(data), "--model", "tiny-llama", "--out", str(tmp_path), "--methods", "snapkvv"])
     with pytest.raises(ValueError, match=r"unknown method\(s\) 'snapkvv'; allowed: full, .*snapkv"):
         resolve_methods(["snapkv", "snapkvv"], available_methods())
@@ -309,30 +283,28 @@ def test_bad_methods_fail_clearly(tiny, tmp_path):
     assert names == ["full", "tova", "snapkv"]
 
 
-def test_bad_methods_message_on_cli(tmp_path, capsys):
+def test_bad_methods_message_on_cli(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_samples())
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(ValueError, match=r"^--methods: unknown method\(s\) 'bogus'; allowed: full, ") as err:
         evaluate_main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-router", "--methods", "bogus"])
-    assert err.value.code == 2
-    assert "unknown method(s) 'bogus'; allowed:" in capsys.readouterr().err
+    assert "\n" not in str(err.value)
 
 
-def test_bad_jsonl_line_fails_with_line_number(tmp_path, capsys):
+def test_bad_jsonl_line_fails_with_line_number(tmp_path):
     rows = make_samples()
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "answers": "1234"}) + "\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError) as err:
         evaluate_main(["--data", str(path), "--out", str(tmp_path / "o"), "--no-router"])
-    err = capsys.readouterr().err
-    assert f"{path}:2:" in err and "'answers' must be a non-empty list of strings" in err
+    assert str(err.value).startswith(f"{path}:2: 'answers' must be a non-empty list of strings")
     path.write_text("{not json\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="invalid JSON") as err:
         evaluate_main(["--data", str(path), "--out", str(tmp_path / "o"), "--no-router"])
-    assert f"{path}:1: invalid JSON" in capsys.readouterr().err
+    assert str(err.value).startswith(f"{path}:1: invalid JSON")
 
 
-def test_shards_split_each_task_and_bad_shards_fail(tmp_path, capsys):
-    from polykv_learn.eval.runner import select_samples
+def test_shards_split_each_task_and_bad_shards_fail(tmp_path):
+    from polykv_learn.eval.results import select_samples
 
     rows = make_samples(7)  # 4 passkey, 3 variable_tracking, alternating
     shards = [select_samples(rows, shard=(i, 3)) for i in range(3)]
@@ -342,16 +314,18 @@ def test_shards_split_each_task_and_bad_shards_fail(tmp_path, capsys):
     with pytest.raises(ValueError, match="shard must be I/K with K >= 1 and 0 <= I < K, got 2/2"):
         select_samples(rows, shard=(2, 2))
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    with pytest.raises(SystemExit):
-        evaluate_main(["--data", str(data), "--model", "tiny-llama", "--no-router", "--shard", "1-2", "--out", "x"])
-    assert "--shard must be I/K (e.g. 0/2), got '1-2'" in capsys.readouterr().err
+    out = str(tmp_path / "x")
+    with pytest.raises(ValueError, match=r"^--shard must be I/K \(e\.g\. 0/2\), got '1-2'$"):
+        evaluate_main(["--data", str(data), "--model", "tiny-llama", "--no-router", "--shard", "1-2", "--out", out])
+    with pytest.raises(ValueError, match=r"^--shard: shard must be I/K with K >= 1 and 0 <= I < K, got 3/2$"):
+        evaluate_main(["--data", str(data), "--model", "tiny-llama", "--no-router", "--shard", "3/2", "--out", out])
 
 
-def test_unknown_task_filter_fails(tmp_path, capsys):
+def test_unknown_task_filter_fails(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_samples())
-    with pytest.raises(SystemExit):
+    present = r"present: \['passkey', 'variable_tracking'\]"
+    with pytest.raises(ValueError, match=rf"^task\(s\) 'nope' not in the data; {present}"):
         evaluate_main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-router", "--tasks", "nope"])
-    assert "task(s) 'nope' not in the data" in capsys.readouterr().err
 
 
 def test_merge_of_per_task_runs_equals_one_run(tiny, tmp_path):
@@ -379,11 +353,16 @@ def test_merge_of_per_task_runs_equals_one_run(tiny, tmp_path):
     for key in ("summary", "summary_kl", "summary_nll", "full_cache", "gap_recovery", "scored_tasks"):
         assert close(merged[key], whole[key]), key
     assert (tmp_path / "merged" / "results.md").is_file()
-    with pytest.raises(SystemExit):  # the same samples twice
-        evaluate_main(["--merge", str(tmp_path / "passkey"), str(tmp_path / "passkey"), "--out", str(tmp_path / "x")])
+    for shard in ("0", "1"):  # each shard's folder has its own per-sample log: its one sample
+        lines = (tmp_path / shard / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines[1:]] == [f"s{2 * int(shard)}"]
+    with pytest.raises(ValueError, match=r"^--merge: the runs share samples"):  # the same samples twice
+        evaluate_main(["--merge", str(tmp_path / "0"), str(tmp_path / "0"), "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match=r"^--merge: .*passkey/results.json does not exist"):
+        evaluate_main(["--merge", str(tmp_path / "0"), str(tmp_path / "passkey"), "--out", str(tmp_path / "x")])
 
 
-def test_replacing_the_learned_methods_equals_a_full_run_with_the_new_router(tiny, tmp_path, capsys):
+def test_replacing_the_learned_methods_equals_a_full_run_with_the_new_router(tiny, tmp_path):
     """A retrained router is evaluated alone (--methods polykv polykv-static) and combined with the baselines of an
     earlier run: the same results as evaluating every method with the new router."""
     model, _ = tiny
@@ -410,20 +389,18 @@ def test_replacing_the_learned_methods_equals_a_full_run_with_the_new_router(tin
     # not comparable: other samples
     evaluate_main([*common, "--limit", "1", "--tasks", "passkey", "--methods", "polykv", "--router", str(new),
                    "--out", str(tmp_path / "one")])  # fmt: skip
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"^--merge: the runs evaluated different samples \(2 and 1"):
         evaluate_main(["--merge", str(tmp_path / "base"), str(tmp_path / "one"), "--replace",
                        "--out", str(tmp_path / "x")])  # fmt: skip
-    assert "the runs evaluated different samples (2 and 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"^--replace takes exactly two runs, --merge BASE UPDATE; got 1$"):
         evaluate_main(["--merge", str(tmp_path / "base"), "--replace", "--out", str(tmp_path / "x")])
-    assert "--replace takes exactly two runs" in capsys.readouterr().err
 
 
 def test_release_free_memory_returns_freed_heap_pages_to_the_os():
     """What keeps a long evaluation's RSS flat: freed heap memory goes back to the OS after each sample."""
     import platform
 
-    from polykv_learn.eval.runner import release_free_memory
+    from polykv_learn.eval.memory import release_free_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
@@ -442,7 +419,7 @@ def test_release_free_memory_returns_freed_heap_pages_to_the_os():
 
 
 def test_decoding_stops_once_the_answer_is_settled(tiny, monkeypatch):
-    from polykv_learn.eval import runner
+    from polykv_learn.eval import evaluator
 
     model, tok = tiny
     ev = make_evaluator(model, tok, ["snapkv"])
@@ -453,7 +430,7 @@ def test_decoding_stops_once_the_answer_is_settled(tiny, monkeypatch):
     assert len(free.tokens) == 8  # a random tiny model: no EOS, nothing settles
     settled_text = ev._text(free.tokens[:3])
     monkeypatch.setattr(
-        runner, "answer_settled", lambda metric, text, answers=None: metric == "code_sim" and text == settled_text
+        evaluator, "answer_settled", lambda metric, text, answers=None: metric == "code_sim" and text == settled_text
     )
     (stopped,), _ = ev._run(shared, [None], enc, 8, None, "code_sim")
     assert stopped.tokens == free.tokens[:3] and stopped.prediction == settled_text.strip()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from polykv_learn.eval.jsonl import load_samples  # noqa: E402
 from polykv_learn.eval.metrics import score  # noqa: E402
-from polykv_learn.eval.runner import _table  # noqa: E402
+from polykv_learn.eval.results import _table  # noqa: E402
 
 
 def combine_peers(parts: list[dict]) -> dict:

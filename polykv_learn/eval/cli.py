@@ -8,7 +8,6 @@ polykv-learn evaluate --data my.jsonl --methods full snapkv polykv --budgets 256
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +33,13 @@ protocols: query-agnostic (default) compresses the context alone, then asks the 
 outputs in --out: results.json (summary: method -> budget -> task -> mean score and "average";
 full_cache; gap_recovery and gap_recovery_test_only per method and budget; summary_nll, summary_kl;
 example_plans; samples: one record per sample/method/budget with id, task, method, budget, prediction,
-score, nll, kl, context_tokens, kept, kv_bytes), results.md, score_vs_budget.png, plan_map.png.
+score, nll, kl, context_tokens, kept, kv_bytes), results.md, score_vs_budget.png, plan_map.png; and
+samples.jsonl, written as the run goes (its settings, then one line per finished sample): a stopped run
+continues with --resume, which skips the samples it holds and rebuilds every output from all of them.
+
+checked before the model loads: --out (a folder that can be written), every --data line, budgets, methods,
+the router artifacts, and the length of every sample: one that needs more positions than the model has
+(max_position_embeddings) stops the run unless --max-context cuts it.
 
 JSONL schema (--data): one object per line with context, question, answers (list of strings), metric
 (string_match, qa_f1, rouge_l, classification, code_sim); optional task, id, answer_prefix, max_new_tokens,
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context",
         type=int,
         default=None,
-        help="cut contexts longer than this many tokens in the middle (first and last halves kept)",
+        help="cut contexts longer than this many tokens in the middle (first and last halves kept). Without it a "
+        "sample longer than the model's positions stops the run before the model loads",
     )
     p.add_argument(
         "--batch-size",
@@ -157,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped run in --out from its samples.jsonl (the same options; refused if they differ): "
+        "finished samples are skipped, every output is rebuilt from all samples. Without it, an --out that holds "
+        "an earlier run's samples.jsonl is refused",
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -173,74 +186,112 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    import json
+def _positive(option: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{option} must be >= {minimum}, got {value}")
 
-    from polykv_learn.eval.runner import merge_results, replace_methods, write_outputs
 
-    parts = []
-    for folder in args.merge:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            parser.error(f"--merge: {path} does not exist (give --out folders of finished evaluate runs)")
-        parts.append(json.loads(path.read_text()))
-    if args.replace and len(parts) != 2:
-        parser.error(f"--replace takes exactly two runs, --merge BASE UPDATE; got {len(parts)}")
+def _merge(args: argparse.Namespace) -> dict:
+    from polykv_learn.eval.checks import check_out_dir, read_results
+    from polykv_learn.eval.report import write_outputs
+    from polykv_learn.eval.results import merge_results, replace_methods
+
+    if args.resume:
+        raise ValueError("--resume continues an evaluation run; --merge only joins finished ones")
+    if args.replace and len(args.merge) != 2:
+        raise ValueError(f"--replace takes exactly two runs, --merge BASE UPDATE; got {len(args.merge)}")
+    check_out_dir(args.out)
+    parts = [read_results(folder) for folder in args.merge]
     try:
         results = replace_methods(*parts) if args.replace else merge_results(parts)
     except ValueError as err:
-        parser.error(f"--merge: {err}")
+        raise ValueError(f"--merge: {err}") from None
     write_outputs(results, args.out)
     print(f"merged {len(parts)} runs, {results['timing']['samples']} samples; outputs in {args.out}")
     return results
 
 
+def _artifact(option: str, folder: str | None):
+    from polykv_learn.deploy.polykv import PolyKV
+
+    if folder is None:
+        return None
+    try:
+        return PolyKV.from_pretrained(folder)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{option}: {err}") from None
+
+
+def _samples(args: argparse.Namespace) -> list[dict]:
+    from polykv_learn.eval.jsonl import load_samples
+    from polykv_learn.eval.results import select_samples
+
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(
+            f"--data {args.data} is not a file (make the task files with `polykv-learn prepare-data`, or give a JSONL)"
+        )
+    try:
+        selected = select_samples(load_samples(args.data), _names(args.tasks), args.limit, _shard(args.shard))
+    except ValueError as err:
+        raise ValueError(f"--shard: {err}" if str(err).startswith("shard") else str(err)) from None
+    if not selected:
+        raise ValueError(f"no samples to evaluate in {args.data} (check --tasks, --limit and --shard)")
+    return selected
+
+
 def evaluate_main(argv: Sequence[str]) -> dict:
-    """Entry point of ``polykv-learn evaluate``; returns the results dict (also written to ``--out``)."""
+    """Entry point of ``polykv-learn evaluate``; returns the results dict (also written to ``--out``).
+
+    Bad input raises a one-line ``ValueError``, ``FileNotFoundError`` or ``PermissionError`` before the model
+    loads (see the epilog for what is checked)."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
     if args.merge:
-        return _merge(args, parser)
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+        return _merge(args)
+    from polykv_learn.eval.checks import (
+        artifact_digest,
+        check_out_dir,
+        check_router_fits,
+        fit_contexts,
+        model_config,
+    )
+
+    check_out_dir(args.out)
+    _positive("--limit", args.limit)
+    _positive("--threads", args.threads)
+    _positive("--batch-size", args.batch_size)
+    _positive("--group-size", args.group_size)
+    _positive("--max-context", args.max_context, 2)
+    for budget in args.budgets or ():
+        _positive("--budgets", budget)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
 
     from polykv_learn import onednn
     from polykv_learn.capture import CaptureOptions
-    from polykv_learn.deploy.polykv import PolyKV
-    from polykv_learn.eval.jsonl import load_samples
+    from polykv_learn.eval.evaluator import DEFAULT_BUDGETS, EvalSettings, Evaluator
     from polykv_learn.eval.methods import available_methods, resolve_methods
-    from polykv_learn.eval.runner import DEFAULT_BUDGETS, EvalSettings, Evaluator, run_evaluation, select_samples
-    from polykv_learn.models import SMOLLM2, load_model
+    from polykv_learn.eval.runner import run_config, run_evaluation, run_header
+    from polykv_learn.eval.samples_log import SamplesLog
+    from polykv_learn.models import SMOLLM2, load_model, load_tokenizer
     from polykv_learn.policies import get_policy
 
+    router_dir = args.router
+    if router_dir is None and not args.no_router and DEFAULT_ROUTER.is_dir():
+        router_dir = str(DEFAULT_ROUTER)
+    router = _artifact("--router", router_dir)
+    gbdt = _artifact("--gbdt-router", args.gbdt_router)
     try:
-        settings = EvalSettings(
-            budgets=tuple(args.budgets or DEFAULT_BUDGETS),
-            query_aware=args.query_aware,
-            chat=bool(args.chat),
-            max_context=args.max_context,
-            batch_size=args.batch_size,
-            group_size=args.group_size,
-        )
-        router_dir = args.router
-        if router_dir is None and not args.no_router and DEFAULT_ROUTER.is_dir():
-            router_dir = str(DEFAULT_ROUTER)
-        router = PolyKV.from_pretrained(router_dir) if router_dir else None
-        gbdt = PolyKV.from_pretrained(args.gbdt_router) if args.gbdt_router else None
         methods = resolve_methods(_names(args.methods), available_methods(router, gbdt))
-        samples = select_samples(load_samples(args.data), _names(args.tasks), args.limit, _shard(args.shard))
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    except ValueError as err:
+        raise ValueError(f"--methods: {err}") from None
+    samples = _samples(args)
 
     artifacts = [a for a in (router, gbdt) if a is not None]
     if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
-        parser.error("--router and --gbdt-router were trained with different capture options; evaluate them apart")
+        raise ValueError("--router and --gbdt-router were trained with different capture options; evaluate them apart")
     base = artifacts[0].capture if artifacts else CaptureOptions()
     needs_h2o = any(get_policy(p).needs_accumulated_attn for a in artifacts for p in a.policies) or any(
         m.kind == "single" and get_policy(m.name).needs_accumulated_attn for m in methods
@@ -248,14 +299,28 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk)
 
     model_name = args.model or (artifacts[0].model_fingerprint["name"] if artifacts else SMOLLM2)
+    model_cfg = model_config(model_name)
+    for option, artifact in (("--router", router), ("--gbdt-router", gbdt)):
+        if artifact is not None:
+            check_router_fits(artifact, model_cfg, option)
+    tokenizer = load_tokenizer(model_name)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat and not has_template:
+        raise ValueError("--chat needs a tokenizer with a chat template; this one has none (use --no-chat)")
+    settings = EvalSettings(
+        budgets=tuple(args.budgets or DEFAULT_BUDGETS),
+        query_aware=args.query_aware,
+        # default: the chat template whenever the tokenizer has one
+        chat=has_template if args.chat is None else args.chat,
+        max_context=args.max_context,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+    )
+    cut = fit_contexts(tokenizer, settings, samples, model_cfg.max_position_embeddings)
+    if cut:
+        print(f"--max-context {args.max_context}: {cut} of {len(samples)} samples have their context cut in the middle")
+
     onednn.set_enabled(not args.no_onednn)
-    model, tokenizer = load_model(model_name, attn_implementation=args.attn, onednn_linear=not args.no_onednn)
-    for a in artifacts:
-        a.check_model(model)
-    if args.chat is None:  # default: the chat template whenever the tokenizer has one
-        settings = dataclasses.replace(settings, chat=bool(getattr(tokenizer, "chat_template", None)))
-    evaluator = Evaluator(model, tokenizer, methods, settings, capture)
-    start = time.perf_counter()
     config = {
         "data": args.data,
         "router": router_dir,
@@ -266,10 +331,22 @@ def evaluate_main(argv: Sequence[str]) -> dict:
         "shard": args.shard,
         "matmul": "onednn" if onednn.enabled() else "default",
     }
-    results = run_evaluation(evaluator, samples, args.out, config=config, progress=not args.no_progress)
+    fingerprint = {"router_files": artifact_digest(router_dir), "gbdt_router_files": artifact_digest(args.gbdt_router)}
+    header = run_header(run_config(config, settings, methods, capture), settings, samples, fingerprint)
+    log = SamplesLog.prepare(args.out, header, args.resume)
+
+    model, _ = load_model(
+        model_name, attn_implementation=args.attn, with_tokenizer=False, onednn_linear=not args.no_onednn
+    )
+    for a in artifacts:
+        a.check_model(model)
+    evaluator = Evaluator(model, tokenizer, methods, settings, capture)
+    start = time.perf_counter()
+    results = run_evaluation(evaluator, samples, args.out, config=config, progress=not args.no_progress, log=log)
     elapsed = time.perf_counter() - start
     budgets = [str(b) for b in settings.budgets]
-    print(f"\n{len(samples)} samples, {elapsed:.1f} s ({elapsed / len(samples):.1f} s per sample), {settings.protocol}")
+    done = len(samples) - len(log.done)
+    print(f"\n{len(samples)} samples ({done} evaluated now), {elapsed:.1f} s, {settings.protocol}")
     print("average score".ljust(22) + "".join(f"B={b}".rjust(10) for b in budgets))
     for name, per_budget in results["summary"].items():
         cells = "".join(
