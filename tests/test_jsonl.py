@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from polykv_learn.eval.jsonl import DEFAULT_MAX_NEW_TOKENS, load_samples, write_jsonl
+from polykv_learn.data.jsonl import DEFAULT_MAX_NEW_TOKENS, load_samples, write_jsonl
 
 GOOD = {"context": "c", "question": "q", "answers": ["a"], "metric": "qa_f1"}
 
@@ -84,6 +84,6 @@ def test_write_jsonl_roundtrip_and_atomicity(tmp_path):
 def test_atomic_write_text_is_the_package_helper():
     """data.prepare and the peer benchmarks import ``atomic_write_text`` from here: it is polykv_learn.atomic's."""
     from polykv_learn import atomic
-    from polykv_learn.eval import jsonl
+    from polykv_learn.data import jsonl
 
     assert jsonl.atomic_write_text is atomic.atomic_write_text

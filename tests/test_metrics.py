@@ -147,3 +147,10 @@ def test_settled_answers_keep_their_score_whatever_follows():
                     assert score(metric, text[:cut].strip(), answers, all_classes=classes) == final, (metric, text, cut)
                     checked += 1
     assert checked > 500
+
+
+def test_sample_schema_names_exactly_the_implemented_metrics():
+    from polykv_learn.data.jsonl import METRIC_NAMES
+    from polykv_learn.eval.metrics import METRICS
+
+    assert set(METRIC_NAMES) == set(METRICS)

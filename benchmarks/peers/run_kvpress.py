@@ -101,7 +101,8 @@ def import_polykv_pure():
     pkg = types.ModuleType("polykv_learn")
     pkg.__path__ = [str(REPO / "polykv_learn")]
     sys.modules.setdefault("polykv_learn", pkg)
-    from polykv_learn.eval import jsonl, metrics
+    from polykv_learn.data import jsonl
+    from polykv_learn.eval import metrics
 
     return jsonl, metrics
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from polykv_learn.eval.jsonl import load_samples  # noqa: E402
+from polykv_learn.data.jsonl import load_samples  # noqa: E402
 from polykv_learn.eval.metrics import score  # noqa: E402
 from polykv_learn.eval.results import _table  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 One JSON object per line. Required: ``context`` (str), ``question`` (str), ``answers`` (non-empty list of
 non-empty str: an empty or whitespace-only gold answer cannot be scored), ``metric`` (one of
-``polykv_learn.eval.metrics.METRICS``). Optional: ``task`` (str, default ``"custom"``), ``id`` (str, default
+``METRIC_NAMES``, the metrics ``polykv_learn.eval.metrics`` scores). Optional: ``task`` (str, default ``"custom"``), ``id`` (str, default
 ``"line<N>"``, unique in the file), ``answer_prefix`` (str, default ``""``), ``max_new_tokens`` (positive int,
 default by metric: ``DEFAULT_MAX_NEW_TOKENS``), ``all_classes`` (non-empty list of str, used by
 ``classification``). Other keys (e.g. ``split``) are kept as they are.
@@ -17,9 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from polykv_learn.atomic import atomic_write_text  # re-exported: data.prepare and the peer benchmarks import it here
-from polykv_learn.eval.metrics import METRICS
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "atomic_write_text", "load_samples", "write_jsonl"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "METRIC_NAMES", "atomic_write_text", "load_samples", "write_jsonl"]
 
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     "string_match": 32,
@@ -30,11 +29,14 @@ DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
 }
 """Generation length used when a sample gives no ``max_new_tokens``."""
 
+METRIC_NAMES: tuple[str, ...] = tuple(DEFAULT_MAX_NEW_TOKENS)
+"""The metrics a sample may name (``polykv_learn.eval.metrics.METRICS`` implements exactly these)."""
+
 _REQUIRED = {
     "context": "a string",
     "question": "a string",
     "answers": "a non-empty list of strings",
-    "metric": f"one of {', '.join(METRICS)}",
+    "metric": f"one of {', '.join(METRIC_NAMES)}",
 }
 
 
@@ -64,8 +66,8 @@ def _check(obj: Any, where: str) -> dict[str, Any]:
             f"{where}: 'answers'[{blank[0]}] is {obj['answers'][blank[0]]!r}; every gold answer must be a non-empty "
             "string (not only whitespace)"
         )
-    if obj["metric"] not in METRICS:
-        raise ValueError(f"{where}: unknown metric {obj['metric']!r}; allowed: {', '.join(METRICS)}")
+    if obj["metric"] not in METRIC_NAMES:
+        raise ValueError(f"{where}: unknown metric {obj['metric']!r}; allowed: {', '.join(METRIC_NAMES)}")
     for key in ("task", "id", "answer_prefix"):
         if key in obj and not isinstance(obj[key], str):
             raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")

@@ -36,7 +36,7 @@ from polykv_learn.data.sources import (
     synthetic_documents,
 )
 from polykv_learn.data.tasks import TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
-from polykv_learn.eval.jsonl import atomic_write_text, write_jsonl
+from polykv_learn.data.jsonl import atomic_write_text, write_jsonl
 
 __all__ = ["ALL_SOURCES", "load_documents", "prepare_data"]
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from polykv_learn.data.corpus import DEFAULT_FRACTIONS, document_split
 from polykv_learn.data.sources import Document, LengthFn, approx_tokens, sized_synthetic
-from polykv_learn.eval.jsonl import write_jsonl
+from polykv_learn.data.jsonl import write_jsonl
 
 __all__ = [
     "TASKS",

@@ -223,7 +223,7 @@ def _artifact(option: str, folder: str | None):
 
 
 def _samples(args: argparse.Namespace) -> list[dict]:
-    from polykv_learn.eval.jsonl import load_samples
+    from polykv_learn.data.jsonl import load_samples
     from polykv_learn.eval.results import select_samples
 
     if not Path(args.data).is_file():
