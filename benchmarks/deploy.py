@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        "| method | B | prefill+compress s | ratio (<= 1.10; polykv <= 1.25) | decode tok/s | ratio (>= 1.2) | KV MiB | "
+        "| method | B | prefill+compress s | ratio (<= 1.10; polykv <= 1.25) | "
+        "decode tok/s | ratio (>= 1.2) | KV MiB | "
         "KV ratio | B/n | peak RSS MiB | ratio (<= 1.05) | peak - baseline MiB | CPU-time ratios: prefill, decode |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polykv_learn.capture import CaptureOptions  # noqa: E402
+from polykv_learn.data.jsonl import load_samples  # noqa: E402
 from polykv_learn.deploy.polykv import PolyKV  # noqa: E402
 from polykv_learn.eval.evaluator import EvalSettings, Evaluator  # noqa: E402
-from polykv_learn.data.jsonl import load_samples  # noqa: E402
 from polykv_learn.eval.methods import available_methods, resolve_methods  # noqa: E402
 from polykv_learn.eval.results import select_samples  # noqa: E402
 from polykv_learn.models import load_model  # noqa: E402

@@ -98,9 +98,9 @@ def h2o(args: argparse.Namespace) -> None:
 
 def sweep(args: argparse.Namespace) -> None:
     from polykv_learn.capture import CaptureOptions
+    from polykv_learn.data.jsonl import load_samples
     from polykv_learn.deploy.polykv import PolyKV
     from polykv_learn.eval.evaluator import EvalSettings, Evaluator
-    from polykv_learn.data.jsonl import load_samples
     from polykv_learn.eval.methods import available_methods, resolve_methods
     from polykv_learn.eval.results import select_samples
     from polykv_learn.models import load_model

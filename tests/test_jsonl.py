@@ -42,7 +42,7 @@ def test_valid_file_defaults_and_blank_lines(tmp_path):
         (json.dumps({**GOOD, "answers": ["a", 1]}), "'answers' must be a non-empty list of strings"),
         (json.dumps({**GOOD, "answers": []}), "'answers' is empty"),
         (json.dumps({**GOOD, "answers": [""]}), "'answers'[0] is ''; every gold answer must be a non-empty string"),
-        (json.dumps({**GOOD, "answers": ["a", " \t"]}), "'answers'[1] is ' \\t'; every gold answer must be a non-empty"),
+        (json.dumps({**GOOD, "answers": ["a", " \t"]}), "'answers'[1] is ' \\t'; every gold answer must be"),
         (json.dumps({**GOOD, "metric": "bleu"}), "unknown metric 'bleu'; allowed: string_match, qa_f1"),
         (json.dumps({**GOOD, "max_new_tokens": 0}), "'max_new_tokens' must be a positive integer"),
         (json.dumps({**GOOD, "max_new_tokens": True}), "'max_new_tokens' must be a positive integer"),

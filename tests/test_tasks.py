@@ -6,10 +6,10 @@ import random
 import pytest
 
 from polykv_learn.data.corpus import document_split
+from polykv_learn.data.jsonl import load_samples, write_jsonl
 from polykv_learn.data.prepare import prepare_data
 from polykv_learn.data.sources import Document, QAPair, approx_tokens
 from polykv_learn.data.tasks import TASK_INTROS, TASK_SPECS, TASKS, TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
-from polykv_learn.data.jsonl import load_samples, write_jsonl
 from polykv_learn.eval.metrics import METRICS
 
 LENGTHS = (300, 900)

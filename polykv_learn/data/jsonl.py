@@ -1,10 +1,10 @@
 """Reading and writing evaluation samples as JSON Lines.
 
 One JSON object per line. Required: ``context`` (str), ``question`` (str), ``answers`` (non-empty list of
-non-empty str: an empty or whitespace-only gold answer cannot be scored), ``metric`` (one of
-``METRIC_NAMES``, the metrics ``polykv_learn.eval.metrics`` scores). Optional: ``task`` (str, default ``"custom"``), ``id`` (str, default
-``"line<N>"``, unique in the file), ``answer_prefix`` (str, default ``""``), ``max_new_tokens`` (positive int,
-default by metric: ``DEFAULT_MAX_NEW_TOKENS``), ``all_classes`` (non-empty list of str, used by
+non-empty str: an empty or whitespace-only gold answer cannot be scored), ``metric`` (one of ``METRIC_NAMES``, the
+metrics ``polykv_learn.eval.metrics`` scores). Optional: ``task`` (str, default ``"custom"``), ``id`` (str,
+default ``"line<N>"``, unique in the file), ``answer_prefix`` (str, default ``""``), ``max_new_tokens`` (positive
+int, default by metric: ``DEFAULT_MAX_NEW_TOKENS``), ``all_classes`` (non-empty list of str, used by
 ``classification``). Other keys (e.g. ``split``) are kept as they are.
 Blank lines are skipped.
 """

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from polykv_learn.data.corpus import DEFAULT_FRACTIONS, build_corpus, document_split
+from polykv_learn.data.jsonl import atomic_write_text, write_jsonl
 from polykv_learn.data.sources import (
     BIGBENCH_TASKS,
     SYNTHETIC_KINDS,
@@ -36,7 +37,6 @@ from polykv_learn.data.sources import (
     synthetic_documents,
 )
 from polykv_learn.data.tasks import TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
-from polykv_learn.data.jsonl import atomic_write_text, write_jsonl
 
 __all__ = ["ALL_SOURCES", "load_documents", "prepare_data"]
 
