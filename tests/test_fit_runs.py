@@ -161,6 +161,26 @@ def test_claim_version_gives_every_process_its_own_folder(tmp_path):
         ] + ["version_x"] * (root == roots[0])
 
 
+@pytest.mark.parametrize(
+    ("logger", "expected", "claims"),
+    [
+        (["--trainer.logger=true"], "version_0", 1),  # Lightning's default logger (TensorBoard) gets a claimed version
+        (["--trainer.logger.init_args.version=7"], "version_7", 0),  # a configured version is kept
+    ],
+)
+def test_loggers_without_a_version_get_the_claimed_one(logger, expected, claims, corpus, prefills, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    from polykv_learn.learn import fitcli
+
+    _build_prefills(corpus, prefills)
+    calls = []
+    monkeypatch.setattr(fitcli, "claim_version", lambda roots: calls.append(roots) or claim_version(roots))
+    monkeypatch.chdir(tmp_path)
+    _fit(corpus, prefills, "--model.export_dir=null", "--trainer.max_steps=1", *logger)
+    assert len(calls) == claims
+    assert [p.name for p in (tmp_path / "runs" / "tiny" / "lightning_logs").iterdir()] == [expected]
+
+
 def _train_steps(metrics: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train/kl")]
 

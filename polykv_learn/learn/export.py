@@ -17,7 +17,8 @@ Besides the fields of ``docs/artifact-format.md``, ``training`` records
 - ``resumed``: how many times the training was resumed from a checkpoint.
 
 An export into a folder holding the artifact of another run (another ``run_id``) prints one warning line naming
-the run it replaces.
+the run it replaces. Run ids are unique within one log folder (``<save_dir>/<name>``): two fits logging to
+different folders can both be ``version_0``, and then replacing one's artifact by the other's is not noticed.
 """
 
 from __future__ import annotations

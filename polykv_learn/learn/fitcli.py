@@ -9,10 +9,10 @@ data module's. Before anything heavy happens:
    budgets of ``data.budgets``) -- before any model load or prefill;
 2. the fit claims its own log version: the smallest ``version_N`` above the existing ones that it can create (one
    atomic ``os.mkdir`` per logger folder, retried with ``N + 1`` when another fit got there first), so two fits
-   started in one folder at the same time never share a log folder. Every configured logger without a
-   ``version`` (CSV, TensorBoard, or Lightning's default logger) gets that version; a logger with a ``version``
-   of its own keeps it. The saved ``config.yaml`` keeps the configured value (no version), so re-running it
-   claims a new folder.
+   started in one folder at the same time never share a log folder. Every configured CSV or TensorBoard logger
+   without a ``version`` (and Lightning's default logger) gets that version; a logger with a ``version`` of its
+   own, and any other kind of logger (e.g. Weights & Biases), is left as configured. The saved ``config.yaml``
+   keeps the configured value (no version), so re-running it claims a new folder.
 
 A resumed fit (``--ckpt_path last``) is a new run: it claims a new version, so the logs of the earlier parts stay
 as they were; its artifact records the whole training (``training.wall_time_s``, ``global_step``, ``resumed``)
@@ -40,6 +40,7 @@ from polykv_learn.learn.datamodule import PrefillDataModule
 from polykv_learn.learn.module import PolyKVLearner
 
 VERSION_ENV = "POLYKV_LOG_VERSION"
+FILE_LOGGERS = (CSVLogger, TensorBoardLogger)  # loggers that write into <save_dir>/<name>/version_N
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 _VERSION_DIR = re.compile(r"version_(\d+)$")
 
@@ -107,8 +108,9 @@ class PolyKVCLI(LightningCLI):
         entries = self._logger_entries()
         versionable = [
             i
-            for i, (class_path, init, _) in enumerate(entries)
-            if class_path and "version" in init and init["version"] is None
+            for i, (class_path, init, built) in enumerate(entries)
+            if class_path and (built is None or isinstance(built, FILE_LOGGERS))  # None: the default logger
+            and "version" in init and init["version"] is None
             and init.get("save_dir") and not _is_remote(str(init["save_dir"]))
         ]  # fmt: skip
         if not versionable:
