@@ -5,8 +5,8 @@ import torch
 from polykv_learn.adapter import model_dims
 from polykv_learn.deploy.artifact import write_artifact
 from polykv_learn.features import feature_names
-from polykv_learn.learn.allocator import BudgetAllocator
-from polykv_learn.learn.router import MLPRouter
+from polykv_learn.planner.allocator import BudgetAllocator
+from polykv_learn.planner.router import MLPRouter
 
 
 def make_artifact(directory, model, policies=("snapkv", "streaming", "knorm"), seed=0, random_allocator=False):

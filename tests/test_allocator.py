@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polykv_learn.learn.allocator import BudgetAllocator
+from polykv_learn.planner.allocator import BudgetAllocator
 
 
 def features(num_layers: int, num_features: int = 7, seed: int = 0) -> torch.Tensor:

@@ -319,7 +319,7 @@ def test_router_shape_must_match_its_config(tiny, tmp_path):
 # --- GBDT router ----------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def gbdt_artifact(tiny, tmp_path):
-    from polykv_learn.learn.router import GBDTRouter
+    from polykv_learn.planner.router import GBDTRouter
 
     directory = make_artifact(tmp_path / "g", tiny)
     config, tensors = read_artifact(directory)
@@ -337,7 +337,7 @@ def gbdt_artifact(tiny, tmp_path):
 def test_gbdt_artifact_loads_and_predicts_like_the_router(gbdt_artifact):
     directory, router, x = gbdt_artifact
     loaded = PolyKV.from_pretrained(directory)
-    assert loaded.gbdt.predict(x) == router.predict(x)
+    assert loaded.planner.gbdt.predict(x) == router.predict(x)
 
 
 GBDT_CASES = [

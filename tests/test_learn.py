@@ -104,7 +104,7 @@ def test_training_lowers_loss_and_beats_the_starting_plan(tiny_corpus, prefill_c
     def total_kl(make_plan):
         return sum(plan_kl(d, make_plan(d)) for d in docs) / len(docs)
 
-    start = {d.sample_id: learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length) for d in docs}
+    start = {d.sample_id: learner.learned_planner().plan(d.features_at(32), 32, d.context_length) for d in docs}
     start_kl = total_kl(lambda d: start[d.sample_id])
 
     losses = []
@@ -125,13 +125,24 @@ def test_training_lowers_loss_and_beats_the_starting_plan(tiny_corpus, prefill_c
         callbacks=[Record()],
     )
     trainer.fit(learner, datamodule=dm)
-    learned_kl = total_kl(lambda d: learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length))
+    learned_kl = total_kl(lambda d: learner.learned_planner().plan(d.features_at(32), 32, d.context_length))
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
     assert learned_kl < start_kl, (learned_kl, start_kl)
     best_uniform = min(total_kl(lambda d, p=p: Plan.uniform(p, 32, 4)) for p in learner.policies)
     assert learned_kl < best_uniform, (learned_kl, best_uniform)
     for d in docs:  # hard plans keep the exact total budget
-        assert learner.hard_plan(learner.scale(d.features_at(32)), 32, d.context_length).total_budget == 32 * 4
+        assert learner.learned_planner().plan(d.features_at(32), 32, d.context_length).total_budget == 32 * 4
+    # what the artifact stores rebuilds the planner validation used: the same plans after training
+    from polykv_learn.planner import LearnedPlanner
+
+    config, tensors = learner.planner_state()
+    rebuilt = LearnedPlanner.from_state({**config, "feature_names": learner.feature_names}, tensors)
+    for d in docs:
+        for budget in (16, 32, 48):
+            feats = d.features_at(32)
+            assert rebuilt.plan(feats, budget, d.context_length) == learner.learned_planner().plan(
+                feats, budget, d.context_length
+            )
 
 
 def test_prefill_store_never_leaves_a_half_written_file(tiny_corpus, tmp_path, monkeypatch):
@@ -371,6 +382,6 @@ def test_fit_gbdt_router_trains_on_oracle_labels_and_exports_trees(tiny_corpus, 
     from polykv_learn.deploy.polykv import PolyKV
 
     polykv = PolyKV.from_pretrained(art)
-    assert polykv.config["router"]["type"] == "gbdt" and polykv.gbdt is not None
+    assert polykv.config["router"]["type"] == "gbdt" and polykv.planner.gbdt is not None
     plan = polykv.static_plan(32)
-    assert plan.total_budget == 4 * 32 and set(plan.policies) <= set(polykv.gbdt.classes)
+    assert plan.total_budget == 4 * 32 and set(plan.policies) <= set(polykv.planner.gbdt.classes)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from polykv_learn.learn.router import GBDTRouter, MLPRouter
+from polykv_learn.planner.router import GBDTRouter, MLPRouter
 
 POLICIES = ["snapkv", "streaming", "knorm", "tova"]
 

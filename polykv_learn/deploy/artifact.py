@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from polykv_learn import atomic
 from polykv_learn.features import feature_names as expected_feature_names
-from polykv_learn.learn.router import _NODE_FIELDS, GBDT_FORMAT
+from polykv_learn.planner.router import GBDT_FORMAT, NODE_FIELDS
 from polykv_learn.policies import POLICIES
 
 FORMAT = "polykv-learn/1"
@@ -305,14 +304,14 @@ def _check_gbdt(meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], polic
     params = meta.get("params", {})
     _expect(isinstance(params, dict), "router.gbdt.params", "an object", params)
     arrays = {}
-    for key in [f"nodes.{f}" for f in _NODE_FIELDS] + ["tree_offsets", "baseline"]:
+    for key in [f"nodes.{f}" for f in NODE_FIELDS] + ["tree_offsets", "baseline"]:
         if f"gbdt.{key}" not in tensors:
             raise _Invalid(f"tensor gbdt.{key} is missing from {WEIGHTS_FILE}")
         arrays[key] = tensors[f"gbdt.{key}"].numpy()
         if arrays[key].ndim != 1:
             raise _Invalid(f"tensor gbdt.{key} must be 1-D, got shape {arrays[key].shape}")
     n = len(arrays["nodes.feature_idx"])
-    if any(len(arrays[f"nodes.{f}"]) != n for f in _NODE_FIELDS):
+    if any(len(arrays[f"nodes.{f}"]) != n for f in NODE_FIELDS):
         raise _Invalid("the gbdt.nodes.* tensors must all have the same length (one entry per node)")
     offsets = arrays["tree_offsets"].astype(np.int64)
     if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 1):
@@ -329,82 +328,3 @@ def _check_gbdt(meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], polic
     feature = arrays["nodes.feature_idx"].astype(np.int64)
     if np.any(inner & ((feature < 0) | (feature >= features))):
         raise _Invalid(f"tensor gbdt.nodes.feature_idx must be in [0, {features}) at split nodes")
-
-
-def export_learner(learner: Any, datamodule: Any, directory: str | Path) -> Path:
-    """Freeze a trained :class:`~polykv_learn.learn.module.PolyKVLearner` into an artifact folder."""
-    hp = learner.hparams
-    tensors = {f"router.{k}": v for k, v in learner.router.state_dict().items()}
-    tensors.update({f"allocator.{k}": v for k, v in learner.allocator.state_dict().items()})
-    tensors["calibration_features"] = datamodule.calibration_features()  # (K, L, F) unscaled
-    router: dict[str, Any] = {
-        "type": hp.router,
-        "hidden": learner.router.hidden,
-        "num_hidden_layers": learner.router.num_hidden_layers,
-    }
-    if learner.gbdt is not None:
-        arrays, meta = learner.gbdt.to_state()
-        tensors.update({f"gbdt.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-        router["gbdt"] = meta
-    opts = learner.simulator.capture_options
-    config = {
-        "model": learner.simulator.dims.to_dict(),
-        "policies": list(learner.policies),
-        "overlap_policies": list(hp.overlap_policies),
-        "feature_names": list(learner.feature_names),
-        "scaler": {"mean": learner.feature_mean.tolist(), "std": learner.feature_std.tolist()},
-        "router": router,
-        "allocator": {"hidden": learner.allocator.hidden, "num_hidden_layers": learner.allocator.num_hidden_layers},
-        "b_min": hp.b_min,
-        "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk},
-        "budgets": list(datamodule.budgets),
-        "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},
-        "training": {
-            "wall_time_s": round(time.time() - learner.fit_started_at, 1),
-            "global_step": int(learner.global_step),
-            "selected_step": learner.selected_step,
-            "train_samples": len(datamodule.train_ids),
-            "val_samples": len(datamodule.val_ids),
-            "data_dir": str(datamodule.data_dir),
-        },
-    }
-    path = write_artifact(directory, config, tensors)
-    write_model_card(path)
-    return path
-
-
-def write_model_card(directory: str | Path, notes: str = "") -> Path:
-    """Write ``README.md`` (the model card) of an artifact from its ``polykv.json``: model, policies, training
-    data and steps, wall time, and the validation table (KL to the full cache on held-out documents)."""
-    from polykv_learn.learn.module import describe_table
-
-    directory = Path(directory)
-    config, _ = read_artifact(directory)
-    model, train = config["model"], config.get("training", {})
-    table = {int(b): row for b, row in config.get("validation", {}).items()}
-    wall = train.get("wall_time_s")
-    lines = [
-        f"# polykv-learn router for {model['name']}",
-        "",
-        f"- model: {model['name']} ({model['num_layers']} layers, {model['num_heads']} heads, "
-        f"{model['num_kv_heads']} KV heads, head dim {model['head_dim']})",
-        f"- routed policies: {', '.join(config['policies'])}; router: {config['router']['type']}",
-        f"- layer features: {len(config['feature_names'])} ({', '.join(config['feature_names'])})",
-        f"- training data: {train.get('train_samples')} training / {train.get('val_samples')} validation samples "
-        f"from `{train.get('data_dir')}` (document-level split; see `polykv-learn prepare-data`)",
-        f"- steps: {train.get('global_step')}"
-        + (f" (exported: step {train['selected_step']}, best validation KL)" if train.get("selected_step") else "")
-        + "; wall time: "
-        + (f"{wall / 60:.1f} min (prefills included)" if wall else "not recorded"),
-        "",
-        "## Validation (hard plan, mean KL to the full cache on the probes of held-out documents; lower is better)",
-        "",
-        describe_table(table) if table else "(no validation was run)",
-    ]
-    if notes:
-        lines += ["", notes]
-    path = directory / "README.md"
-    tmp = directory / ".README.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path

@@ -26,10 +26,9 @@ from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.artifact import read_artifact, write_artifact
-from polykv_learn.features import FeatureScaler, layer_features
-from polykv_learn.learn.allocator import BudgetAllocator
-from polykv_learn.learn.router import GBDTRouter, MLPRouter
+from polykv_learn.features import layer_features
 from polykv_learn.plan import Plan
+from polykv_learn.planner import LearnedPlanner, check_budget
 from polykv_learn.policies import LayerStats, get_policy
 
 MODES = ("adaptive", "static")
@@ -44,7 +43,6 @@ class PolyKV:
         self.policies: list[str] = list(config["policies"])
         self.overlap_policies: list[str] = list(config["overlap_policies"])
         self.feature_names: list[str] = list(config["feature_names"])
-        self.scaler = FeatureScaler.from_dict(config["scaler"])
         self.b_min = int(config["b_min"])
         self.budgets: list[int] = [int(b) for b in config["budgets"]]
         cap = config["capture"]
@@ -54,21 +52,8 @@ class PolyKV:
             chunk=cap["chunk"],
             accumulate=any(get_policy(p).needs_accumulated_attn for p in self.policies),
         )
-        num_features = len(self.feature_names)
-        r, a = config["router"], config["allocator"]
-        self.router = MLPRouter(
-            num_features, self.policies, hidden=r["hidden"], num_hidden_layers=r["num_hidden_layers"]
-        )
-        self.router.load_state_dict(_prefixed(tensors, "router."))
-        self.allocator = BudgetAllocator(num_features, hidden=a["hidden"], num_hidden_layers=a["num_hidden_layers"])
-        self.allocator.load_state_dict(_prefixed(tensors, "allocator."))
-        self.gbdt: GBDTRouter | None = None
-        if r["type"] == "gbdt":
-            arrays = {k: v.numpy() for k, v in _prefixed(tensors, "gbdt.").items()}
-            self.gbdt = GBDTRouter.from_state(arrays, r["gbdt"])
+        self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled
-        self.router.eval()
-        self.allocator.eval()
 
     # --- persistence ---------------------------------------------------------------------------------------------
     @classmethod
@@ -100,11 +85,6 @@ class PolyKV:
             raise ValueError(f"this router was trained for {show(trained)} but the model is {show(dims)}")
 
     # --- plans ---------------------------------------------------------------------------------------------------
-    def _check_budget(self, budget: int) -> int:
-        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-            raise ValueError(f"budget must be a positive integer (average kept positions per layer), got {budget!r}")
-        return int(budget)
-
     def features(self, stats: Sequence[LayerStats], budget: int) -> Tensor:
         """Raw layer signals (L, F) of one sequence's prefill at ``budget``; a left-padded one-row batch is cut to
         its real tokens first. For a batch, take each row's statistics with :func:`~polykv_learn.cache.row_stats`
@@ -115,17 +95,9 @@ class PolyKV:
 
     @torch.no_grad()
     def plan_from_features(self, features: Tensor, budget: int, context_length: int) -> Plan:
-        """The hard plan for raw features (L, F): router's arg-max policy and the allocator's integer budgets."""
-        budget = self._check_budget(budget)
-        scaled = self.scaler.transform(features.detach().float().cpu())  # router and allocator live on the CPU
-        if self.gbdt is not None:
-            policies = self.gbdt.predict(scaled.numpy())
-        else:
-            policies = self.router.hard_choice(scaled)
-        if context_length <= budget:
-            return Plan.from_lists(policies, [budget] * len(policies))
-        budgets = self.allocator.integer_budgets(scaled, budget, context_length, min(self.b_min, budget))
-        return Plan.from_lists(policies, budgets)
+        """The hard plan for raw features (L, F): router's arg-max policy and the allocator's integer budgets
+        (:meth:`polykv_learn.planner.LearnedPlanner.plan`)."""
+        return self.planner.plan(features, budget, context_length)
 
     def plan_for_stats(self, stats: Sequence[LayerStats], budget: int) -> Plan:
         """The adaptive plan of one sequence's prefill statistics (batch 1; for a batch see :meth:`plans_for_stats`),
@@ -146,7 +118,7 @@ class PolyKV:
         ``Plan``; a batch (batch, n) gives a list with one ``Plan`` per row (also for one row), each from that
         row's own features and real length. A left-padded batch needs its ``attention_mask`` (0 = padding)."""
         self.check_model(model)
-        budget = self._check_budget(budget)
+        budget = check_budget(budget)
         ids, mask = _check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
@@ -158,7 +130,7 @@ class PolyKV:
 
     def static_plan(self, budget: int) -> Plan:
         """One fixed plan per budget, from the calibration features (the nearest budget of the grid)."""
-        budget = self._check_budget(budget)
+        budget = check_budget(budget)
         k = min(range(len(self.budgets)), key=lambda i: abs(np.log(self.budgets[i] / budget)))
         max_n = int(self.model_fingerprint["max_positions"])
         return self.plan_from_features(self.calibration[k], budget, max_n)
@@ -173,7 +145,7 @@ class PolyKV:
         mode every row gets the one calibrated plan. Rows that keep different numbers of positions in a layer are
         held padded to the longest of them, behind a mask (``cache_bytes`` counts those slots)."""
         self.check_model(model)
-        budget = self._check_budget(budget)
+        budget = check_budget(budget)
         if mode == "static":
             return CompressedCache(model, plan=self.static_plan(budget))
         if mode != "adaptive":
@@ -229,7 +201,3 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Ten
         if not bool(mask[r, mask.shape[1] - n_real :].all()):
             raise ValueError(f"row {r} of attention_mask has padding after a token; pad on the left")
     return ids, mask
-
-
-def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

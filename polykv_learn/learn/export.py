@@ -67,20 +67,14 @@ def artifact_parts(
     learner: L.LightningModule, datamodule: L.LightningDataModule, run: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``polykv.json`` content (without ``format``) and the tensors of the learner's artifact."""
-    router, tensors = learner.router_state()
-    allocator, allocator_tensors = learner.allocator_state()
-    tensors.update(allocator_tensors)
+    planner, tensors = learner.planner_state()  # policies, scaler, router, allocator, b_min
     tensors["calibration_features"] = datamodule.calibration_features()  # (K, L, F) unscaled
     opts = datamodule.capture_options
     config = {
+        **planner,
         "model": learner.simulator.dims.to_dict(),
-        "policies": list(learner.policies),
         "overlap_policies": list(learner.hparams.overlap_policies),
         "feature_names": list(learner.feature_names),
-        "scaler": learner.scaler_state(),
-        "router": router,
-        "allocator": allocator,
-        "b_min": learner.hparams.b_min,
         "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk},
         "budgets": list(datamodule.budgets),
         "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},

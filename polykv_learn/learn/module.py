@@ -19,22 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, feature_names
+from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, FeatureScaler, feature_names
 from polykv_learn.learn import checks, export
-from polykv_learn.learn.allocator import BudgetAllocator
 from polykv_learn.learn.oracle import oracle_labels
-from polykv_learn.learn.router import GBDTRouter, MLPRouter
 from polykv_learn.learn.shared import max_positions, shared_model
 from polykv_learn.learn.soft_plan import annealed, soft_key_bias
 from polykv_learn.learn.store import StoredPrefill
 from polykv_learn.plan import Plan
+from polykv_learn.planner import BudgetAllocator, GBDTRouter, LearnedPlanner, MLPRouter
 from polykv_learn.simulator import Simulator
-from polykv_learn.tables import describe_table  # noqa: F401 (old home; deploy/artifact.py still imports it here)
 
 DEFAULT_POLICIES = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
 ROUTERS = ("mlp", "gbdt")
@@ -201,14 +198,11 @@ class PolyKVLearner(L.LightningModule):
             return hard.reshape(r, layers, -1).to(features.device)
         return self.router.probs(features, temperature)
 
-    def hard_plan(self, features: Tensor, budget: int, context_length: int) -> Plan:
-        """The deployable plan for scaled features (L, F) at average budget ``budget``."""
-        probs = self.routing(features[None], 1.0)[0]  # (L, Pol)
-        policies = [self.policies[i] for i in probs.argmax(-1).tolist()]
-        budgets = self.allocator.integer_budgets(features, budget, context_length, self.hparams.b_min)
-        if context_length <= budget:
-            budgets = [budget] * len(policies)
-        return Plan.from_lists(policies, budgets)
+    def learned_planner(self) -> LearnedPlanner:
+        """The deployable planner over this learner's live router, allocator and feature statistics: validation
+        measures exactly the plans that ``PolyKV`` makes from the exported artifact."""
+        scaler = FeatureScaler(mean=self.feature_mean, std=self.feature_std)
+        return LearnedPlanner(self.policies, scaler, self.router, self.allocator, self.hparams.b_min, self.gbdt)
 
     def sample_budgets(self, prefill: StoredPrefill) -> list[int]:
         n = prefill.context_length
@@ -284,8 +278,7 @@ class PolyKVLearner(L.LightningModule):
         for budget in self.hparams.val_budgets:
             if budget >= n:
                 continue
-            feats = self.scale(prefill.features_at(budget).to(self.device))
-            methods = {"learned": self.hard_plan(feats, budget, n)}
+            methods = {"learned": self.learned_planner().plan(prefill.features_at(budget), budget, n)}
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
             methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers)
             logits = self.simulator.probe_logits(
@@ -359,28 +352,9 @@ class PolyKVLearner(L.LightningModule):
         return None
 
     # --- what the artifact holds (read by learn/export.py) ---------------------------------------------------------
-    def router_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The artifact's ``router`` entry and the router's tensors (``router.*``, and ``gbdt.*`` for trees)."""
-        entry: dict[str, Any] = {
-            "type": self.hparams.router,
-            "hidden": self.router.hidden,
-            "num_hidden_layers": self.router.num_hidden_layers,
-        }
-        tensors = {f"router.{k}": v for k, v in self.router.state_dict().items()}
-        if self.gbdt is not None:
-            arrays, meta = self.gbdt.to_state()
-            tensors.update({f"gbdt.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-            entry["gbdt"] = meta
-        return entry, tensors
-
-    def allocator_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The artifact's ``allocator`` entry and the allocator's tensors (``allocator.*``)."""
-        entry = {"hidden": self.allocator.hidden, "num_hidden_layers": self.allocator.num_hidden_layers}
-        return entry, {f"allocator.{k}": v for k, v in self.allocator.state_dict().items()}
-
-    def scaler_state(self) -> dict[str, list[float]]:
-        """The feature standardisation: ``mean`` and ``std`` of every feature column."""
-        return {"mean": self.feature_mean.tolist(), "std": self.feature_std.tolist()}
+    def planner_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The artifact's planner entries (policies, scaler, router, allocator, b_min) and tensors."""
+        return self.learned_planner().state(self.hparams.router)
 
 
 def check_learner_args(hp: Any) -> None:

@@ -23,7 +23,7 @@ __all__ = ["GBDTRouter", "MLPRouter"]
 
 GBDT_FORMAT = "polykv-gbdt-v1"
 #: node fields exported per tree, with the dtype they are stored in
-_NODE_FIELDS: dict[str, type] = {
+NODE_FIELDS: dict[str, type] = {
     "feature_idx": np.int64,
     "num_threshold": np.float64,
     "missing_go_to_left": np.uint8,
@@ -162,7 +162,7 @@ class GBDTRouter:
         self.classes = [label]
         self.loss = "constant"
         self._baseline = np.zeros(1)
-        self._nodes = {field: np.zeros(0, dtype=dtype) for field, dtype in _NODE_FIELDS.items()}
+        self._nodes = {field: np.zeros(0, dtype=dtype) for field, dtype in NODE_FIELDS.items()}
         self._tree_offsets = np.zeros(1, dtype=np.int64)
         self._trees_per_iteration = 0
 
@@ -174,18 +174,18 @@ class GBDTRouter:
         self.loss = "binary" if len(self.classes) == 2 else "multiclass"
         self._trees_per_iteration = int(est.n_trees_per_iteration_)
         self._baseline = np.asarray(est._baseline_prediction, dtype=np.float64).reshape(-1)  # (K,)
-        fields: dict[str, list[np.ndarray]] = {field: [] for field in _NODE_FIELDS}
+        fields: dict[str, list[np.ndarray]] = {field: [] for field in NODE_FIELDS}
         offsets = [0]
         for predictors in est._predictors:  # one list of K trees per boosting iteration
             for predictor in predictors:
                 nodes = predictor.nodes
                 if np.any(nodes["is_categorical"]):
                     raise ValueError("a tree splits on a categorical feature; the portable export cannot hold it")
-                for field, dtype in _NODE_FIELDS.items():
+                for field, dtype in NODE_FIELDS.items():
                     fields[field].append(nodes[field].astype(dtype))
                 offsets.append(offsets[-1] + len(nodes))
         self._nodes = {
-            field: np.concatenate(parts) if parts else np.zeros(0, dtype=_NODE_FIELDS[field])
+            field: np.concatenate(parts) if parts else np.zeros(0, dtype=NODE_FIELDS[field])
             for field, parts in fields.items()
         }
         self._tree_offsets = np.asarray(offsets, dtype=np.int64)
@@ -271,7 +271,7 @@ class GBDTRouter:
             raise ValueError(f"unknown GBDT router format {meta.get('format')!r}; expected {GBDT_FORMAT!r}")
         if meta.get("loss") not in ("binary", "multiclass", "constant"):
             raise ValueError(f"unknown loss {meta.get('loss')!r}; expected 'binary', 'multiclass' or 'constant'")
-        needed = [f"nodes.{field}" for field in _NODE_FIELDS] + ["tree_offsets", "baseline"]
+        needed = [f"nodes.{field}" for field in NODE_FIELDS] + ["tree_offsets", "baseline"]
         missing = [key for key in needed if key not in arrays]
         if missing:
             raise ValueError(f"GBDT router state lacks arrays {missing}")
@@ -280,7 +280,7 @@ class GBDTRouter:
         router.loss = meta["loss"]
         router.num_features = int(meta["num_features"])
         router._trees_per_iteration = int(meta["trees_per_iteration"])
-        router._nodes = {f: np.asarray(arrays[f"nodes.{f}"]).astype(dt) for f, dt in _NODE_FIELDS.items()}
+        router._nodes = {f: np.asarray(arrays[f"nodes.{f}"]).astype(dt) for f, dt in NODE_FIELDS.items()}
         router._tree_offsets = np.asarray(arrays["tree_offsets"]).astype(np.int64)
         router._baseline = np.asarray(arrays["baseline"]).astype(np.float64).reshape(-1)
         expected_classes = {"binary": 2, "constant": 1}.get(router.loss, len(router.classes))
