@@ -21,6 +21,28 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def eager_models():
+    """name -> tiny model with eager attention, built once per session."""
+    return {name: load_model(name, attn_implementation="eager", with_tokenizer=False)[0] for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine every multi-threaded op of a
+    generate loop can wait a scheduler slice for its second thread: modules that generate a lot use one thread
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_for(name: str, attn: str, tiny_models: dict, eager_models: dict):
+    """The tiny model ``name`` with ``attn`` (``sdpa`` or ``eager``) attention."""
+    return tiny_models[name] if attn == "sdpa" else eager_models[name]
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (converted once to safetensors)."""
     return load_model("smollm2-135m")

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_MODELS, random_ids
+from conftest import TINY_MODELS, model_for, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from polykv_learn import adapter
@@ -20,24 +20,7 @@ NEW_TOKENS = 32
 PAD = 2  # pad = eos of SmolLM2 and of the tiny models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine every multi-threaded op of a
-    generate loop can wait a scheduler slice for its second thread: one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def eager_models():
-    """name -> tiny model with eager attention."""
-    return {name: load_model(name, attn_implementation="eager", with_tokenizer=False)[0] for name in TINY_MODELS}
-
-
-def model_for(name, attn, tiny_models, eager_models):
-    return tiny_models[name] if attn == "sdpa" else eager_models[name]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy_generate(model, ids, new_tokens=NEW_TOKENS, **kwargs):

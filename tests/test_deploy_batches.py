@@ -5,14 +5,13 @@ memory is what the padded layout allocates, and a cache serves one generate call
 import pytest
 import torch
 from artifact_helpers import make_artifact
-from conftest import TINY_MODELS, random_ids
+from conftest import TINY_MODELS, model_for, random_ids
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes, row_stats
 from polykv_learn.deploy import compress, make_cache
 from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.deploy.polykv import PolyKV
-from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
 
 PAD = 2  # pad = eos of SmolLM2 and of the tiny models
@@ -22,21 +21,7 @@ POLICIES = ("streaming", "snapkv", "h2o", "tova", "expected_attention")
 LENGTHS = (150, 90, 55, 20)  # the last one is shorter than the budget: it keeps everything
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def eager_models():
-    return {name: load_model(name, attn_implementation="eager", with_tokenizer=False)[0] for name in TINY_MODELS}
-
-
-def model_for(name, attn, tiny_models, eager_models):
-    return tiny_models[name] if attn == "sdpa" else eager_models[name]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def routed_artifact(directory, model):
