@@ -25,12 +25,14 @@ from polykv_learn.data.sources import (
     bigbench_documents,
     fetch_bigbench,
     fetch_janeaustenr,
+    python_documents,
+    raw_dir,
+)
+from polykv_learn.data.synthetic import (
     make_kv_lookup,
     make_multi_key_needle,
     make_passkey,
     make_variable_tracking,
-    python_documents,
-    raw_dir,
     sized_synthetic,
     synthetic_documents,
 )

@@ -26,7 +26,6 @@ from polykv_learn.data.corpus import DEFAULT_FRACTIONS, build_corpus, document_s
 from polykv_learn.data.jsonl import atomic_write_text, write_jsonl
 from polykv_learn.data.sources import (
     BIGBENCH_TASKS,
-    SYNTHETIC_KINDS,
     Document,
     LengthFn,
     approx_tokens,
@@ -34,8 +33,8 @@ from polykv_learn.data.sources import (
     austen_documents,
     bigbench_documents,
     python_documents,
-    synthetic_documents,
 )
+from polykv_learn.data.synthetic import SYNTHETIC_KINDS, synthetic_documents
 from polykv_learn.data.tasks import TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
 
 __all__ = ["ALL_SOURCES", "load_documents", "prepare_data"]

@@ -51,7 +51,8 @@ from typing import Any
 
 from polykv_learn.data.corpus import DEFAULT_FRACTIONS, document_split
 from polykv_learn.data.jsonl import write_jsonl
-from polykv_learn.data.sources import Document, LengthFn, approx_tokens, sized_synthetic
+from polykv_learn.data.sources import Document, LengthFn, approx_tokens
+from polykv_learn.data.synthetic import sized_synthetic
 
 __all__ = [
     "TASKS",
