@@ -64,7 +64,8 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32.
 
     Per sequence and KV head, a chunk's scores are one matrix product of its H/G query heads' queries with the
-    keys (:func:`polykv_learn.onednn.linear`: oneDNN on CPU, 2.5-5x faster than the batched ``matmul`` here),
+    keys (:func:`polykv_learn.onednn.linear`: oneDNN on CPU, faster than the batched ``matmul``; see
+    ``benchmarks/linear_backend.py``),
     and only the chunk's diagonal block needs the causal mask (earlier keys are all visible)."""
     b, h, n, d = queries.shape
     g = keys.shape[1]

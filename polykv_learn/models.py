@@ -123,8 +123,8 @@ def load_model(
     onednn_linear: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load ``(model, tokenizer)`` in eval mode; see the module docstring for what ``name_or_path`` can be.
-    ``onednn_linear``: on CPU, run the linear layers through oneDNN (:func:`adapter.use_onednn_linear`; up to
-    2.5x faster float32 products on the project's AMD CPU, same results up to rounding)."""
+    ``onednn_linear``: on CPU, run the linear layers through oneDNN (:func:`adapter.use_onednn_linear`; faster
+    float32 products where MKL takes its AVX2 path, same results up to rounding)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
     if name_or_path in TINY_CONFIGS:

@@ -2,10 +2,9 @@
 
 PyTorch's CPU wheels run ``torch.nn.functional.linear`` / ``matmul`` in float32 through MKL, which on AMD CPUs
 takes its AVX2 code path; oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor emits) uses
-AVX-512 on any vendor. On the project machine (AMD EPYC, Zen 5, one core) SmolLM2's linear layers run at 186-247
-GFLOP/s through oneDNN vs 101-113 through MKL at 40 to 4025 rows, 1.4-2.5x (``benchmarks/linear_backend.py``); a
-single row (a matrix-vector product, bound by reading the weights) is as fast or faster through MKL, so it stays
-there.
+AVX-512 on any vendor, which makes SmolLM2's linear layers faster from a few rows up
+(``benchmarks/linear_backend.py`` measures both; its results are in ``docs/results.md``); a single row (a
+matrix-vector product, bound by reading the weights) is as fast or faster through MKL, so it stays there.
 
 The result is the same product up to float32 rounding (another summation order), so the switch is made per model
 (:func:`polykv_learn.adapter.use_onednn_linear`; :func:`polykv_learn.models.load_model` makes it on CPU): one

@@ -1,8 +1,7 @@
 """Many compressed forks of one prefill decoded as one batch: shared linear layers, attention per group.
 
 A decode step of a 135M model costs mostly its linear layers, whose matrix products are cheaper per row at 32-64
-rows than at 8 (SmolLM2's projection shapes on one core of the project machine: 2.6x less time per row at 64 rows
-than at 8, 31 vs 80 GFLOP/s). Attention,
+rows than at 8 (``benchmarks/eval_speed.py`` measures the batching settings against each other). Attention,
 however, runs over each row's own compressed keys, whose lengths differ from plan to plan (a uniform B=128 next
 to a learned plan keeping whole layers): one padded tensor for all rows would multiply attention time and memory.
 :class:`ForkBatchCache` therefore runs every fork through the model as one batch while each layer keeps its rows
