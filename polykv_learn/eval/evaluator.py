@@ -12,6 +12,9 @@ Per sample (design §4, §7):
    :meth:`Evaluator.evaluate_sample` checks this on every sample through the tensors' version counters (any
    in-place write bumps them) and raises if it ever happens. Plans that keep the same positions (e.g. every
    layer's budget >= the context) are run once.
+   The ``oracle`` method alone also gets the gold answer: the shared prefill as a simulator
+   :class:`~polykv_learn.simulator.ContextCapture` (views, nothing copied) with the tail and the gold answer as
+   the probe (:class:`~polykv_learn.eval.methods.GoldProbe`); its plan search adds fields to its records.
 3. The forks, ordered by size, run as one batch (:class:`~polykv_learn.eval.fork_batch.ForkBatchCache`: shared
    linear layers, attention per group of forks, each group padded to its longest layer and masked): the prompt's
    tail (question and answer prefix, or the answer prefix alone) and the gold answer teacher-forced in one forward
@@ -48,10 +51,10 @@ from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.eval.fork_batch import ForkBatchCache, fork_of
-from polykv_learn.eval.methods import Method, MethodInput
+from polykv_learn.eval.methods import GoldProbe, Method, MethodInput
 from polykv_learn.eval.metrics import answer_settled, score
 from polykv_learn.plan import Plan
-from polykv_learn.simulator import kl_to_full
+from polykv_learn.simulator import ContextCapture, Simulator, kl_to_full
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -206,6 +209,8 @@ class Evaluator:
             raise ValueError("the model and tokenizer define no EOS token to stop greedy decoding at")
         if settings.chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat needs a tokenizer with a chat template; this one has none")
+        # the oracle's plan search scores plans on the shared prefill through the simulator
+        self.simulator = Simulator(model, self.capture) if any(m.kind == "oracle" for m in methods) else None
 
     # --- prompt ---------------------------------------------------------------------------------------------------
     def encode(self, sample: dict[str, Any]) -> EncodedSample:
@@ -291,6 +296,19 @@ class Evaluator:
             results.append(_RowResult(text.strip(), tokens[r], float(nll[r]), float(kl[r]), kv[r], kept[r]))
         return results, full
 
+    def _gold_probe(self, shared: CompressedCache, last_logits: Tensor, enc: EncodedSample) -> GoldProbe:
+        """The oracle's probe on the shared prefill: its K/V and statistics (nothing copied), the tail then the
+        gold answer."""
+        capture = ContextCapture(
+            keys=[layer.keys[0] for layer in shared.layers],  # (G, n, d) views of the shared prefill
+            values=[layer.values[0] for layer in shared.layers],
+            stats=shared.layer_stats,
+            last_logits=last_logits.float(),  # (V,)
+            _ranks={},
+        )
+        probe = torch.cat([enc.tail_ids, enc.answer_ids], dim=1)  # (1, m + a)
+        return GoldProbe(self.simulator, capture, probe, enc.tail_ids.shape[1])
+
     # --- one sample ---------------------------------------------------------------------------------------------
     @staticmethod
     def _plan_key(plan: Plan | None, n: int) -> tuple | None:
@@ -305,8 +323,10 @@ class Evaluator:
         enc = self.encode(sample)
         n = enc.prompt_ids.shape[1]
         shared = CompressedCache(self.model, capture=self.capture)
-        adapter.forward(self.model, enc.prompt_ids, shared, logits_to_keep=1)
-        inp = MethodInput(shared.layer_stats)
+        out = adapter.forward(self.model, enc.prompt_ids, shared, logits_to_keep=1)
+        gold = None if self.simulator is None else self._gold_probe(shared, out.logits[0, -1], enc)
+        inp = MethodInput(shared.layer_stats, gold)
+        del out
         versions = [(layer.keys._version, layer.values._version) for layer in shared.layers]
 
         plans: dict[str, dict[int, Plan | None]] = {}
@@ -358,5 +378,6 @@ class Evaluator:
         records = [record("full", None, full_rows[0])]
         for method in self.methods[1:]:
             for budget in self.settings.budgets:
-                records.append(record(method.name, budget, by_key[self._plan_key(plans[method.name][budget], n)]))
+                row = by_key[self._plan_key(plans[method.name][budget], n)]
+                records.append({**record(method.name, budget, row), **method.extras(inp, budget)})
         return SampleResult(records, plans, n, time.perf_counter() - start)

@@ -17,6 +17,10 @@ name                   plan
 ``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
                        features (:meth:`PolyKV.static_plan`)
 ``polykv-gbdt``        the GBDT variant (``--gbdt-router DIR``: an artifact whose router is ``gbdt``), adaptive
+``oracle``             NOT deployable, an upper bound of the pool: the plan :func:`polykv_learn.search.search_plan`
+                       finds with the sample's own question, answer prefix and gold answer as the probe (NLL of the
+                       gold answer); routable policies, H2O only when the prefill recorded its statistics. Slow,
+                       so never a default method
 =====================  ========================================================================================
 
 Budgets count every kept position per KV head and layer (design §2). Allocations that would give a layer more
@@ -29,22 +33,29 @@ it; static mode cannot know ``n`` in advance).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.plan import Plan
 from polykv_learn.policies import POLICIES, LayerStats, policy_names
+from polykv_learn.search import SearchResult, search_plan
+from polykv_learn.simulator import ContextCapture, Simulator
 
 __all__ = [
     "BASELINE_POLICY",
+    "GoldProbe",
     "LEARNED_METHODS",
     "Method",
     "MethodInput",
+    "ORACLE_REFUSAL",
     "available_methods",
     "cake_signals",
     "default_method_names",
+    "oracle_policies",
     "resolve_methods",
     "single_policy_methods",
 ]
@@ -53,13 +64,29 @@ __all__ = [
 BASELINE_POLICY = "snapkv"
 #: the methods a trained artifact provides (gap recovery is reported for these)
 LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
+#: why ``oracle`` exists nowhere but in the evaluation
+ORACLE_REFUSAL = "oracle needs the gold answer: it exists only in evaluate as an upper bound"
+
+
+@dataclass(frozen=True)
+class GoldProbe:
+    """A sample's own gold answer as a simulator probe: what only the ``oracle`` method sees (which makes it an
+    upper bound, never a deployable method). ``searches`` keeps the search of each budget (for the records)."""
+
+    simulator: Simulator
+    capture: ContextCapture  # the sample's shared prefill
+    probe_ids: Tensor  # (1, m + a): what follows the compression (question, answer prefix), then the gold answer
+    answer_start: int  # m: where the gold answer starts in probe_ids
+    searches: dict[int, SearchResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MethodInput:
-    """What a method sees of one sample: the prefill statistics of every layer (batch element 0 is used)."""
+    """What a method sees of one sample: the prefill statistics of every layer (batch element 0 is used), and
+    for the ``oracle`` alone the gold-answer probe."""
 
     stats: Sequence[LayerStats]
+    gold: GoldProbe | None = None
 
     @property
     def num_layers(self) -> int:
@@ -72,20 +99,26 @@ class MethodInput:
 
 #: ``fn(sample, budget) -> Plan`` (``None``: no eviction)
 PlanFn = Callable[[MethodInput, int], Plan | None]
+#: ``fn(sample, budget) -> fields`` added to the method's record of that sample and budget (after ``plan``)
+ExtrasFn = Callable[[MethodInput, int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Method:
     """One evaluated method. ``kind``: ``full``, ``single`` (one policy, uniform budget), ``allocation``
-    (a layer-allocation baseline) or ``learned``."""
+    (a layer-allocation baseline), ``learned`` or ``oracle`` (needs :attr:`MethodInput.gold`)."""
 
     name: str
     kind: str
     description: str
     plan_fn: PlanFn
+    extras_fn: ExtrasFn | None = None
 
     def plan(self, sample: MethodInput, budget: int) -> Plan | None:
         return self.plan_fn(sample, budget)
+
+    def extras(self, sample: MethodInput, budget: int) -> dict[str, Any]:
+        return {} if self.extras_fn is None else self.extras_fn(sample, budget)
 
 
 # --- plan builders ----------------------------------------------------------------------------------------------
@@ -155,6 +188,45 @@ def _static(polykv: PolyKV) -> PlanFn:
     return plan
 
 
+def oracle_policies(stats: Sequence[LayerStats]) -> list[str]:
+    """The oracle's pool: the routable policies, those needing accumulated attention (H2O) only if recorded."""
+    recorded = stats[0].accumulated_attn is not None
+    return [p for p in policy_names(routable_only=True) if recorded or not POLICIES[p].needs_accumulated_attn]
+
+
+def _oracle_search(sample: MethodInput, budget: int) -> SearchResult:
+    gold = sample.gold
+    if gold is None:
+        raise ValueError(ORACLE_REFUSAL)
+    if budget not in gold.searches:
+        gold.searches[budget] = search_plan(
+            gold.simulator,
+            gold.capture,
+            gold.probe_ids,
+            budget,
+            oracle_policies(sample.stats),
+            loss="nll",
+            answer_start=gold.answer_start,
+        )
+    return gold.searches[budget]
+
+
+def _oracle(sample: MethodInput, budget: int) -> Plan:
+    return _oracle_search(sample, budget).plan
+
+
+def _oracle_extras(sample: MethodInput, budget: int) -> dict[str, Any]:
+    """The search behind the record: its start (best uniform policy) and final simulated gold-answer NLL."""
+    found = _oracle_search(sample, budget)
+    return {
+        "search_start_policy": found.start_plan.policies[0],
+        "search_start_nll": found.start_loss,
+        "search_nll": found.loss,
+        "search_moves": len(found.history),
+        "search_plans": found.evaluated,
+    }
+
+
 # --- registry ---------------------------------------------------------------------------------------------------
 def single_policy_methods(include_controls: bool = False) -> list[str]:
     """Names of the single-policy methods: the routable policies (plus controls such as ``random``)."""
@@ -178,18 +250,21 @@ def available_methods(router: PolyKV | None = None, gbdt: PolyKV | None = None) 
         if gbdt.gbdt is None:
             raise ValueError("the --gbdt-router artifact has an MLP router, not a GBDT one (router type 'gbdt')")
         methods["polykv-gbdt"] = Method("polykv-gbdt", "learned", "GBDT router + allocator, adaptive", _adaptive(gbdt))
+    methods["oracle"] = Method(
+        "oracle", "oracle", "plan search on the gold answer (upper bound, not deployable)", _oracle, _oracle_extras
+    )
     random_first = [m for m in methods if m in POLICIES and not POLICIES[m].routable]
     return {k: methods[k] for k in [m for m in methods if m not in random_first] + random_first}
 
 
 def all_method_names() -> list[str]:
     """Every name ``--methods`` may ever accept (some need an artifact)."""
-    return ["full", *single_policy_methods(include_controls=True), "pyramid", "cake", *LEARNED_METHODS]
+    return ["full", *single_policy_methods(include_controls=True), "pyramid", "cake", *LEARNED_METHODS, "oracle"]
 
 
 def default_method_names(available: dict[str, Method]) -> list[str]:
-    """All available methods except controls."""
-    return [m for m in available if not (m in POLICIES and not POLICIES[m].routable)]
+    """All available methods except controls and the (slow) ``oracle``."""
+    return [m for m in available if not (m in POLICIES and not POLICIES[m].routable) and m != "oracle"]
 
 
 def resolve_methods(names: Sequence[str] | None, available: dict[str, Method]) -> list[Method]:
