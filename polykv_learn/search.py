@@ -10,9 +10,11 @@ do on that sample: the evaluation's ``oracle`` method (``eval/methods.py``). It 
 
 Neighbours keep the total ``L * B`` exactly and every budget in ``[min(b_min, B), n]``: budget transfers
 (a layer gains ``delta`` positions or its whole context, the other layers funding it as evenly as their room
-allows; a layer that holds more than ``B`` gives ``delta`` back to one other layer or to all of them; with
-``pairwise`` any layer to any other), per-layer policy swaps, and every layer switched to one policy. The loss
-never rises (a move is taken only if it is lower) and the search is deterministic.
+allows; a layer that holds more than ``B`` gives ``delta`` back to all the others; with ``pairwise``, also
+``delta`` from any layer to any other: ``L (L - 1)`` moves per size, opt-in for that cost), per-layer policy
+swaps and every layer switched to one policy (never a layer that keeps its whole context: its policy changes
+nothing). A round has about ``L * (|deltas| + |policies|)`` moves. The loss never rises (a move is taken only
+if it is lower) and the search is deterministic.
 
 Related search: EvolKV (arXiv:2509.08315) evolves per-layer budgets against task performance; this search is
 greedy, also moves policies, and scores plans exactly with the masked-attention simulator (design §4.4).
@@ -92,8 +94,8 @@ def neighbours(
     Transfers (``deltas`` default ``(B // 2, B)``; a move that would cross a bound is cut to it):
     ``gain``: layer ``j`` gains ``delta`` or its whole context, the others give as evenly as their room above
     the lower bound allows; ``shrink``: a layer above ``B`` gives ``delta`` to all others (evenly, within their
-    room); ``give``: ``delta`` from a layer above ``B`` (any layer with ``pairwise``) to one other layer.
-    Policies: one layer swapped to another pool policy, or every layer switched to one policy."""
+    room); with ``pairwise``, ``give``: ``delta`` from any layer to any other. Policies: one layer (that does
+    not keep its whole context) swapped to another pool policy, or every layer switched to one policy."""
     n, num = context_length, plan.num_layers
     lo, hi = min(b_min, budget), n
     b = list(plan.budgets)
@@ -116,8 +118,7 @@ def neighbours(
                 moved[j] += d
                 whole = " (whole context)" if moved[j] == hi else ""
                 add(f"layer {j} +{d}{whole} from the others", moved)
-    donors = range(num) if pairwise else [i for i in range(num) if b[i] > budget]
-    for i in donors:
+    for i in range(num):
         head = [hi - b[k] if k != i else 0 for k in range(num)]
         for delta in deltas:
             d = min(delta, b[i] - lo, sum(head))
@@ -125,7 +126,7 @@ def neighbours(
                 moved = [x + g for x, g in zip(b, spread(head, d), strict=True)]
                 moved[i] -= d
                 add(f"layer {i} -{d} to the others", moved)
-            for j in range(num):  # give: to one layer
+            for j in range(num) if pairwise else ():  # give: to one layer
                 d = min(delta, b[i] - lo, hi - b[j])
                 if j != i and d > 0:
                     moved = list(b)
@@ -133,12 +134,12 @@ def neighbours(
                     add(f"layer {i} -> layer {j}: {d}", moved)
     for layer in range(num):  # swap one layer's policy
         for p in policies:
-            if p != plan.policies[layer]:
+            if p != plan.policies[layer] and b[layer] < hi:
                 swapped = list(plan.policies)
                 swapped[layer] = p
                 add(f"layer {layer}: {plan.policies[layer]} -> {p}", pols=swapped)
-    for p in policies:  # every layer to one policy
-        add(f"every layer -> {p}", pols=[p] * num)
+    for p in policies:  # every layer to one policy (but those keeping their whole context)
+        add(f"every layer -> {p}", pols=[p if x < hi else q for x, q in zip(b, plan.policies, strict=True)])
     return [(move, cand) for cand, move in out.items()]
 
 

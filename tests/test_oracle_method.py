@@ -87,6 +87,21 @@ def test_oracle_bounds_every_single_policy_and_equals_its_search(oracle_run):
     assert any(r["search_moves"] > 0 for r in result.records if r["method"] == "oracle")
 
 
+def test_oracle_rounds(tiny):
+    """With no rounds the oracle is the best single policy; a bad count is refused before any work."""
+    model, tok = tiny
+    pool = [p for p in SINGLES if p != "h2o"]  # no accumulated attention recorded
+    methods = resolve_methods([*pool, "oracle"], available_methods(oracle_rounds=0))
+    evaluator = Evaluator(model, tok, methods, EvalSettings(budgets=(32,)), CaptureOptions(window=16, future=16))
+    result = evaluator.evaluate_sample(make_samples(1)[0])
+    recs = {r["method"]: r for r in result.records}
+    best = min(pool, key=lambda p: recs[p]["nll"])
+    assert result.plans["oracle"][32].policies[0] == recs["oracle"]["search_start_policy"] == best
+    assert recs["oracle"]["search_moves"] == 0 and recs["oracle"]["nll"] == recs[best]["nll"]
+    with pytest.raises(ValueError, match="^oracle_rounds must be an integer >= 0, got -1$"):
+        available_methods(oracle_rounds=-1)
+
+
 def test_no_simulator_without_the_oracle(tiny):
     model, tok = tiny
     evaluator = Evaluator(model, tok, resolve_methods(["snapkv"], available_methods()), EvalSettings(budgets=(32,)))

@@ -100,7 +100,15 @@ def test_every_neighbour_keeps_the_total_and_the_bounds(pairwise):
         # every single-layer policy swap is there
         changed = [(c, [k for k in range(num) if c.policies[k] != plan.policies[k]]) for c in cands]
         swaps = {(ks[0], c.policies[ks[0]]) for c, ks in changed if c.budgets == plan.budgets and len(ks) == 1}
-        assert swaps == {(k, p) for k in range(num) for p in POOL if p != plan.policies[k]}
+        assert swaps == {(k, p) for k in range(num) for p in POOL if p != plan.policies[k] and budgets[k] < n}
+        # with pairwise: every transfer of B (cut to the bounds) from one layer to another
+        for i in range(num) if pairwise else ():
+            for j in range(num):
+                d = min(budget, budgets[i] - lo, n - budgets[j])
+                if i != j and d > 0:
+                    moved = list(budgets)
+                    moved[i], moved[j] = moved[i] - d, moved[j] + d
+                    assert Plan(plan.policies, tuple(moved)) in cands
 
 
 def test_neighbours_refuse_an_infeasible_plan():

@@ -52,6 +52,7 @@ __all__ = [
     "Method",
     "MethodInput",
     "ORACLE_REFUSAL",
+    "ORACLE_ROUNDS",
     "available_methods",
     "cake_signals",
     "default_method_names",
@@ -66,6 +67,8 @@ BASELINE_POLICY = "snapkv"
 LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
 #: why ``oracle`` exists nowhere but in the evaluation
 ORACLE_REFUSAL = "oracle needs the gold answer: it exists only in evaluate as an upper bound"
+#: the oracle's default most search rounds (:func:`polykv_learn.search.search_plan`'s ``max_rounds``)
+ORACLE_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -194,37 +197,41 @@ def oracle_policies(stats: Sequence[LayerStats]) -> list[str]:
     return [p for p in policy_names(routable_only=True) if recorded or not POLICIES[p].needs_accumulated_attn]
 
 
-def _oracle_search(sample: MethodInput, budget: int) -> SearchResult:
-    gold = sample.gold
-    if gold is None:
-        raise ValueError(ORACLE_REFUSAL)
-    if budget not in gold.searches:
-        gold.searches[budget] = search_plan(
-            gold.simulator,
-            gold.capture,
-            gold.probe_ids,
-            budget,
-            oracle_policies(sample.stats),
-            loss="nll",
-            answer_start=gold.answer_start,
-        )
-    return gold.searches[budget]
+def _oracle(rounds: int) -> tuple[PlanFn, ExtrasFn]:
+    """The oracle's plan (a search of at most ``rounds`` rounds) and its record fields."""
 
+    def search(sample: MethodInput, budget: int) -> SearchResult:
+        gold = sample.gold
+        if gold is None:
+            raise ValueError(ORACLE_REFUSAL)
+        if budget not in gold.searches:
+            gold.searches[budget] = search_plan(
+                gold.simulator,
+                gold.capture,
+                gold.probe_ids,
+                budget,
+                oracle_policies(sample.stats),
+                loss="nll",
+                answer_start=gold.answer_start,
+                max_rounds=rounds,
+            )
+        return gold.searches[budget]
 
-def _oracle(sample: MethodInput, budget: int) -> Plan:
-    return _oracle_search(sample, budget).plan
+    def plan(sample: MethodInput, budget: int) -> Plan:
+        return search(sample, budget).plan
 
+    def extras(sample: MethodInput, budget: int) -> dict[str, Any]:
+        """The search behind the record: its start (best uniform policy) and final simulated gold-answer NLL."""
+        found = search(sample, budget)
+        return {
+            "search_start_policy": found.start_plan.policies[0],
+            "search_start_nll": found.start_loss,
+            "search_nll": found.loss,
+            "search_moves": len(found.history),
+            "search_plans": found.evaluated,
+        }
 
-def _oracle_extras(sample: MethodInput, budget: int) -> dict[str, Any]:
-    """The search behind the record: its start (best uniform policy) and final simulated gold-answer NLL."""
-    found = _oracle_search(sample, budget)
-    return {
-        "search_start_policy": found.start_plan.policies[0],
-        "search_start_nll": found.start_loss,
-        "search_nll": found.loss,
-        "search_moves": len(found.history),
-        "search_plans": found.evaluated,
-    }
+    return plan, extras
 
 
 # --- registry ---------------------------------------------------------------------------------------------------
@@ -233,8 +240,11 @@ def single_policy_methods(include_controls: bool = False) -> list[str]:
     return policy_names(routable_only=not include_controls)
 
 
-def available_methods(router: PolyKV | None = None, gbdt: PolyKV | None = None) -> dict[str, Method]:
-    """Every method that can run with the given artifacts, in report order (``random`` last)."""
+def available_methods(
+    router: PolyKV | None = None, gbdt: PolyKV | None = None, oracle_rounds: int = ORACLE_ROUNDS
+) -> dict[str, Method]:
+    """Every method that can run with the given artifacts, in report order (``random`` last); ``oracle_rounds``:
+    the most search rounds of ``oracle`` (each scores about ``L * (3 + |policies|)`` plans)."""
     methods: dict[str, Method] = {"full": Method("full", "full", "no eviction", _full)}
     for name in single_policy_methods(include_controls=True):
         control = "" if POLICIES[name].routable else " (control)"
@@ -250,8 +260,10 @@ def available_methods(router: PolyKV | None = None, gbdt: PolyKV | None = None) 
         if gbdt.gbdt is None:
             raise ValueError("the --gbdt-router artifact has an MLP router, not a GBDT one (router type 'gbdt')")
         methods["polykv-gbdt"] = Method("polykv-gbdt", "learned", "GBDT router + allocator, adaptive", _adaptive(gbdt))
+    if isinstance(oracle_rounds, bool) or not isinstance(oracle_rounds, int) or oracle_rounds < 0:
+        raise ValueError(f"oracle_rounds must be an integer >= 0, got {oracle_rounds!r}")
     methods["oracle"] = Method(
-        "oracle", "oracle", "plan search on the gold answer (upper bound, not deployable)", _oracle, _oracle_extras
+        "oracle", "oracle", "plan search on the gold answer (upper bound, not deployable)", *_oracle(oracle_rounds)
     )
     random_first = [m for m in methods if m in POLICIES and not POLICIES[m].routable]
     return {k: methods[k] for k in [m for m in methods if m not in random_first] + random_first}
