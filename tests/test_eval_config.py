@@ -315,7 +315,10 @@ def _fit_config(capsys, monkeypatch, *configs: str) -> dict:
 
 def test_answers_config_is_an_override_of_the_main_config(capsys, monkeypatch):
     """Given after configs/smollm2-135m.yaml it changes only its keys; the logger and callback lists (replaced
-    whole by a later config) keep the base's entries with this run's folders; it exports to a run folder."""
+    whole by a later config) keep the base's entries with this run's folders; it exports to a run folder. Its first
+    line names its base (``# base: FILE``), for tools that parse every shipped config."""
+    first = (REPO / "configs" / "smollm2-135m-answers.yaml").read_text().splitlines()[0]
+    assert first == "# base: configs/smollm2-135m.yaml"
     base = _fit_config(capsys, monkeypatch, "configs/smollm2-135m.yaml")
     answers = _fit_config(capsys, monkeypatch, "configs/smollm2-135m.yaml", "configs/smollm2-135m-answers.yaml")
     assert answers["model"]["export_dir"] == "runs/smollm2-135m-answers/router"
