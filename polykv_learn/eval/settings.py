@@ -63,7 +63,9 @@ class EvaluateOptions:
     gbdt_router: str | None = _opt(None, "artifact folder of a GBDT router (enables polykv-gbdt)")
     model: str | None = _opt(None, "model name or local HF folder; null: the router's model, else smollm2-135m")
     methods: list[str] | None = _opt(
-        None, "methods to run (see below; a word may also be comma separated); null: every available one except random"
+        None,
+        "methods to run (see below; a word may also be comma separated); null: every available one except the "
+        "random control and oracle",
     )
     budgets: list[int] = _opt(
         list(_EVAL.budgets), "average budgets B: kept positions per KV head and layer, all kept positions counted"
@@ -202,12 +204,13 @@ EPILOG = """\
 config files: --config FILE.yaml holds any of the fields above as `field: value` (e.g. `budgets: [128, 256]`,
 `chat: false`); give --config several times and a later file overrides an earlier one; command-line flags
 override every file. --print_config prints the resolved options as YAML (a file --config reads back) and exits.
+Paths in a config file, as on the command line, are relative to the folder the command runs in.
 configs/eval-smollm2.yaml holds the README's headline evaluation (scripts/evaluate_smollm2.sh).
 Earlier spellings still work: --batch-size etc. for --batch_size, --no-router / --no-chat / --no-onednn /
 --no-progress for --router null / --chat false / --onednn false / --progress false, a bare --resume for
 --resume true, and lists as words (--budgets 128 256, --methods a b or a,b) for --budgets [128,256].
 
-methods (--methods; default: every available one except the `random` control):
+methods (--methods; default: every available one except the `random` control and `oracle`):
   full                 no eviction (always run: the reference of KL and gap recovery)
   snapkv streaming h2o tova knorm expected_attention
                        one policy at every layer with the uniform budget B (`random` as a control)
@@ -216,6 +219,8 @@ methods (--methods; default: every available one except the `random` control):
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
   polykv-static        the same artifact's static plan (one plan per budget)
   polykv-gbdt          the GBDT router of --gbdt_router, adaptive
+  oracle               NOT deployable, an upper bound of the policy pool: a simulator plan search on each
+                       sample's own gold answer (slow, never a default)
 
 protocols: query-agnostic (default) compresses the context alone, then asks the question;
 --query_aware compresses context + question, then feeds only the answer prefix.
