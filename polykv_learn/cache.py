@@ -291,7 +291,9 @@ class CompressedCache(Cache):
     def on_prefill(self, layer: CompressedLayer, call: adapter.AttentionCall) -> None:
         n = call.key.shape[2]
         b = call.key.shape[0]
-        valid = call.visible(n)[:, -1, :]  # (b, n): keys the last (real) query sees = non-padding
+        # (b, n): keys the last (real) query sees = non-padding; a copy, since a view would keep the whole
+        # (b, n, n) mask alive in every layer's statistics
+        valid = call.visible(n)[:, -1, :].clone()
         if layer.layer_idx == 0 and not bool(valid.all()):
             for r in range(b):
                 _real_length(valid[r], r)  # left padding only: refused before any policy runs

@@ -114,7 +114,7 @@ def compute_layer_stats(
     """queries (b, H, n, d) post-RoPE, keys/values (b, G, n, d), valid/positions (b, n) -> LayerStats."""
     n = keys.shape[2]
     w = min(options.window, n)  # a context shorter than the window uses all of it as the window
-    window_q = queries[:, :, n - w :]
+    window_q = queries[:, :, n - w :].clone()  # a copy: a view would keep every prefill query alive
     window_pos = positions[:, n - w :]
     future_pos = positions[:, -1:] + torch.arange(1, options.future + 1, device=positions.device)[None, :]
     window_cos, window_sin = rope(window_pos)
@@ -122,7 +122,7 @@ def compute_layer_stats(
     return LayerStats(
         keys=keys,
         values=values,
-        window_queries=window_q.detach(),
+        window_queries=window_q.detach(),  # (b, H, w, d)
         window_attn=window_attention(window_q, keys, valid, scaling),
         valid=valid,
         positions=positions,
