@@ -304,13 +304,26 @@ def _run(cmd, cwd, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+FIT_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("eval-"))
+
+
+def _base_of(path: Path) -> list[str]:
+    """An override config names its base on its first line (``# base: configs/X.yaml``): parse it on top of that."""
+    first = path.read_text().splitlines()[0]
+    return ["--config", str(REPO / first.removeprefix("# base:").strip())] if first.startswith("# base:") else []
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_shipped_config_parses(config, tmp_path):
-    """Every field of every config is one the CLI knows (a typo or a removed option fails here, not mid-run)."""
-    out = _run([sys.executable, "-m", "polykv_learn.cli", "fit", "--config", str(REPO / "configs" / config),
-                "--print_config"], cwd=tmp_path, timeout=300)  # fmt: skip
+    """Every field of every fit config is one the CLI knows (a typo or a removed option fails here, not mid-run);
+    evaluation configs (``eval-*.yaml``) are parsed by ``tests/test_eval_config.py``."""
+    path = REPO / "configs" / config
+    cmd = [sys.executable, "-m", "polykv_learn.cli", "fit", *_base_of(path), "--config", str(path), "--print_config"]
+    out = _run(cmd, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "model:" in out.stdout and "data:" in out.stdout
+    if _base_of(path):
+        assert "export_dir: runs/" in out.stdout  # an override exports into a run folder, never checkpoints/
 
 
 def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(tiny_corpus, prefill_cache, tmp_path):
