@@ -1,6 +1,7 @@
 """Freezing a trained learner into an artifact (``polykv.json`` + ``weights.safetensors`` + ``README.md``).
 
-At the end of ``fit`` the learner's ``on_fit_end`` calls :func:`export_fit` on rank 0 when ``export_dir`` is set:
+At the end of ``fit`` the :class:`ExportRouter` callback (added by the learner when ``export_dir`` is set) calls
+:func:`export_fit` on rank 0:
 it takes the best checkpoint by ``val/kl_learned`` when a ``ModelCheckpoint`` monitors it, builds the artifact from
 the learner's and the data module's public state (:func:`artifact_parts`), writes it with
 :func:`polykv_learn.deploy.artifact.write_artifact` and writes the model card (:func:`write_model_card`).
@@ -130,6 +131,18 @@ def export_fit(learner: L.LightningModule, trainer: L.Trainer, directory: str | 
     if best is not None:  # model selection on the held-out validation KL of the hard plan
         learner.restore_selected(torch.load(best, map_location="cpu", weights_only=False))
     return export_learner(learner, trainer.datamodule, directory, run_id(trainer))
+
+
+class ExportRouter(L.Callback):
+    """Lightning callback: at the end of ``fit``, rank 0 freezes the learner into an artifact in ``directory``
+    (:func:`export_fit`). The learner adds it itself when its ``export_dir`` is set (``configure_callbacks``)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = directory
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            export_fit(pl_module, trainer, self.directory)
 
 
 def write_model_card(directory: str | Path, config: dict[str, Any], notes: str = "") -> Path:

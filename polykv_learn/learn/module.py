@@ -340,9 +340,9 @@ class PolyKVLearner(L.LightningModule):
         self._restore_validation(checkpoint)
         self.selected_step = int(checkpoint["global_step"])
 
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            export.export_fit(self, self.trainer, self.hparams.export_dir)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """With ``export_dir`` set, the fit ends by exporting the artifact (:class:`export.ExportRouter`)."""
+        return [export.ExportRouter(self.hparams.export_dir)] if self.hparams.export_dir else []
 
     def best_checkpoint(self) -> str | None:
         """The best checkpoint by ``val/kl_learned`` of a ModelCheckpoint that monitors it, if any."""
