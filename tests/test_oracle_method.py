@@ -115,18 +115,19 @@ def test_oracle_through_the_evaluate_command(tiny, tmp_path):
     try:
         evaluate_main(
             ["--data", str(data), "--model", "tiny-llama", "--no-router", "--out", str(out), "--budgets", "32"]
-            + ["--methods", "snapkv", "oracle", "--no-progress", "--threads", "1"]
+            + ["--methods", "snapkv", "oracle", "--oracle-rounds", "1", "--no-progress", "--threads", "1"]
         )
     finally:
         torch.set_num_threads(threads)
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["methods"] == ["full", "snapkv", "oracle"]
+    assert res["config"]["oracle_rounds"] == 1
     oracle = [r for r in res["samples"] if r["method"] == "oracle"]
     snapkv = {r["id"]: r for r in res["samples"] if r["method"] == "snapkv"}
     assert len(oracle) == 2
     for r in oracle:
         assert r["nll"] <= snapkv[r["id"]]["nll"] + 1e-4
-        assert r["search_start_policy"] != "h2o"  # the prefill recorded no accumulated attention
+        assert r["search_moves"] <= 1  # --oracle-rounds 1
     # the per-sample log holds the same records
     lines = (out / "samples.jsonl").read_text().splitlines()[1:]
     logged = [r for line in lines for r in json.loads(line)["records"] if r["method"] == "oracle"]

@@ -109,7 +109,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     router = _artifact("--router", router_dir)
     gbdt = _artifact("--gbdt-router", args.gbdt_router)
     try:
-        methods = resolve_methods(args.methods, available_methods(router, gbdt))
+        methods = resolve_methods(args.methods, available_methods(router, gbdt, oracle_rounds=args.oracle_rounds))
     except ValueError as err:
         raise ValueError(f"--methods: {err}") from None
     samples = _samples(args)
@@ -118,8 +118,10 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
         raise ValueError("--router and --gbdt-router were trained with different capture options; evaluate them apart")
     base = artifacts[0].capture if artifacts else CaptureOptions()
-    needs_h2o = any(get_policy(p).needs_accumulated_attn for a in artifacts for p in a.policies) or any(
-        m.kind == "single" and get_policy(m.name).needs_accumulated_attn for m in methods
+    needs_h2o = (
+        any(get_policy(p).needs_accumulated_attn for a in artifacts for p in a.policies)
+        or any(m.kind == "single" and get_policy(m.name).needs_accumulated_attn for m in methods)
+        or any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O
     )
     capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk)
 
@@ -156,6 +158,8 @@ def evaluate_main(argv: Sequence[str]) -> dict:
         "shard": args.shard,
         "matmul": "onednn" if onednn.enabled() else "default",
     }
+    if any(m.kind == "oracle" for m in methods):  # recorded only then: other runs keep their earlier config
+        config["oracle_rounds"] = args.oracle_rounds
     fingerprint = {"router_files": artifact_digest(router_dir), "gbdt_router_files": artifact_digest(args.gbdt_router)}
     header = run_header(run_config(config, settings, methods, capture), settings, samples, fingerprint)
     log = SamplesLog.prepare(args.out, header, args.resume)

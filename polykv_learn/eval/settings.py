@@ -30,6 +30,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from polykv_learn.eval.evaluator import EvalSettings
+from polykv_learn.eval.methods import ORACLE_ROUNDS
 
 __all__ = ["DEFAULT_ROUTER", "EvaluateOptions", "build_parser", "normalize_argv", "parse_options"]
 
@@ -90,6 +91,11 @@ class EvaluateOptions:
         _EVAL.max_context,
         "cut contexts longer than this many tokens in the middle (first and last halves kept); null: no cut, and a "
         "sample longer than the model's positions stops the run before the model loads",
+    )
+    oracle_rounds: int = _opt(
+        ORACLE_ROUNDS,
+        "most improvement rounds of the `oracle` plan search per sample and budget (each round scores about "
+        "L * (3 + policies) plans through the simulator); 0: the best single policy",
     )
     batch_size: int = _opt(
         _EVAL.batch_size,
@@ -154,6 +160,7 @@ class EvaluateOptions:
             ("--limit", self.limit, 1),
             ("--threads", self.threads, 1),
             ("--batch-size", self.batch_size, 1),
+            ("--oracle-rounds", self.oracle_rounds, 0),
             ("--group-size", self.group_size, 1),
             ("--max-context", self.max_context, 2),
             *(("--budgets", b, 1) for b in self.budgets),
