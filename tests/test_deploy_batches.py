@@ -170,6 +170,37 @@ def test_adaptive_beam_search_on_a_batch_equals_each_prompt_alone(tiny_models, a
     assert plans[0] != plans[1] and cache.applied_plans == [plans[0]] * 3 + [plans[1]] * 3
 
 
+def prefill(model, cache, ids, mask):
+    with torch.no_grad():
+        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_adaptive_plans_from_layer_summaries_equal_those_from_every_layers_statistics(tiny_models, artifacts, name):
+    """An adaptive cache plans from each layer's summary, taken as that layer's prefill ends (its statistics go
+    then): the plans of every layer's whole statistics (plan_for_stats, row by row) and the same keep sets."""
+    model = tiny_models[name]
+    polykv = PolyKV.from_pretrained(artifacts[name])
+    seen = set()
+    for lengths in ((150, 90, 55), (90, 150)):
+        ids, mask = left_pad(prompts_of(lengths, seed=11))
+        for budget in (8, 32, 100):  # 100 keeps the rows of 90 and 55 whole
+            capture = CompressedCache(model, capture=polykv.capture)
+            prefill(model, capture, ids, mask)
+            stats = capture.layer_stats
+            expected = [polykv.plan_for_stats([row_stats(s, r) for s in stats], budget) for r in range(len(lengths))]
+            cache = polykv.make_cache(model, budget)
+            prefill(model, cache, ids, mask)
+            assert cache.applied_plans == expected, (lengths, budget)
+            capture.compress(expected)
+            for got, ref in zip(cache.layers, capture.layers, strict=True):
+                assert torch.equal(got.keys, ref.keys) and torch.equal(got.values, ref.values)
+                assert (got.context_visible is None) == (ref.context_visible is None)
+                assert got.context_visible is None or torch.equal(got.context_visible, ref.context_visible)
+            seen.update(expected)
+    assert len(seen) >= 8 and len({p.policies for p in seen}) > 1  # plans differ by row, length and budget
+
+
 def test_planner_may_return_one_plan_for_every_row_or_one_per_row(tiny_models):
     model = tiny_models["tiny-llama"]
     prompts = prompts_of((150, 90, 55))

@@ -20,7 +20,7 @@ from polykv_learn import cli
 from polykv_learn.eval.cli import evaluate_main
 from polykv_learn.eval.settings import FIELDS, EvaluateOptions, normalize_argv, parse_options
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = EvaluateOptions()
 
 

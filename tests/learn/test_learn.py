@@ -15,7 +15,7 @@ from learn_helpers import write_corpus as _write_corpus
 
 from polykv_learn.learn.soft_plan import soft_keep_weights, soft_key_bias
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- soft plans ---------------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def _base_of(path: Path) -> list[str]:
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_shipped_config_parses(config, tmp_path):
     """Every field of every fit config is one the CLI knows (a typo or a removed option fails here, not mid-run);
-    evaluation configs (``eval-*.yaml``) are parsed by ``tests/test_eval_config.py``."""
+    evaluation configs (``eval-*.yaml``) are parsed by ``tests/eval/test_eval_config.py``."""
     path = REPO / "configs" / config
     cmd = [sys.executable, "-m", "polykv_learn.cli", "fit", *_base_of(path), "--config", str(path), "--print_config"]
     out = _run(cmd, cwd=tmp_path, timeout=300)

@@ -19,7 +19,7 @@ from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.features import feature_names
 from polykv_learn.models import build_tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
