@@ -42,6 +42,16 @@ def model_for(name: str, attn: str, tiny_models: dict, eager_models: dict):
     return tiny_models[name] if attn == "sdpa" else eager_models[name]
 
 
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail the test if anything loads a model."""
+
+    def fail(*args, **kwargs):
+        pytest.fail("the model was loaded")
+
+    monkeypatch.setattr("polykv_learn.models.load_model", fail)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (converted once to safetensors)."""

@@ -24,16 +24,6 @@ def router(tmp_path_factory):
 
 
 @pytest.fixture()
-def no_model(monkeypatch):
-    """Fail the test if anything loads a model."""
-
-    def fail(*args, **kwargs):
-        pytest.fail("the model was loaded")
-
-    monkeypatch.setattr("polykv_learn.models.load_model", fail)
-
-
-@pytest.fixture()
 def prompt(tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text("What is the capital of France?\n")

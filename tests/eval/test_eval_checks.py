@@ -17,16 +17,6 @@ LIMIT = 8192  # tiny-llama's max_position_embeddings, as SmolLM2's
 
 
 @pytest.fixture()
-def no_model(monkeypatch):
-    """Fail the test if anything loads a model."""
-
-    def fail(*args, **kwargs):
-        pytest.fail("the model was loaded")
-
-    monkeypatch.setattr("polykv_learn.models.load_model", fail)
-
-
-@pytest.fixture()
 def data(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", make_samples(3))
 
