@@ -10,7 +10,10 @@ Three ways to decide what to keep:
 - ``plan=Plan(...)`` (static): a layer evicts as soon as its own prefill attention is done;
 - ``planner=fn`` (adaptive): ``fn(stats_per_layer)`` runs as soon as the last layer's prefill attention is done
   (every layer then evicts at once, before any new token) and returns one ``Plan`` for every row of the batch or a
-  list with one ``Plan`` per row;
+  list with one ``Plan`` per row; every layer keeps its statistics until then. A
+  :class:`~polykv_learn.layerwise.LayerwisePlanner` plans the same way from a summary of each layer, taken as soon
+  as that layer's prefill attention is done, and its statistics are dropped then (only its keys/values, its summary
+  and its keep orders wait for the plan);
 - neither: capture only (full cache plus every layer's scoring statistics; what the simulator uses).
 
 Batches (left padding only). Each row is compressed as if it were alone: its keep set is chosen from its own
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,10 +38,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from polykv_learn import adapter
 from polykv_learn.capture import CaptureOptions, compute_layer_stats
+from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_indices
 
-#: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row
+#: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row (a
+#: ``LayerwisePlanner`` is one too, and a cache given one summarises each layer as its prefill ends)
 Planner = Callable[[list[LayerStats]], "Plan | Sequence[Plan]"]
 
 
@@ -103,6 +109,9 @@ class CompressedLayer(DynamicLayer):
         self.context_length = 0  # logical length of the prefill (padded length in a batch)
         self.context_visible: Tensor | None = None  # (batch, G, slots) bool: the slot holds a kept real key
         self.stats: LayerStats | None = None
+        # a LayerwisePlanner's cache, between the layer's prefill and the compression (the statistics are gone)
+        self.summary: Any = None  # what the planner's summarize returned for this layer
+        self.orders: KeepOrders | None = None  # the keep orders eviction needs
 
     @property
     def owner(self) -> CompressedCache:
@@ -127,7 +136,7 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.logical_length = self.context_length = 0
-        self.context_visible = self.stats = None
+        self.context_visible = self.stats = self.summary = self.orders = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -167,8 +176,8 @@ class CompressedLayer(DynamicLayer):
     def evict(self, policy: str | Sequence[str], budget: int | Sequence[int]) -> None:
         """Keep ``budget`` context positions per KV head chosen by ``policy`` (a row keeps all of its real tokens
         if the budget is at least their number). One value applies to every row; a sequence gives one per row."""
-        stats = self.stats
-        if stats is None:
+        stats, orders = self.stats, self.orders
+        if stats is None and orders is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to evict with")
         if self.logical_length != self.context_length:
             raise RuntimeError("eviction happens right after the prefill, before any new token")
@@ -182,16 +191,21 @@ class CompressedLayer(DynamicLayer):
             )
         keeps, whole = [], True  # per row: (G, kept) positions of the padded layout, ascending
         for r in range(batch):
-            rs = row_stats(stats, r)
-            pad = n - rs.context_length
-            if budgets[r] < rs.context_length:
-                keeps.append(keep_indices(get_policy(policies[r]), rs, budgets[r])[0] + pad)
+            rs = row_stats(stats, r) if stats is not None else None  # None: summarised, the orders hold the rows
+            n_real = rs.context_length if rs is not None else orders.lengths[r]
+            pad = n - n_real
+            if budgets[r] < n_real:
+                if rs is not None:
+                    keep = keep_indices(get_policy(policies[r]), rs, budgets[r])[0]  # (G, kept)
+                else:
+                    keep = orders.keep_indices(r, policies[r], budgets[r])  # (G, kept)
+                keeps.append(keep + pad)
                 whole = False
             else:  # the whole row (its real tokens)
                 keeps.append(torch.arange(pad, n, device=self.keys.device).expand(g, n - pad))
         slots = max(k.shape[-1] for k in keeps)
         if whole and slots == n:  # every row keeps all of itself and no slot can go: the layout stays as it is
-            self.stats = None
+            self._drop_statistics()
             return
         index = torch.zeros(batch, g, slots, dtype=torch.long, device=self.keys.device)  # (b, G, slots)
         visible = torch.zeros(batch, g, slots, dtype=torch.bool, device=self.keys.device)  # (b, G, slots)
@@ -205,6 +219,19 @@ class CompressedLayer(DynamicLayer):
             self.keys.masked_fill_(~visible[..., None], 0)
             self.values.masked_fill_(~visible[..., None], 0)
         self.context_visible = visible
+        self._drop_statistics()
+
+    def _drop_statistics(self) -> None:
+        self.stats = self.summary = self.orders = None
+
+    def summarize(self, planner: LayerwisePlanner) -> None:
+        """Keep only what ``planner`` needs of this layer (its summary, the keep orders of its policies for every
+        row alone) and drop the statistics."""
+        stats = self.stats
+        if stats is None:
+            raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to summarise")
+        self.summary = planner.summarize(stats)
+        self.orders = KeepOrders.of([row_stats(stats, r) for r in range(stats.valid.shape[0])], planner.policies)
         self.stats = None
 
 
@@ -316,13 +343,21 @@ class CompressedCache(Cache):
             layer.evict(self.plan.policies[layer.layer_idx], self.plan.budgets[layer.layer_idx])
             if layer.layer_idx == 0:
                 self.applied_plans = [self.plan] * b
-        elif self.planner is not None and layer.layer_idx == len(self.layers) - 1:
-            self.compress()  # adaptive: every layer's statistics exist once the last layer has attended
+            return
+        if isinstance(self.planner, LayerwisePlanner):
+            layer.summarize(self.planner)  # its statistics go now, not after the last layer
+        if self.planner is not None and layer.layer_idx == len(self.layers) - 1:
+            self.compress()  # adaptive: every layer's statistics (or summary) exist once the last layer has attended
 
     @property
     def layer_stats(self) -> list[LayerStats]:
         stats = [layer.stats for layer in self.layers]
         if any(s is None for s in stats):
+            if any(layer.orders is not None for layer in self.layers):
+                raise RuntimeError(
+                    "this cache summarised each layer as its prefill ended (LayerwisePlanner) and kept no statistics; "
+                    "a capture-only CompressedCache(model, capture=...) keeps them"
+                )
             raise RuntimeError("statistics are only available between the prefill and the compression")
         return stats  # type: ignore[return-value]
 
@@ -333,19 +368,32 @@ class CompressedCache(Cache):
             raise RuntimeError("this cache has a fixed plan: it compresses each layer during the prefill")
         if self.applied_plans is not None:
             raise RuntimeError("this cache is already compressed")
-        stats = self.layer_stats
-        batch = stats[0].keys.shape[0]
+        layerwise = isinstance(self.planner, LayerwisePlanner)
+        summarised = layerwise and all(layer.orders is not None for layer in self.layers)
+        stats = None if summarised else self.layer_stats  # raises before the prefill
         if plan is None:
             if self.planner is None:
                 raise ValueError("no plan given and this cache has no planner")
-            plan = self.planner(stats)
-        plans = _plans_per_row(plan, batch)
+            plan = self.planner.plan([layer.summary for layer in self.layers]) if summarised else self.planner(stats)
+        plans = _plans_per_row(plan, self.layers[0].keys.shape[0])
         for p in plans:
             p.check_num_layers(len(self.layers))
+            if layerwise:
+                _check_summarised_policies(p, self.planner.policies)
         for i, layer in enumerate(self.layers):
             layer.evict([p.policies[i] for p in plans], [p.budgets[i] for p in plans])
         self.applied_plans = plans
         return plans
+
+
+def _check_summarised_policies(plan: Plan, policies: Sequence[str]) -> None:
+    """ValueError if ``plan`` gives a layer a policy whose keep orders a LayerwisePlanner did not keep."""
+    other = sorted(set(plan.policies) - set(policies))
+    if other:
+        raise ValueError(
+            f"the plan uses {', '.join(other)}, but the LayerwisePlanner kept keep orders for {', '.join(policies)} "
+            "only; list every policy its plan may use in LayerwisePlanner.policies"
+        )
 
 
 def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:

@@ -8,11 +8,16 @@ model.generate(input_ids, cache=cache)                       # one cache per gen
 
 In a left-padded batch (with its ``attention_mask``) every row of an adaptive cache gets its own plan, the one it
 would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lists them).
+
+An adaptive cache plans with :meth:`PolyKV.layerwise_planner`: each layer's signals (at the cache's budget) and the
+keep orders of every routed policy are taken as soon as that layer's prefill attention is done, and its statistics
+are dropped then, so the cache holds little more than the full cache's keys/values until the plan is decided.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +32,15 @@ from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.features import layer_features
+from polykv_learn.layerwise import LayerwisePlanner
 from polykv_learn.plan import Plan
 from polykv_learn.planner import LearnedPlanner, check_budget
 from polykv_learn.policies import LayerStats, get_policy
 
 MODES = ("adaptive", "static")
+
+#: one layer's part of an adaptive plan: raw signals (batch, F) and the real context length of every row
+LayerSummary = tuple[Tensor, tuple[int, ...]]
 
 
 class PolyKV:
@@ -106,9 +115,38 @@ class PolyKV:
         return self.plan_from_features(self.features(stats, budget), budget, stats[0].context_length)
 
     def plans_for_stats(self, stats: Sequence[LayerStats], budget: int) -> list[Plan]:
-        """One adaptive plan per batch row: each row's own features and real context length decide its plan."""
+        """One adaptive plan per batch row: each row's own features and real context length decide its plan (the
+        plans an adaptive cache applies from its summaries, :meth:`layerwise_planner`)."""
         batch = stats[0].valid.shape[0]
         return [self.plan_for_stats([row_stats(s, r) for s in stats], budget) for r in range(batch)]
+
+    def layer_summary(self, stats: LayerStats, budget: int) -> LayerSummary:
+        """What the plan needs of one layer (batched statistics): the raw signals ``(batch, F)`` of every row, each
+        from the row's own statistics (:func:`~polykv_learn.cache.row_stats`) at ``min(budget, n_row)``, and the
+        rows' real context lengths."""
+        budget = check_budget(budget)
+        num_layers = int(self.model_fingerprint["num_layers"])
+        rows = [row_stats(stats, r) for r in range(stats.valid.shape[0])]
+        overlaps = self.overlap_policies
+        features = [layer_features(rs, min(budget, rs.context_length), overlaps, num_layers) for rs in rows]  # (1, F)
+        return torch.cat(features), tuple(rs.context_length for rs in rows)  # (batch, F)
+
+    def plans_from_summaries(self, summaries: Sequence[LayerSummary], budget: int) -> list[Plan]:
+        """One plan per batch row from the :meth:`layer_summary` of every layer (in layer order)."""
+        lengths = summaries[0][1]
+        features = torch.stack([f for f, _ in summaries], dim=1)  # (batch, L, F)
+        return [self.plan_from_features(features[r], budget, n) for r, n in enumerate(lengths)]
+
+    def layerwise_planner(self, budget: int) -> LayerwisePlanner:
+        """The adaptive planner at ``budget`` (what :meth:`make_cache` gives its cache): summarises each layer with
+        :meth:`layer_summary`, plans with :meth:`plans_from_summaries`, routes to :attr:`policies`. It holds this
+        object, not a cache (no reference cycle)."""
+        budget = check_budget(budget)
+        return LayerwisePlanner(
+            summarize=functools.partial(self.layer_summary, budget=budget),
+            plan=functools.partial(self.plans_from_summaries, budget=budget),
+            policies=tuple(self.policies),
+        )
 
     @torch.no_grad()
     def plan_for(
@@ -150,11 +188,7 @@ class PolyKV:
             return CompressedCache(model, plan=self.static_plan(budget))
         if mode != "adaptive":
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-
-        def planner(stats: list[LayerStats]) -> list[Plan]:
-            return self.plans_for_stats(stats, budget)  # the planner holds no reference to its cache (no cycle)
-
-        return CompressedCache(model, planner=planner, capture=self.capture)
+        return CompressedCache(model, planner=self.layerwise_planner(budget), capture=self.capture)
 
     @contextlib.contextmanager
     def apply(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> Iterator[None]:
