@@ -257,7 +257,7 @@ def available_methods(
             "polykv-static", "learned", "learned router + allocator, static plan", _static(router)
         )
     if gbdt is not None:
-        if gbdt.gbdt is None:
+        if gbdt.planner.gbdt is None:
             raise ValueError("the --gbdt-router artifact has an MLP router, not a GBDT one (router type 'gbdt')")
         methods["polykv-gbdt"] = Method("polykv-gbdt", "learned", "GBDT router + allocator, adaptive", _adaptive(gbdt))
     if isinstance(oracle_rounds, bool) or not isinstance(oracle_rounds, int) or oracle_rounds < 0:

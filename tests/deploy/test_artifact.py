@@ -386,3 +386,14 @@ def test_gbdt_arrays_are_checked(gbdt_artifact, edit, message):
     with pytest.raises(ValueError, match=f"^corrupt artifact {directory}: ") as info:
         PolyKV.from_pretrained(directory)
     assert message in str(info.value)
+
+
+def test_evaluation_offers_polykv_gbdt_only_for_a_gbdt_artifact(gbdt_artifact, tiny, tmp_path):
+    from polykv_learn.eval.methods import available_methods
+
+    directory, _, _ = gbdt_artifact
+    gbdt = PolyKV.from_pretrained(directory)
+    assert "polykv-gbdt" in available_methods(None, gbdt)
+    mlp = PolyKV.from_pretrained(make_artifact(tmp_path / "mlp", tiny))
+    with pytest.raises(ValueError, match="the --gbdt-router artifact has an MLP router, not a GBDT one"):
+        available_methods(None, mlp)
