@@ -22,6 +22,7 @@ greedy, also moves policies, and scores plans exactly with the masked-attention 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,7 @@ def search_plan(
     plans_per_pass: int = 32,
     deltas: tuple[int, ...] | None = None,
     pairwise: bool = False,
+    starts: Sequence[Plan] = (),
 ) -> SearchResult:
     """Greedy search for the plan of lowest loss on ``probe_ids`` (see the module docstring).
 
@@ -208,7 +210,9 @@ def search_plan(
     ``probe_ids`` (m,) or (1, m): what follows the context; ``budget``: the average budget ``B``; ``policies``:
     the pool. ``loss``: ``nll`` of the probe tokens from ``answer_start`` on (default 0: the whole probe; token
     0 is predicted by the context alone) or ``kl``: mean KL(full cache || plan) over the same tokens. When
-    ``n <= B`` nothing is evicted and the best uniform plan is returned without moves.
+    ``n <= B`` nothing is evicted and the best uniform plan is returned without moves. ``starts``: more
+    starting candidates (e.g. the learned router's plan for this input), scored with the uniform plans; each must
+    have ``L`` layers, the exact total ``L * B`` and policies of the pool.
     """
     probe = probe_ids[None] if probe_ids.ndim == 1 else probe_ids  # (1, m)
     if probe.ndim != 2 or probe.shape[0] != 1 or probe.shape[1] == 0:
@@ -234,9 +238,16 @@ def search_plan(
 
     score = _Scorer(simulator, capture, probe.long(), start, loss, plans_per_pass)
     uniform = [Plan.uniform(p, budget, num) for p in pool]
-    losses = score(uniform)
+    for extra in starts:
+        if len(extra.budgets) != num or sum(extra.budgets) != num * budget or not set(extra.policies) <= set(pool):
+            raise ValueError(
+                f"a start plan must have {num} layers, total {num * budget} and policies of the pool {pool}; got "
+                f"{len(extra.budgets)} layers, total {sum(extra.budgets)}, policies {sorted(set(extra.policies))}"
+            )
+    candidates = uniform + [extra for extra in starts if n > budget]
+    losses = score(candidates)
     first = _best(losses)
-    plan, value = uniform[first], losses[first]
+    plan, value = candidates[first], losses[first]
     start_plan, start_loss = plan, value
     history: list[SearchStep] = []
     if n > budget:

@@ -143,6 +143,21 @@ def test_at_least_as_good_as_every_uniform_and_single_whole_context_plan(tiny):
     assert result.loss <= min(sim_losses(sim, capture, probe, rivals, 8)) + 1e-5
 
 
+def test_a_given_start_plan_is_a_candidate_and_is_checked(tiny):
+    """An extra start (e.g. the learned plan) that beats every uniform plan becomes the start; a bad one is refused."""
+    sim, capture, probe = tiny
+    uniform = search_plan(sim, capture, probe, 24, POOL, answer_start=8, max_rounds=0)
+    better = search_plan(sim, capture, probe, 24, POOL, answer_start=8, max_rounds=2).plan
+    assert sim_losses(sim, capture, probe, [better], 8)[0] < uniform.loss
+    started = search_plan(sim, capture, probe, 24, POOL, answer_start=8, max_rounds=0, starts=[better])
+    assert started.start_plan == better and started.plan == better
+    assert started.loss == pytest.approx(sim_losses(sim, capture, probe, [better], 8)[0], abs=1e-5)
+    worse = Plan(("streaming",) * 4, (90, 2, 2, 2))
+    assert search_plan(sim, capture, probe, 24, POOL, answer_start=8, max_rounds=0, starts=[worse]).plan != worse
+    with pytest.raises(ValueError, match="a start plan must have 4 layers, total 96"):
+        search_plan(sim, capture, probe, 24, POOL, answer_start=8, starts=[Plan.uniform("snapkv", 20, 4)])
+
+
 def test_finds_the_whole_context_optimum_of_a_constructed_model():
     """Two layers; layer 0's attention output is zero, so only layer 1's keep set matters and KL is 0 exactly
     when layer 1 keeps its whole context. Brute force over every budget split agrees."""

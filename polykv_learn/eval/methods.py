@@ -197,23 +197,27 @@ def oracle_policies(stats: Sequence[LayerStats]) -> list[str]:
     return [p for p in policy_names(routable_only=True) if recorded or not POLICIES[p].needs_accumulated_attn]
 
 
-def _oracle(rounds: int) -> tuple[PlanFn, ExtrasFn]:
-    """The oracle's plan (a search of at most ``rounds`` rounds) and its record fields."""
+def _oracle(rounds: int, router: PolyKV | None = None) -> tuple[PlanFn, ExtrasFn]:
+    """The oracle's plan (a search of at most ``rounds`` rounds) and its record fields. With a ``router``, its
+    adaptive plan for the sample is one more starting point, so the ceiling is never below ``polykv``."""
 
     def search(sample: MethodInput, budget: int) -> SearchResult:
         gold = sample.gold
         if gold is None:
             raise ValueError(ORACLE_REFUSAL)
         if budget not in gold.searches:
+            pool = oracle_policies(sample.stats)
+            learned = [router.plan_for_stats(sample.stats, budget)] if router is not None else []
             gold.searches[budget] = search_plan(
                 gold.simulator,
                 gold.capture,
                 gold.probe_ids,
                 budget,
-                oracle_policies(sample.stats),
+                pool,
                 loss="nll",
                 answer_start=gold.answer_start,
                 max_rounds=rounds,
+                starts=[p for p in learned if set(p.policies) <= set(pool)],
             )
         return gold.searches[budget]
 
@@ -221,10 +225,12 @@ def _oracle(rounds: int) -> tuple[PlanFn, ExtrasFn]:
         return search(sample, budget).plan
 
     def extras(sample: MethodInput, budget: int) -> dict[str, Any]:
-        """The search behind the record: its start (best uniform policy) and final simulated gold-answer NLL."""
+        """The search behind the record: its start (the best uniform policy's name, or ``polykv`` when the learned
+        plan started it) and final simulated gold-answer NLL."""
         found = search(sample, budget)
+        uniform = len(set(found.start_plan.policies)) == 1 and len(set(found.start_plan.budgets)) == 1
         return {
-            "search_start_policy": found.start_plan.policies[0],
+            "search_start_policy": found.start_plan.policies[0] if uniform else "polykv",
             "search_start_nll": found.start_loss,
             "search_nll": found.loss,
             "search_moves": len(found.history),
@@ -262,9 +268,9 @@ def available_methods(
         methods["polykv-gbdt"] = Method("polykv-gbdt", "learned", "GBDT router + allocator, adaptive", _adaptive(gbdt))
     if isinstance(oracle_rounds, bool) or not isinstance(oracle_rounds, int) or oracle_rounds < 0:
         raise ValueError(f"oracle_rounds must be an integer >= 0, got {oracle_rounds!r}")
-    methods["oracle"] = Method(
-        "oracle", "oracle", "plan search on the gold answer (upper bound, not deployable)", *_oracle(oracle_rounds)
-    )
+    oracle = _oracle(oracle_rounds, router)
+    about = "plan search on the gold answer (upper bound, not deployable)"
+    methods["oracle"] = Method("oracle", "oracle", about, *oracle)
     random_first = [m for m in methods if m in POLICIES and not POLICIES[m].routable]
     return {k: methods[k] for k in [m for m in methods if m not in random_first] + random_first}
 

@@ -153,3 +153,18 @@ def test_generate_refuses_mode_oracle(tiny, tmp_path, capsys):
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("polykv-learn generate: error: argument --mode: invalid choice: 'oracle'")
+
+
+def test_with_a_router_the_ceiling_is_never_below_polykv(tiny, tmp_path):
+    """The learned plan is one of the search's starts, so the oracle's NLL is at most polykv's."""
+    model, tok = tiny
+    router = PolyKV.from_pretrained(make_artifact(tmp_path / "router", model, random_allocator=True))
+    methods = resolve_methods(["polykv", "oracle"], available_methods(router, oracle_rounds=0))
+    settings = EvalSettings(budgets=BUDGETS, batch_size=8)
+    evaluator = Evaluator(model, tok, methods, settings, CaptureOptions(window=16, future=16, accumulate=True))
+    for sample in make_samples(2):
+        records = evaluator.evaluate_sample(sample).records
+        for budget in BUDGETS:
+            by_method = {r["method"]: r for r in records if r["budget"] == budget}
+            assert by_method["oracle"]["nll"] <= by_method["polykv"]["nll"] + 1e-4
+            assert by_method["oracle"]["search_start_policy"] in (*SINGLES, "polykv")
