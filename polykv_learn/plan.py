@@ -230,23 +230,37 @@ class Plan:
         return cls(_expand_policies(policy, num_layers), (_as_budget(budget, 0),) * num_layers)
 
     @classmethod
-    def pyramid(cls, policy: str | Sequence[str], budget: int, num_layers: int, beta: float = 20) -> Plan:
+    def pyramid(
+        cls,
+        policy: str | Sequence[str],
+        budget: int,
+        num_layers: int,
+        beta: float = 20,
+        context_length: int | None = None,
+    ) -> Plan:
         """PyramidKV's linear schedule (Cai et al., arXiv:2406.02069, eq. for ``k^l``).
 
         The top (last) layer gets ``budget / beta``, the bottom (first) ``2 * budget - budget / beta``, linear
         in between, so the mean is ``budget``. Rounded with the largest-remainder rule: integers summing to
-        exactly ``num_layers * budget``, non-increasing with depth, each at least 1.
+        exactly ``num_layers * budget``, non-increasing with depth, each at least 1. With ``context_length``
+        ``n`` (the baseline as evaluation and validation run it): nothing is evicted when ``n <= budget``, and
+        layer budgets above ``n`` are capped at ``n`` with the excess handed to the other layers.
         """
         _check_layers(num_layers)
         budget = _as_budget(budget, 0)
         if not beta >= 1:
             raise ValueError(f"beta must be >= 1 (beta=1 is uniform), got {beta}")
+        if context_length is not None and context_length <= budget:
+            return cls.uniform(policy, budget, num_layers)
         top = budget / beta
         bottom = 2 * budget - top
         depth = torch.arange(num_layers, dtype=torch.float64) / max(num_layers - 1, 1)  # (L,)
         values = bottom - (bottom - top) * depth if num_layers > 1 else torch.full((1,), float(budget))
         budgets = round_preserving_sum(values, num_layers * budget, lower=1)
-        return cls(_expand_policies(policy, num_layers), tuple(budgets))
+        plan = cls(_expand_policies(policy, num_layers), tuple(budgets))
+        if context_length is not None and max(plan.budgets) > context_length:
+            return cls.from_allocation(policy, [float(b) for b in plan.budgets], budget, b_max=context_length)
+        return plan
 
     @classmethod
     def from_allocation(

@@ -220,3 +220,11 @@ def test_round_trip_and_helpers():
     assert len(text.splitlines()) == 2 + 3
     assert list(plan) == [("snapkv", 100), ("streaming", 20), ("tova", 60)]
     assert math.isclose(plan.average_budget, 60.0)
+
+
+def test_pyramid_with_a_context_is_capped_exactly_and_keeps_all_of_a_short_one():
+    plan = Plan.pyramid("snapkv", 512, 8, context_length=600)  # the bottom layers would want ~1000
+    assert plan.total_budget == 8 * 512 and max(plan.budgets) <= 600
+    assert list(plan.budgets) == sorted(plan.budgets, reverse=True)
+    assert Plan.pyramid("snapkv", 512, 8, context_length=4096) == Plan.pyramid("snapkv", 512, 8)
+    assert Plan.pyramid("snapkv", 512, 8, context_length=300) == Plan.uniform("snapkv", 512, 8)

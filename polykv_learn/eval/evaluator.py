@@ -50,11 +50,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes
 from polykv_learn.capture import CaptureOptions
+from polykv_learn.data.layout import prompt_layout
 from polykv_learn.eval.fork_batch import ForkBatchCache, fork_of
 from polykv_learn.eval.methods import GoldProbe, Method, MethodInput
 from polykv_learn.eval.metrics import answer_settled, score
 from polykv_learn.plan import Plan
 from polykv_learn.simulator import ContextCapture, Simulator, kl_to_full
+from polykv_learn.text import cut_middle
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -121,13 +123,6 @@ class SampleResult:
     seconds: float = 0.0
 
 
-def _cut_middle(ids: list[int], limit: int | None) -> tuple[list[int], int]:
-    if limit is None or len(ids) <= limit:
-        return ids, 0
-    head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head) :], len(ids) - limit
-
-
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids: set[int] = set()
     for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -162,24 +157,21 @@ def prompt_pieces(tokenizer: PreTrainedTokenizerBase, settings: EvalSettings, sa
     def tok(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    context, question, prefix = sample["context"], sample["question"], sample.get("answer_prefix", "")
+    chat = None
     if settings.chat:
-        user = f"{context}\n\n{question}"
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        at = rendered.index(user)
-        header, footer = rendered[:at], rendered[at + len(user) :] + prefix
-    else:
-        header, footer = "", "\n" + prefix
-    ctx, cut = _cut_middle(tok(context), settings.max_context)
+
+        def chat(user: str) -> str:
+            messages = [{"role": "user", "content": user}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    layout = prompt_layout(sample, chat)
+    ctx, cut = cut_middle(tok(layout.context), settings.max_context)
     # an empty question (e.g. code completion): the answer directly continues the context
-    head, q, foot = tok(header), tok(f"\n\n{question}" if question else ""), tok(footer)
+    head, q, foot = tok(layout.header), tok(layout.question), tok(layout.footer)
     prompt, tail = (head + ctx + q, foot) if settings.query_aware else (head + ctx, q + foot)
     if not prompt or not tail:
         raise ValueError(f"sample {sample.get('id')!r}: the prompt and what follows it must both be non-empty")
-    sep = " " if prefix and not prefix[-1].isspace() else ""
-    answer = tok(sep + sample["answers"][0])
+    answer = tok(layout.answer)
     if not answer:
         raise ValueError(f"sample {sample.get('id')!r}: the first gold answer is empty")
     return PromptPieces(prompt, tail, answer, len(ctx), cut, int(sample["max_new_tokens"]))

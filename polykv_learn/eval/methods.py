@@ -137,13 +137,7 @@ def _uniform(policy: str) -> PlanFn:
 
 
 def _pyramid(sample: MethodInput, budget: int) -> Plan:
-    n = sample.context_length
-    if n <= budget:  # nothing to evict
-        return Plan.uniform(BASELINE_POLICY, budget, sample.num_layers)
-    plan = Plan.pyramid(BASELINE_POLICY, budget, sample.num_layers)
-    if max(plan.budgets) > n:  # cap at n, hand the excess to the other layers
-        plan = Plan.from_allocation(BASELINE_POLICY, [float(b) for b in plan.budgets], budget, b_max=n)
-    return plan
+    return Plan.pyramid(BASELINE_POLICY, budget, sample.num_layers, context_length=sample.context_length)
 
 
 def cake_signals(stats: Sequence[LayerStats]) -> tuple[list[float], list[float]]:

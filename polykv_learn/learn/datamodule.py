@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from polykv_learn.capture import CaptureOptions
+from polykv_learn.data.layout import prompt_layout
 from polykv_learn.data.tasks import TEST_ONLY_TASKS
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES
 from polykv_learn.learn import checks
@@ -68,12 +69,11 @@ def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
 
 
 def task_probe_parts(row: dict) -> tuple[list[str], str]:
-    """The text after the context of a task sample, in the pieces the evaluation tokenises separately (text mode):
-    the prompt's tail (question, answer prefix) and the gold answer."""
-    question, prefix = row["question"], row.get("answer_prefix", "")
-    sep = " " if prefix and not prefix[-1].isspace() else ""
-    tail = ([f"\n\n{question}"] if question else []) + [f"\n{prefix}"]
-    return tail, f"{sep}{row['answers'][0]}"
+    """The text after the context of a task sample, in the pieces the evaluation tokenises separately (text mode,
+    :func:`polykv_learn.data.layout.prompt_layout`): the prompt's tail (question, answer prefix) and the gold
+    answer."""
+    layout = prompt_layout(row)
+    return ([layout.question] if layout.question else []) + [layout.footer], layout.answer
 
 
 def task_probe(row: dict) -> str:

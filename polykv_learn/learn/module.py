@@ -280,7 +280,7 @@ class PolyKVLearner(L.LightningModule):
                 continue
             methods = {"learned": self.learned_planner().plan(prefill.features_at(budget), budget, n)}
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
-            methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers)
+            methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers, context_length=n)  # as evaluate runs it
             logits = self.simulator.probe_logits(
                 capture, probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
             )
