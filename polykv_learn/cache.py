@@ -318,9 +318,7 @@ class CompressedCache(Cache):
     def on_prefill(self, layer: CompressedLayer, call: adapter.AttentionCall) -> None:
         n = call.key.shape[2]
         b = call.key.shape[0]
-        # (b, n): keys the last (real) query sees = non-padding; a copy, since a view would keep the whole
-        # (b, n, n) mask alive in every layer's statistics
-        valid = call.visible(n)[:, -1, :].clone()
+        valid = _real_keys(call, n)  # (b, n)
         if layer.layer_idx == 0 and not bool(valid.all()):
             for r in range(b):
                 _real_length(valid[r], r)  # left padding only: refused before any policy runs
@@ -384,6 +382,16 @@ class CompressedCache(Cache):
             layer.evict([p.policies[i] for p in plans], [p.budgets[i] for p in plans])
         self.applied_plans = plans
         return plans
+
+
+def _real_keys(call: adapter.AttentionCall, n: int) -> Tensor:
+    """``(b, n)`` bool: the prefill keys the last query sees, the real (non-padding) ones. Without a mask
+    (transformers skipped it: plain causal, ``AttentionCall.visible``) every key, without building the ``n x n``
+    visibility; else the last row of the visibility, copied (a view would keep the whole mask alive in every layer's
+    statistics)."""
+    if call.mask is None:
+        return torch.ones(call.key.shape[0], n, dtype=torch.bool, device=call.key.device)
+    return call.visible(n)[:, -1, :].clone()
 
 
 def _check_summarised_policies(plan: Plan, policies: Sequence[str]) -> None:

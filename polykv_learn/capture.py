@@ -48,15 +48,18 @@ def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:
 
 def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
     """Softmax attention of the last ``w`` queries over the context: queries (b, H, w, d), keys (b, G, n, d),
-    valid (b, n) -> (b, H, w, n), causal within the context, padding masked, float32."""
+    valid (b, n) -> (b, H, w, n), causal within the context, padding masked, float32. In place where it can be:
+    one temporary of the output's size."""
     b, h, w, d = queries.shape
     g, n = keys.shape[1], keys.shape[2]
     q = queries.float().reshape(b, g, h // g, w, d)
-    scores = torch.einsum("bgrwd,bgnd->bgrwn", q, keys.float()) * scaling  # (b, G, H/G, w, n)
+    scores = torch.einsum("bgrwd,bgnd->bgrwn", q, keys.float()).mul_(scaling)  # (b, G, H/G, w, n)
     q_index = torch.arange(n - w, n, device=keys.device)
     causal = torch.arange(n, device=keys.device)[None, :] <= q_index[:, None]  # (w, n)
     visible = causal[None, None, None] & valid[:, None, None, None, :]
-    return _masked_softmax(scores, visible).reshape(b, h, w, n)
+    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+    del scores
+    return probs.nan_to_num_(nan=0.0).reshape(b, h, w, n)  # a query that sees nothing (padding) attends nowhere
 
 
 def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, chunk: int) -> Tensor:
@@ -66,7 +69,10 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     Per sequence and KV head, a chunk's scores are one matrix product of its H/G query heads' queries with the
     keys (:func:`polykv_learn.onednn.linear`: oneDNN on CPU, faster than the batched ``matmul``; see
     ``benchmarks/linear_backend.py``),
-    and only the chunk's diagonal block needs the causal mask (earlier keys are all visible)."""
+    and only the chunk's diagonal block needs the causal mask (earlier keys are all visible). The chunks run from
+    the last (the widest) to the first, so each later chunk's temporaries fit in the memory the previous one freed
+    (growing ones fragment the heap); their per-key sums are then added chunk by chunk from the first, the order
+    that defines the result."""
     b, h, n, d = queries.shape
     g = keys.shape[1]
     r = h // g
@@ -75,28 +81,34 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
     total = torch.zeros(b, g, r, n, dtype=torch.float32, device=keys.device)
     key_bias = torch.zeros(b, n, device=keys.device).masked_fill(~valid, float("-inf"))  # (b, n)
     all_valid = bool(valid.all())  # no padding (e.g. one sequence): the causal mask alone, filled in place
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        c = stop - start
-        # causal: queries start..stop-1 see keys 0..stop-1 only, so later keys are never computed (half the work)
-        block = torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1)  # (c, c) future keys of the chunk
-        if not all_valid:
-            causal = torch.zeros(c, stop, device=keys.device)
-            causal[:, start:].masked_fill_(block, float("-inf"))  # (c, stop)
-        for i in range(b):
-            if not all_valid:
-                q_valid = valid[i, start:stop]  # (c,)
-                # a padding query sees nothing; give it a finite row (it is weighted by 0 below) instead of NaNs
-                bias = torch.where(q_valid[:, None], causal + key_bias[i, None, :stop], torch.zeros(()))  # (c, stop)
-            for j in range(g):
+    starts = range(0, n, chunk)
+    sums = torch.empty(len(starts), r, n, device=keys.device)  # (chunks, H/G, n): one chunk's probs summed over queries
+    for i in range(b):
+        for j in range(g):
+            for ci in reversed(range(len(starts))):
+                start = starts[ci]
+                stop = min(start + chunk, n)
+                c = stop - start
+                # causal: queries start..stop-1 see keys 0..stop-1 only; later keys are never computed (half the work)
+                block = torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1)  # (c, c) future keys
                 q = q_all[i, j, :, start:stop].reshape(r * c, d)
                 scores = onednn.linear(q, k[i, j, :stop]).mul_(scaling).view(r, c, stop)  # (H/G, c, stop)
                 if all_valid:
                     scores[:, :, start:].masked_fill_(block, float("-inf"))
                     probs = torch.softmax(scores, dim=-1)
                 else:
+                    q_valid = valid[i, start:stop]  # (c,)
+                    causal = torch.zeros(c, stop, device=keys.device)
+                    causal[:, start:].masked_fill_(block, float("-inf"))  # (c, stop)
+                    # a padding query sees nothing; give it a finite row (it is weighted by 0 below), not NaNs
+                    bias = torch.where(q_valid[:, None], causal + key_bias[i, None, :stop], torch.zeros(()))
                     probs = torch.softmax(scores.add_(bias), dim=-1).mul_(q_valid[None, :, None])
-                total[i, j, :, :stop] += probs.sum(dim=-2)
+                del scores
+                sums[ci, :, :stop] = probs.sum(dim=-2)
+                del probs
+            for ci, start in enumerate(starts):
+                stop = min(start + chunk, n)
+                total[i, j, :, :stop] += sums[ci, :, :stop]
     return total.reshape(b, h, n)
 
 
