@@ -27,6 +27,7 @@ a direct ``model(...)`` forward after the prefill continues the sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from polykv_learn import adapter
-from polykv_learn.capture import CaptureOptions, compute_layer_stats
+from polykv_learn.capture import CaptureOptions, compute_layer_stats, with_accumulated_attention
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_indices
@@ -224,14 +225,19 @@ class CompressedLayer(DynamicLayer):
     def _drop_statistics(self) -> None:
         self.stats = self.summary = self.orders = None
 
-    def summarize(self, planner: LayerwisePlanner) -> None:
-        """Keep only what ``planner`` needs of this layer (its summary, the keep orders of its policies for every
-        row alone) and drop the statistics."""
+    def summarize(self, planner: LayerwisePlanner, accumulate: Callable[[LayerStats], LayerStats] | None) -> None:
+        """Keep only what ``planner`` needs of this layer (its summary, the keep orders of each row's candidate
+        policies, the row alone) and drop the statistics. ``accumulate``: the statistics lack the accumulated
+        attention; it adds it, called only if a candidate needs it."""
         stats = self.stats
         if stats is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to summarise")
-        self.summary = planner.summarize(stats)
-        self.orders = KeepOrders.of([row_stats(stats, r) for r in range(stats.valid.shape[0])], planner.policies)
+        summary = planner.summarize(stats)
+        candidates = planner.candidates_of(summary, stats.valid.shape[0])
+        if accumulate is not None and any(get_policy(p).needs_accumulated_attn for c in candidates for p in c):
+            stats = accumulate(stats)
+        self.summary = summary
+        self.orders = KeepOrders.of([row_stats(stats, r) for r in range(stats.valid.shape[0])], candidates)
         self.stats = None
 
 
@@ -326,6 +332,10 @@ class CompressedCache(Cache):
         if positions is None:
             positions = torch.arange(n, device=call.key.device)[None, :]
         positions = positions.expand(b, n)
+        options = self.capture_options
+        layerwise = isinstance(self.planner, LayerwisePlanner)
+        # H2O statistics cost O(n^2): a layerwise planner that does not read them gets them only where it needs them
+        lazy = layerwise and options.accumulate and not self.planner.summarize_reads_accumulated_attn
         layer.stats = compute_layer_stats(
             call.query,
             call.key,
@@ -334,7 +344,7 @@ class CompressedCache(Cache):
             positions,
             call.scaling,
             lambda pos: adapter.rope_cos_sin(self.model, pos, call.query.dtype),
-            self.capture_options,
+            dataclasses.replace(options, accumulate=False) if lazy else options,
             layer.layer_idx,
         )
         if self.plan is not None:
@@ -342,8 +352,9 @@ class CompressedCache(Cache):
             if layer.layer_idx == 0:
                 self.applied_plans = [self.plan] * b
             return
-        if isinstance(self.planner, LayerwisePlanner):
-            layer.summarize(self.planner)  # its statistics go now, not after the last layer
+        if layerwise:  # its statistics go now, not after the last layer
+            accumulate = (lambda s: with_accumulated_attention(s, call.query, options.chunk)) if lazy else None
+            layer.summarize(self.planner, accumulate)
         if self.planner is not None and layer.layer_idx == len(self.layers) - 1:
             self.compress()  # adaptive: every layer's statistics (or summary) exist once the last layer has attended
 
@@ -376,8 +387,9 @@ class CompressedCache(Cache):
         plans = _plans_per_row(plan, self.layers[0].keys.shape[0])
         for p in plans:
             p.check_num_layers(len(self.layers))
-            if layerwise:
-                _check_summarised_policies(p, self.planner.policies)
+        for i, layer in enumerate(self.layers):  # before any eviction: every order the plan needs is there
+            if layer.orders is not None:
+                layer.orders.check([p.policies[i] for p in plans], [p.budgets[i] for p in plans], i)
         for i, layer in enumerate(self.layers):
             layer.evict([p.policies[i] for p in plans], [p.budgets[i] for p in plans])
         self.applied_plans = plans
@@ -392,16 +404,6 @@ def _real_keys(call: adapter.AttentionCall, n: int) -> Tensor:
     if call.mask is None:
         return torch.ones(call.key.shape[0], n, dtype=torch.bool, device=call.key.device)
     return call.visible(n)[:, -1, :].clone()
-
-
-def _check_summarised_policies(plan: Plan, policies: Sequence[str]) -> None:
-    """ValueError if ``plan`` gives a layer a policy whose keep orders a LayerwisePlanner did not keep."""
-    other = sorted(set(plan.policies) - set(policies))
-    if other:
-        raise ValueError(
-            f"the plan uses {', '.join(other)}, but the LayerwisePlanner kept keep orders for {', '.join(policies)} "
-            "only; list every policy its plan may use in LayerwisePlanner.policies"
-        )
 
 
 def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:

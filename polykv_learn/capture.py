@@ -7,7 +7,7 @@ keep sets are identical by construction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -148,3 +148,11 @@ def compute_layer_stats(
         else None,
         layer_idx=layer_idx,
     )
+
+
+def with_accumulated_attention(stats: LayerStats, queries: Tensor, chunk: int) -> LayerStats:
+    """``stats`` (captured without it) with the accumulated attention of the same prefill: what
+    :func:`compute_layer_stats` computes with ``accumulate`` set, for the same post-RoPE ``queries`` (b, H, n, d).
+    A new ``LayerStats`` (nothing derived from the old one is reused)."""
+    acc = accumulated_attention(queries, stats.keys, stats.valid, stats.scaling, chunk)  # (b, H, n)
+    return replace(stats, accumulated_attn=acc)

@@ -3,19 +3,20 @@
 An adaptive :class:`~polykv_learn.cache.CompressedCache` decides its plan after the last layer's prefill. With a
 plain planner (``fn(stats_per_layer)``) every layer keeps its whole scoring statistics (window attention,
 accumulated attention, window queries, RoPE tables) until then. A :class:`LayerwisePlanner` says up front what
-the plan needs of a layer (``summarize``) and which policies the plan may give it (``policies``): the cache
-summarises each layer right after its prefill attention, computes the keep order of every row under each of those
-policies (:class:`KeepOrders`, what eviction needs) and drops the statistics, so only the layer's keys/values and
-these small results wait for the plan.
+the plan needs of a layer (``summarize``) and which policies the plan may give each row there (``candidates``,
+within ``policies``): the cache summarises each layer right after its prefill attention, computes the keep order
+of every row under each of its candidates (:class:`KeepOrders`, what eviction needs) and drops the statistics, so
+only the layer's keys/values and these small results wait for the plan. When the cache's capture accumulates
+attention (H2O) and ``summarize`` does not read it, that costly statistic is computed only for layers where a
+candidate needs it.
 
-A ``LayerwisePlanner`` is also a plain planner: called on the statistics of every layer it returns the plan the
-cache would apply (``plan([summarize(s) for s in stats])``), which is what capture-only caches, forks and the
-simulator use.
+A ``LayerwisePlanner`` is also a plain planner: called on the statistics of every layer (a capture-only cache's)
+it returns the plan a cache that summarised each layer applies, ``plan([summarize(s) for s in stats])``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,23 +36,43 @@ class LayerwisePlanner:
     summarize: the batched statistics of ONE layer (every row) -> that layer's summary (anything; it must not
         hold views of the statistics, or they stay alive);
     plan: the summaries of every layer, in layer order -> one ``Plan`` for every row or one ``Plan`` per row;
-    policies: every policy ``plan`` may give a layer (default options); eviction with another one raises.
+    policies: every policy ``plan`` may give a layer (default options);
+    candidates: a layer's summary -> for each row, the policies ``plan`` may give that row in this layer (a subset
+        of ``policies``; an empty one for a row the plan keeps whole); None: ``policies`` for every row. A plan
+        that evicts a row with a policy outside its candidates raises before any layer is evicted;
+    summarize_reads_accumulated_attn: whether ``summarize`` reads ``LayerStats.accumulated_attn``; if not, the
+        statistics it gets may lack it, and a cache computes it afterwards only where a candidate needs it.
     """
 
     summarize: Callable[[LayerStats], Any]
     plan: Callable[[list[Any]], Plan | Sequence[Plan]]
     policies: tuple[str, ...]
+    candidates: Callable[[Any], Sequence[Collection[str]]] | None = None
+    summarize_reads_accumulated_attn: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.policies, str) or not self.policies:
             raise ValueError(f"LayerwisePlanner.policies must be a non-empty sequence of names, got {self.policies!r}")
         object.__setattr__(self, "policies", tuple(check_policy_name(p) for p in self.policies))
-        if not callable(self.summarize) or not callable(self.plan):
-            raise TypeError("LayerwisePlanner.summarize and LayerwisePlanner.plan must be callable")
+        if not all(callable(f) for f in (self.summarize, self.plan, self.candidates or self.plan)):
+            raise TypeError("LayerwisePlanner.summarize, plan and candidates (if given) must be callable")
 
     def __call__(self, stats: Sequence[LayerStats]) -> Plan | Sequence[Plan]:
         """The plan(s) for the statistics of every layer: what a cache that summarised each layer applies."""
         return self.plan([self.summarize(s) for s in stats])
+
+    def candidates_of(self, summary: Any, batch: int) -> list[frozenset[str]]:
+        """The checked candidates of every row of a layer (see the class docstring)."""
+        if self.candidates is None:
+            return [frozenset(self.policies)] * batch
+        rows = [frozenset(c) for c in self.candidates(summary)]
+        if len(rows) != batch:
+            raise ValueError(f"LayerwisePlanner.candidates gave {len(rows)} rows for a batch of {batch}")
+        for r, c in enumerate(rows):
+            if not c <= set(self.policies):
+                other = ", ".join(sorted(c - set(self.policies)))
+                raise ValueError(f"LayerwisePlanner.candidates gave row {r} {other}, not in its policies")
+        return rows
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -62,33 +83,42 @@ def _index_dtype(n: int) -> torch.dtype:
 @dataclass(frozen=True)
 class KeepOrders:
     """What eviction needs of one layer once its statistics are gone: for each row alone (cut to its real tokens)
-    and each policy, the positions of every KV head from best to worst (``order_positions``).
+    and each of its policies, the positions of every KV head from best to worst (``order_positions``).
 
-    lengths: real tokens of each row; orders: policy -> one ``(G, n_row)`` tensor per row (a compact integer dtype).
+    lengths: real tokens of each row; orders: per row, policy -> ``(G, n_row)`` (a compact integer dtype).
     """
 
     lengths: tuple[int, ...]
-    orders: dict[str, tuple[Tensor, ...]]
+    orders: tuple[dict[str, Tensor], ...]
 
     @classmethod
-    def of(cls, rows: Sequence[LayerStats], policies: Sequence[str]) -> KeepOrders:
-        """The orders of ``rows`` (each the batch-1 statistics of one row alone, ``cache.row_stats``)."""
-        orders = {}
-        for p in policies:
-            policy = get_policy(p)
+    def of(cls, rows: Sequence[LayerStats], policies: Sequence[Collection[str]]) -> KeepOrders:
+        """The orders of ``rows`` (each the batch-1 statistics of one row alone, ``cache.row_stats``) under the
+        policies of each row (``policies[r]``)."""
+        orders = []
+        for rs, names in zip(rows, policies, strict=True):
             # (1, G, n_row) long -> (G, n_row): a compact copy, so nothing of the statistics stays alive
-            orders[p] = tuple(order_positions(policy, rs)[0].to(_index_dtype(rs.context_length)) for rs in rows)
-        return cls(lengths=tuple(rs.context_length for rs in rows), orders=orders)
+            index = _index_dtype(rs.context_length)
+            orders.append({p: order_positions(get_policy(p), rs)[0].to(index) for p in sorted(names)})
+        return cls(lengths=tuple(rs.context_length for rs in rows), orders=tuple(orders))
+
+    def check(self, policies: Sequence[str], budgets: Sequence[int], layer_idx: int) -> None:
+        """ValueError unless every row that ``budgets`` evicts (budget below its length) has its policy's order."""
+        for r, (policy, budget) in enumerate(zip(policies, budgets, strict=True)):
+            if budget < self.lengths[r] and policy not in self.orders[r]:
+                kept = ", ".join(self.orders[r]) or "none"
+                raise ValueError(
+                    f"layer {layer_idx}, row {r}: the plan evicts with {policy!r}, but the layer's summary kept keep "
+                    f"orders for {kept} only (LayerwisePlanner.candidates / policies)"
+                )
 
     def keep_indices(self, row: int, policy: str, budget: int) -> Tensor:
         """The kept positions of each KV head of ``row`` alone, ascending: ``(G, min(budget, n_row))`` long; the
         same as :func:`~polykv_learn.policies.keep_indices` on that row's statistics."""
         if budget < 1:
             raise ValueError(f"budget must be a positive integer, got {budget}")
-        if policy not in self.orders:
-            raise ValueError(
-                f"no keep order for policy {policy!r}: this layer was summarised for {', '.join(self.orders)} only "
-                "(LayerwisePlanner.policies)"
-            )
-        order = self.orders[policy][row]  # (G, n_row)
+        if policy not in self.orders[row]:
+            kept = ", ".join(self.orders[row]) or "none"
+            raise ValueError(f"no keep order for policy {policy!r} in row {row}: this layer kept {kept} only")
+        order = self.orders[row][policy]  # (G, n_row)
         return order[:, : min(budget, self.lengths[row])].sort(dim=-1).values.long()

@@ -1,6 +1,7 @@
 """An adaptive cache summarises each layer as soon as its prefill attention is done (issue 14): from then until the
-plan, the layer holds its keys/values, its summary and its keep orders, never its scoring statistics (window
-attention, accumulated attention, window queries, RoPE tables); the keep sets are those of the statistics."""
+plan, the layer holds its keys/values, its summary and the keep orders of its rows' candidate policies, never its
+scoring statistics (window attention, accumulated attention, window queries, RoPE tables); H2O's accumulated
+attention is computed only for layers routed to H2O; the keep sets are those of the statistics."""
 
 import gc
 import weakref
@@ -14,6 +15,7 @@ from polykv_learn import adapter
 from polykv_learn import cache as cache_module
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.deploy import make_cache
+from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.plan import Plan
@@ -24,12 +26,24 @@ ROUTED = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
 HEAVY = ("window_attn", "accumulated_attn", "window_queries", "window_cos", "window_sin", "future_cos", "future_sin")
 PAD = 2
 LENGTHS = (150, 90, 55)
+#: the policy the depth router below gives layers 0..3 (layer l: x = 5 l / 3, policy round(x) of ROUTED)
+BY_DEPTH = ["streaming", "h2o", "tova", "expected_attention"]
 
 
 @pytest.fixture(scope="module")
 def polykv(tmp_path_factory, tiny_models):
+    """A linear router on the relative depth: logit_k = k x - k^2 / 2 with x = 5 depth, so layer l gets policy
+    round(5 l / 3) (margins of 1/6 between the two best logits: no near tie)."""
     path = make_artifact(tmp_path_factory.mktemp("mem") / "tiny", tiny_models["tiny-llama"], policies=ROUTED)
-    return PolyKV.from_pretrained(path)
+    config, tensors = read_artifact(path)
+    depth = torch.zeros(len(config["feature_names"]))
+    depth[config["feature_names"].index("depth")] = 5.0
+    k = torch.arange(len(ROUTED), dtype=torch.float32)
+    tensors = {key: v for key, v in tensors.items() if not key.startswith("router.")}
+    tensors["router.net.0.weight"], tensors["router.net.0.bias"] = k[:, None] * depth[None, :], -(k**2) / 2
+    config = {key: v for key, v in config.items() if key != "format"}
+    config["router"] = {**config["router"], "num_hidden_layers": 0}
+    return PolyKV.from_pretrained(write_artifact(path, config, tensors))
 
 
 def left_padded(lengths=LENGTHS, seed=3):
@@ -54,34 +68,36 @@ def test_each_layer_drops_its_statistics_as_soon_as_its_prefill_ends(tiny_models
     n = ids.shape[1]
     # per layer: field -> weak reference to the memory of that tensor of the statistics (alive while any tensor,
     # a view or a detached alias of it, holds that memory)
-    heavy: list[dict[str, weakref.ref]] = []
-    compute = cache_module.compute_layer_stats
+    heavy: dict[int, dict[str, weakref.ref]] = {}
+    compute, accumulate = cache_module.compute_layer_stats, cache_module.with_accumulated_attention
 
-    def recording(*args, **kwargs):
-        stats = compute(*args, **kwargs)
-        assert stats.accumulated_attn is not None  # h2o is routed: the costliest tensor exists, and must go
-        heavy.append({f: weakref.ref(getattr(stats, f).untyped_storage()) for f in HEAVY})
+    def record(stats):
+        refs = heavy.setdefault(stats.layer_idx, {})
+        refs.update(
+            {f: weakref.ref(getattr(stats, f).untyped_storage()) for f in HEAVY if getattr(stats, f) is not None}
+        )
         return stats
 
-    monkeypatch.setattr(cache_module, "compute_layer_stats", recording)
+    monkeypatch.setattr(cache_module, "compute_layer_stats", lambda *a, **k: record(compute(*a, **k)))
+    monkeypatch.setattr(cache_module, "with_accumulated_attention", lambda *a, **k: record(accumulate(*a, **k)))
     cache = polykv.make_cache(model, budget=32)
-    assert isinstance(cache.planner, LayerwisePlanner)
+    assert isinstance(cache.planner, LayerwisePlanner) and cache.capture_options.accumulate  # h2o is routed
     on_prefill, seen = cache.on_prefill, []
 
     def checked(layer, call):
         on_prefill(layer, call)
         done = layer.layer_idx + 1
-        last = done == len(cache.layers)
+        # the costliest statistic exists only where a row is routed to h2o: layer 1
+        assert ("accumulated_attn" in heavy[layer.layer_idx]) == (BY_DEPTH[layer.layer_idx] == "h2o")
         for i in range(done):  # without a garbage collection: nothing keeps them, not even a reference cycle
             assert cache.layers[i].stats is None
             assert all(ref() is None for ref in heavy[i].values()), (layer.layer_idx, i)
-            if not last:  # waiting for the plan: whole keys/values, a summary and compact keep orders only
+            if done < len(cache.layers):  # waiting for the plan: whole K/V, a summary, the chosen policy's orders
                 held = cache.layers[i]
-                assert held.keys.shape[2] == n and held.summary is not None
-                assert set(held.orders.orders) == set(ROUTED) and held.orders.lengths == LENGTHS
-                for p in ROUTED:
-                    assert [o.dtype for o in held.orders.orders[p]] == [torch.int16] * 3
-                    assert [tuple(o.shape) for o in held.orders.orders[p]] == [(2, m) for m in LENGTHS]
+                assert held.keys.shape[2] == n and held.summary is not None and held.orders.lengths == LENGTHS
+                assert [set(o) for o in held.orders.orders] == [{BY_DEPTH[i]}] * 3
+                orders = [o[BY_DEPTH[i]] for o in held.orders.orders]
+                assert [(o.dtype, tuple(o.shape)) for o in orders] == [(torch.int16, (2, m)) for m in LENGTHS]
         seen.append(done)
 
     cache.on_prefill = checked
@@ -92,8 +108,13 @@ def test_each_layer_drops_its_statistics_as_soon_as_its_prefill_ends(tiny_models
     finally:
         gc.enable()
     assert seen == [1, 2, 3, 4]
-    assert len(cache.applied_plans) == 3  # compressed: no layer holds a summary or keep orders any more
-    assert all(layer.summary is None and layer.orders is None for layer in cache.layers)
+    assert [p.policies for p in cache.applied_plans] == [tuple(BY_DEPTH)] * 3
+    assert all(layer.summary is None and layer.orders is None for layer in cache.layers)  # compressed: all gone
+    # a capture-only cache (what plan_for and the evaluation read) still captures everything, H2O included
+    capture = CompressedCache(model, capture=polykv.capture)
+    prefill(model, capture, ids, mask)
+    assert all(s.accumulated_attn is not None for s in capture.layer_stats)
+    assert cache.applied_plans == polykv.plan_for(model, ids, 32, attention_mask=mask)
 
 
 def test_keep_orders_give_the_keep_sets_of_the_statistics(tiny_models):
@@ -103,14 +124,14 @@ def test_keep_orders_give_the_keep_sets_of_the_statistics(tiny_models):
     prefill(model, cache, ids, mask)
     for stats in cache.layer_stats:
         rows = [row_stats(stats, r) for r in range(3)]
-        orders = KeepOrders.of(rows, policy_names())
+        orders = KeepOrders.of(rows, [policy_names()] * 3)
         for r, rs in enumerate(rows):
             for p in policy_names():
                 for budget in (1, 7, 40, rs.context_length - 1, rs.context_length, rs.context_length + 5):
                     expected = keep_indices(get_policy(p), rs, budget)[0]
                     assert torch.equal(orders.keep_indices(r, p, budget), expected), (p, r, budget)
-    with pytest.raises(ValueError, match=r"no keep order for policy 'h2o': this layer was summarised for snapkv only"):
-        KeepOrders.of(rows, ["snapkv"]).keep_indices(0, "h2o", 8)
+    with pytest.raises(ValueError, match=r"no keep order for policy 'h2o' in row 1: this layer kept snapkv only"):
+        KeepOrders.of(rows, [[], ["snapkv"], []]).keep_indices(1, "h2o", 8)
 
 
 def test_a_layerwise_planner_plans_the_same_from_summaries_or_statistics(tiny_models):
@@ -151,13 +172,45 @@ def test_layerwise_planner_errors(tiny_models):
         LayerwisePlanner(summarize, plan, policies="snapkv")
     with pytest.raises(ValueError, match="unknown policy 'snap'"):
         LayerwisePlanner(summarize, plan, policies=("snap",))
-    with pytest.raises(TypeError, match="summarize and LayerwisePlanner.plan must be callable"):
+    with pytest.raises(TypeError, match=r"summarize, plan and candidates \(if given\) must be callable"):
         LayerwisePlanner(summarize, None, policies=("snapkv",))
+    with pytest.raises(TypeError, match=r"summarize, plan and candidates \(if given\) must be callable"):
+        LayerwisePlanner(summarize, plan, policies=("snapkv",), candidates=["snapkv"])
 
     ids, mask = left_padded((150, 90))
-    cache = make_cache(model, planner=LayerwisePlanner(summarize, plan, policies=("snapkv", "tova")))
-    with pytest.raises(ValueError, match="the plan uses knorm, but the LayerwisePlanner kept keep orders for snapkv"):
+
+    def run(plan, candidates=None, policies=("snapkv", "tova")):
+        cache = make_cache(model, planner=LayerwisePlanner(summarize, plan, policies, candidates))
+        prefill(model, cache, ids, mask)
+        return cache
+
+    cases = [
+        (
+            plan,
+            None,
+            "layer 0, row 0: the plan evicts with 'knorm', but the layer's summary kept keep orders for "
+            "snapkv, tova only",
+        ),
+        (plan, lambda summary: [{"snapkv"}], "LayerwisePlanner.candidates gave 1 rows for a batch of 2"),
+        (plan, lambda summary: [{"knorm"}, set()], "LayerwisePlanner.candidates gave row 0 knorm, not in its policies"),
+        (
+            lambda s: Plan.uniform("snapkv", 16, 4),
+            lambda summary: [{"tova"}, {"snapkv"}],
+            "layer 0, row 0: the plan evicts with 'snapkv', but the layer's summary kept keep orders for tova only",
+        ),
+    ]
+    for plan_fn, candidates, message in cases:
+        with pytest.raises(ValueError) as info:
+            run(plan_fn, candidates)
+        assert str(info.value).startswith(message)
+    cache = make_cache(model, planner=LayerwisePlanner(summarize, plan, ("snapkv",)))
+    with pytest.raises(ValueError, match="the plan evicts with 'knorm'"):
         prefill(model, cache, ids, mask)
     assert all(layer.keys.shape[2] == 150 and layer.context_visible is None for layer in cache.layers)  # none evicted
     with pytest.raises(RuntimeError, match=r"summarised each layer as its prefill ended \(LayerwisePlanner\)"):
         cache.layer_stats  # noqa: B018
+    # a row the plan keeps whole (budget >= its 90 tokens) needs no keep order
+    per_row = [Plan.uniform("snapkv", 16, 4), Plan.uniform("knorm", 100, 4)]
+    cache = run(lambda s: per_row, lambda summary: [{"snapkv"}, set()], policies=("snapkv", "knorm"))
+    assert cache.applied_plans == per_row
+    assert all(int(layer.context_visible[1].sum()) == 2 * 90 for layer in cache.layers)

@@ -181,7 +181,7 @@ def test_adaptive_plans_from_layer_summaries_equal_those_from_every_layers_stati
     then): the plans of every layer's whole statistics (plan_for_stats, row by row) and the same keep sets."""
     model = tiny_models[name]
     polykv = PolyKV.from_pretrained(artifacts[name])
-    seen = set()
+    seen, h2o = set(), 0
     for lengths in ((150, 90, 55), (90, 150)):
         ids, mask = left_pad(prompts_of(lengths, seed=11))
         for budget in (8, 32, 100):  # 100 keeps the rows of 90 and 55 whole
@@ -198,7 +198,10 @@ def test_adaptive_plans_from_layer_summaries_equal_those_from_every_layers_stati
                 assert (got.context_visible is None) == (ref.context_visible is None)
                 assert got.context_visible is None or torch.equal(got.context_visible, ref.context_visible)
             seen.update(expected)
-    assert len(seen) >= 8 and len({p.policies for p in seen}) > 1  # plans differ by row, length and budget
+            # rows evicted with h2o: their layer's accumulated attention was computed for them only
+            rows = zip(expected, lengths, strict=True)
+            h2o += sum(p.policies[i] == "h2o" and p.budgets[i] < n for p, n in rows for i in range(4))
+    assert len(seen) >= 8 and len({p.policies for p in seen}) > 1 and h2o > 0  # plans differ by row, length, budget
 
 
 def test_planner_may_return_one_plan_for_every_row_or_one_per_row(tiny_models):

@@ -9,9 +9,11 @@ model.generate(input_ids, cache=cache)                       # one cache per gen
 In a left-padded batch (with its ``attention_mask``) every row of an adaptive cache gets its own plan, the one it
 would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lists them).
 
-An adaptive cache plans with :meth:`PolyKV.layerwise_planner`: each layer's signals (at the cache's budget) and the
-keep orders of every routed policy are taken as soon as that layer's prefill attention is done, and its statistics
-are dropped then, so the cache holds little more than the full cache's keys/values until the plan is decided.
+An adaptive cache plans with :meth:`PolyKV.layerwise_planner`: as soon as a layer's prefill attention is done, its
+signals (at the cache's budget) are taken, the router picks its policy for each row from them, the keep orders of
+those policies are computed (H2O's accumulated attention only if a row needs it) and the statistics are dropped, so
+the cache holds little more than the full cache's keys/values until the plan is decided. The plan itself is the one
+from every layer's signals (:meth:`plans_for_stats`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ MODES = ("adaptive", "static")
 
 #: one layer's part of an adaptive plan: raw signals (batch, F) and the real context length of every row
 LayerSummary = tuple[Tensor, tuple[int, ...]]
+
+#: an MLP router's policies whose logit is within this much (relative, ``tol * (1 + |best|)``) of a row's best are
+#: all candidates: the plan routes every layer in one batch, whose float rounding may differ from one layer's rows
+ROUTER_TIE_TOLERANCE = 1e-3
 
 
 class PolyKV:
@@ -137,15 +143,35 @@ class PolyKV:
         features = torch.stack([f for f, _ in summaries], dim=1)  # (batch, L, F)
         return [self.plan_from_features(features[r], budget, n) for r, n in enumerate(lengths)]
 
+    @torch.no_grad()
+    def layer_candidates(self, summary: LayerSummary, budget: int) -> list[set[str]]:
+        """For each row of a layer's :meth:`layer_summary`, the policies its plan may give the row there: the
+        router's choice from this layer's signals alone (a GBDT router's exactly, row by row; for an MLP router
+        every policy within :data:`ROUTER_TIE_TOLERANCE` of the best logit), none for a row whose plan keeps it
+        whole (``n_row <= budget``)."""
+        features, lengths = summary
+        scaled = self.planner.scale(features)  # (batch, F)
+        if self.planner.gbdt is not None:
+            chosen = [{p} for p in self.planner.gbdt.predict(scaled.cpu().numpy())]
+        else:
+            logits = self.planner.router(scaled)  # (batch, P)
+            best = logits.max(dim=-1, keepdim=True).values  # (batch, 1)
+            near = logits >= best - ROUTER_TIE_TOLERANCE * (1 + best.abs())  # (batch, P)
+            names = self.planner.router.policies
+            chosen = [{names[k] for k in row.nonzero()[:, 0].tolist()} for row in near]
+        return [set() if n <= budget else c for c, n in zip(chosen, lengths, strict=True)]
+
     def layerwise_planner(self, budget: int) -> LayerwisePlanner:
         """The adaptive planner at ``budget`` (what :meth:`make_cache` gives its cache): summarises each layer with
-        :meth:`layer_summary`, plans with :meth:`plans_from_summaries`, routes to :attr:`policies`. It holds this
-        object, not a cache (no reference cycle)."""
+        :meth:`layer_summary`, keeps orders for :meth:`layer_candidates`, plans with :meth:`plans_from_summaries`.
+        It holds this object, not a cache (no reference cycle)."""
         budget = check_budget(budget)
         return LayerwisePlanner(
             summarize=functools.partial(self.layer_summary, budget=budget),
             plan=functools.partial(self.plans_from_summaries, budget=budget),
             policies=tuple(self.policies),
+            candidates=functools.partial(self.layer_candidates, budget=budget),
+            summarize_reads_accumulated_attn=any(get_policy(p).needs_accumulated_attn for p in self.overlap_policies),
         )
 
     @torch.no_grad()
