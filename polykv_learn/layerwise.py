@@ -54,7 +54,8 @@ class LayerwisePlanner:
         if isinstance(self.policies, str) or not self.policies:
             raise ValueError(f"LayerwisePlanner.policies must be a non-empty sequence of names, got {self.policies!r}")
         object.__setattr__(self, "policies", tuple(check_policy_name(p) for p in self.policies))
-        if not all(callable(f) for f in (self.summarize, self.plan, self.candidates or self.plan)):
+        hooks = (self.summarize, self.plan) + (() if self.candidates is None else (self.candidates,))
+        if not all(callable(f) for f in hooks):
             raise TypeError("LayerwisePlanner.summarize, plan and candidates (if given) must be callable")
 
     def __call__(self, stats: Sequence[LayerStats]) -> Plan | Sequence[Plan]:

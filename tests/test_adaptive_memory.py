@@ -175,7 +175,7 @@ def test_layerwise_planner_errors(tiny_models):
     with pytest.raises(TypeError, match=r"summarize, plan and candidates \(if given\) must be callable"):
         LayerwisePlanner(summarize, None, policies=("snapkv",))
     with pytest.raises(TypeError, match=r"summarize, plan and candidates \(if given\) must be callable"):
-        LayerwisePlanner(summarize, plan, policies=("snapkv",), candidates=["snapkv"])
+        LayerwisePlanner(summarize, plan, policies=("snapkv",), candidates=[])
 
     ids, mask = left_padded((150, 90))
 
