@@ -6,6 +6,7 @@ attention is computed only for layers routed to H2O; the keep sets are those of 
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from artifact_helpers import make_artifact
@@ -19,6 +20,7 @@ from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.plan import Plan
+from polykv_learn.planner.router import GBDTRouter
 from polykv_learn.policies import get_policy, keep_indices, policy_names
 
 ROUTED = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
@@ -115,6 +117,48 @@ def test_each_layer_drops_its_statistics_as_soon_as_its_prefill_ends(tiny_models
     prefill(model, capture, ids, mask)
     assert all(s.accumulated_attn is not None for s in capture.layer_stats)
     assert cache.applied_plans == polykv.plan_for(model, ids, 32, attention_mask=mask)
+
+
+def test_a_gbdt_router_plans_and_keeps_as_from_every_layers_statistics(tiny_models, tmp_path):
+    """A GBDT router's per-layer choice is exact row by row: each row's candidates are its routed policy alone, and
+    the plans and keep sets equal those from every layer's whole statistics."""
+    model = tiny_models["tiny-qwen3"]
+    path = make_artifact(tmp_path / "g", model, policies=ROUTED, random_allocator=True)
+    config, tensors = read_artifact(path)
+    names = config["feature_names"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, len(names)))
+    depth, log_n = names.index("depth"), names.index("log_n")
+    x[:, depth], x[:, log_n] = rng.uniform(0, 1, 400), rng.uniform(3.5, 5.5, 400)
+    near = (x[:, depth] > 0.2) & (x[:, depth] < 0.5)  # layer 1 of 4: h2o; else by length (rows of 150 / 90, 55)
+    labels = np.where(near, "h2o", np.where(x[:, log_n] > 4.6, "snapkv", "tova"))
+    arrays, meta = GBDTRouter(max_iter=10, max_depth=3).fit(x, labels).to_state()
+    tensors.update({f"gbdt.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    config = {**{k: v for k, v in config.items() if k != "format"}, "router": {**config["router"], "type": "gbdt"}}
+    config["router"]["gbdt"] = meta
+    polykv = PolyKV.from_pretrained(write_artifact(path, config, tensors))
+    ids, mask = left_padded()
+    cache = polykv.make_cache(model, budget=32)
+    kept = []  # per layer, per row: the policies whose keep orders the layer kept
+
+    for layer in cache.layers:
+
+        def recording(planner, accumulate, layer=layer, summarize=layer.summarize):
+            summarize(planner, accumulate)
+            kept.append([set(o) for o in layer.orders.orders])
+
+        layer.summarize = recording
+    prefill(model, cache, ids, mask)
+    capture = CompressedCache(model, capture=polykv.capture)
+    prefill(model, capture, ids, mask)
+    expected = polykv.plans_for_stats(capture.layer_stats, 32)
+    assert cache.applied_plans == expected
+    long_row, short_rows = ("snapkv", "h2o", "snapkv", "snapkv"), ("tova", "h2o", "tova", "tova")
+    assert [p.policies for p in expected] == [long_row, short_rows, short_rows]
+    assert kept == [[{p.policies[i]} for p in expected] for i in range(4)]
+    capture.compress(expected)
+    for got, ref in zip(cache.layers, capture.layers, strict=True):
+        assert torch.equal(got.keys, ref.keys) and torch.equal(got.values, ref.values)
 
 
 def test_keep_orders_give_the_keep_sets_of_the_statistics(tiny_models):
