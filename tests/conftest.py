@@ -58,5 +58,17 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+def left_pad(prompts: list[torch.Tensor], pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (1, n_i) -> left-padded ids (batch, max n) and their attention mask (pad 2 = SmolLM2's and the
+    tiny models' eos)."""
+    n = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - p.shape[1] :] = p[0]
+        mask[i, n - p.shape[1] :] = 1
+    return ids, mask
+
+
 def random_ids(n: int, seed: int, vocab: int = 49152) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))

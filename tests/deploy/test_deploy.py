@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_MODELS, model_for, random_ids
+from conftest import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from polykv_learn import adapter
@@ -125,16 +125,6 @@ def test_cache_bytes_after_prefill_are_exact(name, dtype):
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
-def left_pad(prompts):
-    n = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - p.shape[1] :] = p[0]
-        mask[i, n - p.shape[1] :] = 1
-    return ids, mask
-
-
 def assert_batch_equals_singles(model, prompts, plan, new_tokens):
     with compress(model, plan):
         singles = [greedy_generate(model, p, new_tokens=new_tokens) for p in prompts]

@@ -5,7 +5,7 @@ memory is what the padded layout allocates, and a cache serves one generate call
 import pytest
 import torch
 from artifact_helpers import make_artifact
-from conftest import TINY_MODELS, model_for, random_ids
+from conftest import TINY_MODELS, left_pad, model_for, random_ids
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes, row_stats
@@ -50,16 +50,6 @@ def artifacts(tmp_path_factory, tiny_models):
 
 def prompts_of(lengths, seed=40):
     return [random_ids(n, seed=seed + n) for n in lengths]
-
-
-def left_pad(prompts):
-    n = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - p.shape[1] :] = p[0]
-        mask[i, n - p.shape[1] :] = 1
-    return ids, mask
 
 
 def greedy(model, ids, mask, new_tokens=NEW_TOKENS, **kwargs):
