@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from learn_helpers import TINY_CONFIG, fit_cmd, write_corpus
+from learn_helpers import TINY_CONFIG, fit_cmd
 
 from polykv_learn.learn import datamodule as datamodule_module
 from polykv_learn.learn import module as module_module
@@ -35,18 +35,8 @@ def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["polykv-learn"])  # run_fit parses its own list, not pytest's arguments
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("fit-runs-corpus"))
-
-
-@pytest.fixture(scope="module")
-def prefills(tmp_path_factory):
-    return tmp_path_factory.mktemp("fit-runs-prefills")
-
-
-def _fit(corpus: Path, cache: Path, *extra: str) -> None:
-    run_fit(["fit", "--config", str(TINY_CONFIG), f"--data.data_dir={corpus}", f"--data.cache_dir={cache}", *QUIET,
+def _fit(tiny_corpus: Path, cache: Path, *extra: str) -> None:
+    run_fit(["fit", "--config", str(TINY_CONFIG), f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={cache}", *QUIET,
              *extra])  # fmt: skip
 
 
@@ -98,32 +88,32 @@ def no_model(monkeypatch):
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
-def test_config_errors_fail_before_any_model_or_prefill(args, message, corpus, tmp_path, monkeypatch, no_model):
+def test_config_errors_fail_before_any_model_or_prefill(args, message, tiny_corpus, tmp_path, monkeypatch, no_model):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError) as err:
-        _fit(corpus, tmp_path / "cache", *args)
+        _fit(tiny_corpus, tmp_path / "cache", *args)
     text = str(err.value)
     assert text.startswith(message) and "\n" not in text, text
     assert not (tmp_path / "cache").exists()  # no prefill store
     assert not list((tmp_path / "runs").rglob("version_*"))  # and no log folder claimed
 
 
-def test_the_python_api_checks_the_pair_before_any_prefill(corpus, tmp_path, no_model):
+def test_the_python_api_checks_the_pair_before_any_prefill(tiny_corpus, tmp_path, no_model):
     learner = PolyKVLearner(model_name="tiny-llama", policies=["snapkv", "tova"], val_budgets=[32, 40], b_min=2,
                             budget_min=16, budget_max=64)  # fmt: skip
-    dm = PrefillDataModule(data_dir=str(corpus), cache_dir=str(tmp_path / "cache"), model_name="tiny-llama",
+    dm = PrefillDataModule(data_dir=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), model_name="tiny-llama",
                            policies=["snapkv", "tova"], budgets=[16, 32, 64])  # fmt: skip
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"^val_budgets \[40\] are not in the data module's budget grid"):
         trainer.fit(learner, datamodule=dm)
     assert not (tmp_path / "cache").exists()
-    other = PrefillDataModule(data_dir=str(corpus), cache_dir=str(tmp_path / "cache"), model_name="tiny-llama",
+    other = PrefillDataModule(data_dir=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), model_name="tiny-llama",
                               policies=["snapkv"], budgets=[16, 32, 64])  # fmt: skip
     with pytest.raises(ValueError, match=r"^data.policies \['snapkv'\] must hold every routed policy .* \['tova'\]"):
         learner.check_data(other)
 
 
-def test_constructor_errors_name_the_field(corpus):
+def test_constructor_errors_name_the_field(tiny_corpus):
     with pytest.raises(ValueError, match=r"^hidden must be an integer >= 1, got 0$"):
         PolyKVLearner(model_name="tiny-llama", hidden=0)
     with pytest.raises(ValueError, match=r"^answer_share must be in \[0, 1\] \(or None\), got -0.1$"):
@@ -131,9 +121,9 @@ def test_constructor_errors_name_the_field(corpus):
     with pytest.raises(FileNotFoundError, match=r"^model_name '/no/such/model' is neither a known model"):
         PolyKVLearner(model_name="/no/such/model")
     with pytest.raises(ValueError, match=r"^max_val_samples must be an integer >= 1 \(or null\), got 0$"):
-        PrefillDataModule(data_dir=str(corpus), model_name="tiny-llama", max_val_samples=0)
+        PrefillDataModule(data_dir=str(tiny_corpus), model_name="tiny-llama", max_val_samples=0)
     with pytest.raises(ValueError, match=r"^window must be an integer >= 1, got 0$"):
-        PrefillDataModule(data_dir=str(corpus), model_name="tiny-llama", window=0)
+        PrefillDataModule(data_dir=str(tiny_corpus), model_name="tiny-llama", window=0)
 
 
 # --- one log folder per run ------------------------------------------------------------------------------------------
@@ -168,15 +158,15 @@ def test_claim_version_gives_every_process_its_own_folder(tmp_path):
         (["--trainer.logger.init_args.version=7"], "version_7", 0),  # a configured version is kept
     ],
 )
-def test_loggers_without_a_version_get_the_claimed_one(logger, expected, claims, corpus, prefills, tmp_path,
+def test_loggers_without_a_version_get_the_claimed_one(logger, expected, claims, tiny_corpus, prefill_cache, tmp_path,
                                                        monkeypatch):  # fmt: skip
     from polykv_learn.learn import fitcli
 
-    _build_prefills(corpus, prefills)
+    _build_prefills(tiny_corpus, prefill_cache)
     calls = []
     monkeypatch.setattr(fitcli, "claim_version", lambda roots: calls.append(roots) or claim_version(roots))
     monkeypatch.chdir(tmp_path)
-    _fit(corpus, prefills, "--model.export_dir=null", "--trainer.max_steps=1", *logger)
+    _fit(tiny_corpus, prefill_cache, "--model.export_dir=null", "--trainer.max_steps=1", *logger)
     assert len(calls) == claims
     assert [p.name for p in (tmp_path / "runs" / "tiny" / "lightning_logs").iterdir()] == [expected]
 
@@ -185,9 +175,9 @@ def _train_steps(metrics: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train/kl")]
 
 
-def test_two_fits_started_together_log_to_their_own_folders(corpus, prefills, tmp_path):
-    _build_prefills(corpus, prefills)
-    cmd = fit_cmd(f"--data.data_dir={corpus}", f"--data.cache_dir={prefills}", "--model.export_dir=null",
+def test_two_fits_started_together_log_to_their_own_folders(tiny_corpus, prefill_cache, tmp_path):
+    _build_prefills(tiny_corpus, prefill_cache)
+    cmd = fit_cmd(f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}", "--model.export_dir=null",
                   "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
                   *QUIET)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -204,9 +194,9 @@ def test_two_fits_started_together_log_to_their_own_folders(corpus, prefills, tm
     assert saved["trainer"]["logger"]["init_args"]["version"] is None  # re-running the saved config claims anew
 
 
-def _build_prefills(corpus: Path, prefills: Path) -> None:
+def _build_prefills(tiny_corpus: Path, prefill_cache: Path) -> None:
     """Build the prefills of configs/tiny.yaml in-process (so that the timed or concurrent fits only train)."""
-    dm = PrefillDataModule(data_dir=str(corpus), cache_dir=str(prefills), model_name="tiny-llama",
+    dm = PrefillDataModule(data_dir=str(tiny_corpus), cache_dir=str(prefill_cache), model_name="tiny-llama",
                            policies=yaml.safe_load(TINY_CONFIG.read_text())["model"]["policies"],
                            budgets=[16, 24, 32, 48, 64, 96, 128], max_context_tokens=512, min_context_tokens=128,
                            probe_tokens=16, max_train_samples=8, max_val_samples=3)  # fmt: skip
@@ -224,19 +214,19 @@ def _expected_config_sha256(log_dir: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def test_resumed_fit_records_the_whole_training(corpus, prefills, tmp_path, monkeypatch, capsys):
-    _build_prefills(corpus, prefills)
+def test_resumed_fit_records_the_whole_training(tiny_corpus, prefill_cache, tmp_path, monkeypatch, capsys):
+    _build_prefills(tiny_corpus, prefill_cache)
     monkeypatch.chdir(tmp_path)
     art = tmp_path / "artifact"
     common = [f"--model.export_dir={art}", "--trainer.log_every_n_steps=1"]
-    _fit(corpus, prefills, *common, "--trainer.max_steps=4")
+    _fit(tiny_corpus, prefill_cache, *common, "--trainer.max_steps=4")
     first = json.loads((art / "polykv.json").read_text())["training"]
     last = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     saved_wall = torch.load(last, map_location="cpu", weights_only=False)["polykv_training"]["wall_time_s"]
     capsys.readouterr()
 
     started = time.time()
-    _fit(corpus, prefills, *common, "--trainer.max_steps=7", "--ckpt_path=last")
+    _fit(tiny_corpus, prefill_cache, *common, "--trainer.max_steps=7", "--ckpt_path=last")
     second_part = time.time() - started
     second = json.loads((art / "polykv.json").read_text())["training"]
 
@@ -252,7 +242,7 @@ def test_resumed_fit_records_the_whole_training(corpus, prefills, tmp_path, monk
     assert second["config_sha256"] == first["config_sha256"]  # only trainer options changed
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warning == [
-        f"polykv-learn fit: warning: {art} held the artifact of run version_0 (step 4, data {corpus}); "
+        f"polykv-learn fit: warning: {art} held the artifact of run version_0 (step 4, data {tiny_corpus}); "
         "run version_1 replaces it"
     ]
     card = (art / "README.md").read_text()
@@ -264,12 +254,12 @@ SMALL_DATA = dict(model_name="tiny-llama", policies=["snapkv", "tova"], budgets=
                   min_context_tokens=100, probe_tokens=8, max_train_samples=1, max_val_samples=1)  # fmt: skip
 
 
-def _tiny_dm(corpus: Path, cache: Path) -> PrefillDataModule:
-    return PrefillDataModule(data_dir=str(corpus), cache_dir=str(cache), **SMALL_DATA)
+def _tiny_dm(tiny_corpus: Path, cache: Path) -> PrefillDataModule:
+    return PrefillDataModule(data_dir=str(tiny_corpus), cache_dir=str(cache), **SMALL_DATA)
 
 
-def test_stale_temporary_files_go_and_live_ones_stay(corpus, tmp_path):
-    store = _tiny_dm(corpus, tmp_path / "cache").store
+def test_stale_temporary_files_go_and_live_ones_stay(tiny_corpus, tmp_path):
+    store = _tiny_dm(tiny_corpus, tmp_path / "cache").store
     store.root.mkdir(parents=True)
     host = socket.gethostname()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -299,7 +289,7 @@ def test_stale_temporary_files_go_and_live_ones_stay(corpus, tmp_path):
         live.wait()
 
 
-def test_a_build_killed_mid_write_is_cleaned_up_by_the_next_run(corpus, tmp_path):
+def test_a_build_killed_mid_write_is_cleaned_up_by_the_next_run(tiny_corpus, tmp_path):
     cache = tmp_path / "cache"
     script = f"""
 import os, signal
@@ -312,7 +302,7 @@ def die(tensors, path, metadata=None):  # kill -9 in the middle of writing the t
     os.kill(os.getpid(), signal.SIGKILL)
 
 store.save_file = die
-PrefillDataModule(data_dir={str(corpus)!r}, cache_dir={str(cache)!r}, **{SMALL_DATA!r}).prepare_data()
+PrefillDataModule(data_dir={str(tiny_corpus)!r}, cache_dir={str(cache)!r}, **{SMALL_DATA!r}).prepare_data()
 """
     killed = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     _, err = killed.communicate(timeout=300)
@@ -320,16 +310,16 @@ PrefillDataModule(data_dir={str(corpus)!r}, cache_dir={str(cache)!r}, **{SMALL_D
     root = cache / "tiny-llama"
     left = [p.name for p in root.glob(".*")]
     assert len(left) == 1 and left[0].endswith(f".w-{socket.gethostname()}-{killed.pid}"), left
-    dm = _tiny_dm(corpus, cache)
-    dm.prepare_data()  # the next run removes it and builds the prefills
+    dm = _tiny_dm(tiny_corpus, cache)
+    dm.prepare_data()  # the next run removes it and builds the prefill_cache
     assert not list(root.glob(".*"))
     dm.setup("fit")
     assert len(list(root.glob("*.safetensors"))) == 2 and all(dm.store.has(i) for i in dm.train_ids + dm.val_ids)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_prefill_files_get_the_umask_permissions(corpus, tmp_path, umask):
-    dm = _tiny_dm(corpus, tmp_path / "cache")
+def test_prefill_files_get_the_umask_permissions(tiny_corpus, tmp_path, umask):
+    dm = _tiny_dm(tiny_corpus, tmp_path / "cache")
     sample_id, context, probe, _ = dm._tokenized("validation")[0]
     previous = os.umask(umask)
     try:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from learn_helpers import fit_cmd
-from learn_helpers import write_corpus as _write_corpus
 
 from polykv_learn.learn.soft_plan import soft_keep_weights, soft_key_bias
 
@@ -37,16 +36,6 @@ def test_soft_key_bias_mixture_and_gradients():
     bias.sum().backward()
     assert probs.grad.abs().sum() > 0 and budgets.grad.abs().sum() > 0
 
-
-# --- a tiny corpus ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    return _write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def prefill_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("prefills")
 
 
 def _datamodule(corpus, cache_dir, **kw):
@@ -295,10 +284,6 @@ def _full_only():
     return resolve_methods(["full"], available_methods(None, None))
 
 
-def _fit_cmd(*extra: str) -> list[str]:
-    return fit_cmd(*extra)
-
-
 def _run(cmd, cwd, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -328,10 +313,10 @@ def test_every_shipped_config_parses(config, tmp_path):
 
 def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(tiny_corpus, prefill_cache, tmp_path):
     common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}"]
-    bad = _run(_fit_cmd(*common, "--model.val_budgets=[32, 100000]", "--data.budgets=[16, 32, 100000]"), tmp_path)
+    bad = _run(fit_cmd(*common, "--model.val_budgets=[32, 100000]", "--data.budgets=[16, 32, 100000]"), tmp_path)
     assert bad.returncode != 0 and "exceed the model's context" in bad.stderr + bad.stdout
     art = tmp_path / "artifact"
-    out = _run(_fit_cmd(*common, "--trainer.max_steps=12", f"--model.export_dir={art}"), tmp_path)
+    out = _run(fit_cmd(*common, "--trainer.max_steps=12", f"--model.export_dir={art}"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((art / "polykv.json").read_text())
     assert config["model"]["num_layers"] == 4 and set(config["validation"]) == {"32", "64"}
@@ -344,7 +329,7 @@ def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(
 def test_fit_resumes_from_last_checkpoint_after_a_kill(tiny_corpus, prefill_cache, tmp_path):
     common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}", "--model.export_dir=null"]
     proc = subprocess.Popen(
-        _fit_cmd(*common, "--trainer.max_steps=400"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        fit_cmd(*common, "--trainer.max_steps=400"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     ckpt = tmp_path / "runs" / "tiny"
     deadline = time.time() + 400
@@ -358,7 +343,7 @@ def test_fit_resumes_from_last_checkpoint_after_a_kill(tiny_corpus, prefill_cach
     last = ckpt / "checkpoints" / "last.ckpt"
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < 400
-    out = _run(_fit_cmd(*common, f"--trainer.max_steps={killed_at + 5}", "--ckpt_path=last"), tmp_path)
+    out = _run(fit_cmd(*common, f"--trainer.max_steps={killed_at + 5}", "--ckpt_path=last"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = torch.load(ckpt / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert resumed == killed_at + 5
@@ -372,7 +357,7 @@ def test_fit_resumes_from_last_checkpoint_after_a_kill(tiny_corpus, prefill_cach
 def test_fit_ddp_two_cpu_processes(tiny_corpus, prefill_cache, tmp_path):
     common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}", "--model.export_dir=null"]
     out = _run(
-        _fit_cmd(
+        fit_cmd(
             *common,
             "--trainer.strategy=ddp",
             "--trainer.devices=2",
@@ -390,7 +375,7 @@ def test_fit_gbdt_router_trains_on_oracle_labels_and_exports_trees(tiny_corpus, 
     common = [f"--data.data_dir={tiny_corpus}", f"--data.cache_dir={prefill_cache}"]
     art = tmp_path / "gbdt"
     extra = ["--model.router=gbdt", "--model.gbdt_docs=2", "--model.gbdt_budgets=[32]", f"--model.export_dir={art}"]
-    out = _run(_fit_cmd(*common, *extra, "--trainer.max_steps=10"), tmp_path)
+    out = _run(fit_cmd(*common, *extra, "--trainer.max_steps=10"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     from polykv_learn.deploy.polykv import PolyKV
 
