@@ -8,10 +8,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from model_helpers import TINY_MODELS  # noqa: E402
 
 from polykv_learn.models import load_model  # noqa: E402
-
-TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +36,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def model_for(name: str, attn: str, tiny_models: dict, eager_models: dict):
-    """The tiny model ``name`` with ``attn`` (``sdpa`` or ``eager``) attention."""
-    return tiny_models[name] if attn == "sdpa" else eager_models[name]
-
-
 @pytest.fixture()
 def no_model(monkeypatch):
     """Fail the test if anything loads a model."""
@@ -56,19 +50,3 @@ def no_model(monkeypatch):
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (converted once to safetensors)."""
     return load_model("smollm2-135m")
-
-
-def left_pad(prompts: list[torch.Tensor], pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts (1, n_i) -> left-padded ids (batch, max n) and their attention mask (pad 2 = SmolLM2's and the
-    tiny models' eos)."""
-    n = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), n), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - p.shape[1] :] = p[0]
-        mask[i, n - p.shape[1] :] = 1
-    return ids, mask
-
-
-def random_ids(n: int, seed: int, vocab: int = 49152) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))

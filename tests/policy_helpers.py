@@ -48,12 +48,8 @@ def random_layer_stats(
     positions = (valid.long().cumsum(dim=-1) - 1).masked_fill(~valid, 1)  # (batch, n)
 
     cos, sin = rope_cos_sin(positions, dim)  # (batch, n, dim)
-    queries = apply_rope(
-        torch.randn(batch, heads, n, dim, generator=gen, dtype=f64), cos[:, None], sin[:, None]
-    )
-    keys = apply_rope(
-        torch.randn(batch, kv_heads, n, dim, generator=gen, dtype=f64), cos[:, None], sin[:, None]
-    )
+    queries = apply_rope(torch.randn(batch, heads, n, dim, generator=gen, dtype=f64), cos[:, None], sin[:, None])
+    keys = apply_rope(torch.randn(batch, kv_heads, n, dim, generator=gen, dtype=f64), cos[:, None], sin[:, None])
     values = torch.randn(batch, kv_heads, n, dim, generator=gen, dtype=f64)
     # Give the query distribution a non-zero mean so the expected-attention statistics are not trivial.
     queries = queries + torch.randn(1, heads, 1, dim, generator=gen, dtype=f64)

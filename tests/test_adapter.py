@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_MODELS, random_ids
+from model_helpers import TINY_MODELS, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

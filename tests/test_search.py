@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import random_ids
+from model_helpers import random_ids
 from transformers import AutoModelForCausalLM
 
 from polykv_learn.capture import CaptureOptions

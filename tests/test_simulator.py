@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_MODELS, random_ids
+from model_helpers import TINY_MODELS, random_ids
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes

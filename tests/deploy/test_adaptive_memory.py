@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from artifact_helpers import make_artifact
-from conftest import random_ids
+from model_helpers import random_ids
 
 from polykv_learn import adapter
 from polykv_learn import cache as cache_module

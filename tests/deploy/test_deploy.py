@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_MODELS, left_pad, model_for, random_ids
+from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from polykv_learn import adapter

@@ -5,7 +5,7 @@ memory is what the padded layout allocates, and a cache serves one generate call
 import pytest
 import torch
 from artifact_helpers import make_artifact
-from conftest import TINY_MODELS, left_pad, model_for, random_ids
+from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, cache_bytes, row_stats

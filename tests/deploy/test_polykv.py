@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from artifact_helpers import make_artifact
-from conftest import random_ids
+from model_helpers import random_ids
 
 from polykv_learn.cache import cache_bytes
 from polykv_learn.deploy.polykv import PolyKV

@@ -3,7 +3,7 @@ give every row exactly what its own compressed cache gives alone (in whatever gr
 
 import pytest
 import torch
-from conftest import random_ids
+from model_helpers import random_ids
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache

@@ -37,7 +37,6 @@ def test_soft_key_bias_mixture_and_gradients():
     assert probs.grad.abs().sum() > 0 and budgets.grad.abs().sum() > 0
 
 
-
 def _datamodule(corpus, cache_dir, **kw):
     from polykv_learn.learn.datamodule import PrefillDataModule
 

@@ -124,9 +124,7 @@ def test_tova_matches_naive(stats):
         for gi in range(g):
             heads = group_heads(stats, gi)
             for j in range(n):
-                naive = sum(stats.window_attn[bi, h, stats.window_size - 1, j].item() for h in heads) / len(
-                    heads
-                )
+                naive = sum(stats.window_attn[bi, h, stats.window_size - 1, j].item() for h in heads) / len(heads)
                 assert math.isclose(scores[bi, gi, j].item(), naive, rel_tol=1e-12, abs_tol=1e-15)
     expected = torch.zeros(b, n, dtype=torch.bool)
     expected[:, -1] = True
@@ -188,13 +186,9 @@ def naive_expected_attention(stats: LayerStats, num_future: int, use_value_norm:
     return out
 
 
-@pytest.mark.parametrize(
-    "num_future,use_value_norm,epsilon", [(None, True, 0.0), (5, False, 0.0), (1, True, 0.02)]
-)
+@pytest.mark.parametrize("num_future,use_value_norm,epsilon", [(None, True, 0.0), (5, False, 0.0), (1, True, 0.02)])
 def test_expected_attention_matches_naive(stats, num_future, use_value_norm, epsilon):
-    policy = get_policy(
-        "expected_attention", num_future=num_future, use_value_norm=use_value_norm, epsilon=epsilon
-    )
+    policy = get_policy("expected_attention", num_future=num_future, use_value_norm=use_value_norm, epsilon=epsilon)
     scores = policy.scores(stats)
     t = stats.future_cos.shape[1] if num_future is None else num_future
     expected = naive_expected_attention(stats, t, use_value_norm, epsilon)

@@ -1,0 +1,27 @@
+"""Plain helpers of the model tests (test modules import them from here, never from a conftest: pytest loads
+several conftest modules, and ``from conftest import`` gets whichever it loaded last)."""
+
+import torch
+
+TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
+
+
+def model_for(name: str, attn: str, tiny_models: dict, eager_models: dict):
+    """The tiny model ``name`` with ``attn`` (``sdpa`` or ``eager``) attention."""
+    return tiny_models[name] if attn == "sdpa" else eager_models[name]
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (1, n_i) -> left-padded ids (batch, max n) and their attention mask (pad 2 = SmolLM2's and the
+    tiny models' eos)."""
+    n = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - p.shape[1] :] = p[0]
+        mask[i, n - p.shape[1] :] = 1
+    return ids, mask
+
+
+def random_ids(n: int, seed: int, vocab: int = 49152) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
