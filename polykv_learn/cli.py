@@ -49,7 +49,13 @@ def _prepare_data(argv: Sequence[str]) -> None:
     p.add_argument("--samples-per-task", type=int, default=50)
     p.add_argument("--synthetic-docs", type=int, default=300)
     p.add_argument("--min-context", type=int, default=512)
-    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--max-context", type=int, default=4096, help="longest test task context (tokens)")
+    p.add_argument(
+        "--train-max-context",
+        type=int,
+        default=2048,
+        help="longest training/validation task context (tokens; the fit skips longer ones: data.max_context_tokens)",
+    )
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to task prompts")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -73,6 +79,7 @@ def _prepare_data(argv: Sequence[str]) -> None:
         sources=sources,
         context_tokens=(args.min_context, args.max_context),
         target_tokens=(min(max(args.min_context, 1024), args.max_context), args.max_context),
+        train_target_tokens=(min(max(args.min_context, 1024), args.train_max_context), args.train_max_context),
         samples_per_task=args.samples_per_task,
         synthetic_docs=args.synthetic_docs,
         chat=args.chat,

@@ -3,12 +3,14 @@
 Layout of ``out_dir``::
 
     corpus/train.jsonl  corpus/validation.jsonl  corpus/test.jsonl   training samples (see corpus.py)
-    tasks/train.jsonl   tasks/test.jsonl                              evaluation records (see tasks.py)
+    tasks/train.jsonl   tasks/validation.jsonl   tasks/test.jsonl     task records (see tasks.py)
+    tasks/heldout.jsonl                                               the test records with held-out sources
     manifest.json                                                     counts per source/task/split, settings
 
 Guarantees: every document belongs to one split (``document_split`` with the given ``seed``); the corpus of
 a split is built from that split's documents only; the training corpus holds no test document, no test-only
-task type (``TEST_ONLY_TASKS``) and nothing of the test-only sources (``TEST_ONLY_SOURCES``). Austen novels
+task type (``TEST_ONLY_TASKS``) and nothing of the held-out sources (``HELD_OUT_SOURCES``: the test-only sources
+and those of the validation and test haystack families). Austen novels
 enter as chapters, so chapters (not novels) are the unit of the split.
 """
 
@@ -32,15 +34,17 @@ from polykv_learn.data.sources import (
     austen_chapters,
     austen_documents,
     bigbench_documents,
+    pydoc_documents,
     python_documents,
 )
 from polykv_learn.data.synthetic import SYNTHETIC_KINDS, synthetic_documents
-from polykv_learn.data.tasks import TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
+from polykv_learn.data.tasks import HELD_OUT_SOURCES, TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
 
 __all__ = ["ALL_SOURCES", "load_documents", "prepare_data"]
 
 ALL_SOURCES: tuple[str, ...] = ("bigbench", "austen", "python")
-"""Source groups ``prepare_data`` can fetch (``bigbench`` gives quoref, xsum, wikilingua and snips)."""
+"""Source groups ``prepare_data`` can fetch (``bigbench`` gives quoref, xsum, wikilingua and snips; ``python`` the
+stdlib's source files and its reference manual, ``pydocs``)."""
 
 
 def _cap(docs: list[Document], limit: int | None, seed: int) -> list[Document]:
@@ -69,6 +73,7 @@ def load_documents(
         out["austen"] = [ch for novel in austen_documents(cache_dir=cache_dir) for ch in austen_chapters(novel)]
     if "python" in sources:
         out["python"] = python_documents()
+        out["pydocs"] = pydoc_documents()
     return {name: _cap(docs, max_docs_per_source, seed) for name, docs in out.items()}
 
 
@@ -83,6 +88,7 @@ def prepare_data(
     cache_dir: Path | None = None,
     context_tokens: tuple[int, int] = (512, 4096),
     target_tokens: tuple[int, int] = (1024, 4096),
+    train_target_tokens: tuple[int, int] | None = (1024, 2048),
     probe_tokens: int = 32,
     samples_per_task: int | Mapping[str, int] = 50,
     synthetic_docs: int = 300,
@@ -103,9 +109,7 @@ def prepare_data(
     trainable_kinds = tuple(k for k in SYNTHETIC_KINDS if k not in TEST_ONLY_TASKS)
     synthetic = synthetic_documents(synthetic_docs, seed, trainable_kinds, length_fn, context_tokens)
 
-    corpus_docs = [
-        d for name, docs in docs_by_source.items() if name not in TEST_ONLY_SOURCES for d in docs
-    ] + synthetic
+    corpus_docs = [d for name, docs in docs_by_source.items() if name not in HELD_OUT_SOURCES for d in docs] + synthetic
     by_split: dict[str, list[Document]] = {name: [] for name in fractions}
     for doc in corpus_docs:
         by_split[document_split(doc.doc_id, fractions, seed)].append(doc)
@@ -116,10 +120,15 @@ def prepare_data(
         write_jsonl(samples, out / "corpus" / f"{split}.jsonl")
         corpus_counts[split] = dict(sorted(Counter(s["source"] for s in samples).items()))
 
-    records = build_tasks(docs_by_source, length_fn, target_tokens, samples_per_task, seed, chat, fractions=fractions)
+    fit_range = tuple(train_target_tokens or target_tokens)
+    ranges = {"train": fit_range, "validation": fit_range, "test": tuple(target_tokens)}
+    records = build_tasks(docs_by_source, length_fn, ranges, samples_per_task, seed, chat, fractions=fractions)
     task_counts: dict[str, dict[str, int]] = {}
-    for split in ("train", "test"):
-        chosen = [r for r in records if r["split"] == split]
+    for split in ("train", "validation", "test", "heldout"):
+        if split == "heldout":
+            chosen = [r for r in records if r["split"] == "test" and r["heldout_sources"]]
+        else:
+            chosen = [r for r in records if r["split"] == split]
         write_jsonl(chosen, out / "tasks" / f"{split}.jsonl")
         task_counts[split] = dict(sorted(Counter(r["task"] for r in chosen).items()))
 
@@ -133,11 +142,13 @@ def prepare_data(
         "fractions": dict(fractions),
         "context_tokens": list(context_tokens),
         "target_tokens": list(target_tokens),
+        "train_target_tokens": list(fit_range),
         "probe_tokens": probe_tokens,
         "chat": chat,
         "bigbench_tasks": BIGBENCH_TASKS,
         "test_only_tasks": list(TEST_ONLY_TASKS),
         "test_only_sources": list(TEST_ONLY_SOURCES),
+        "held_out_sources": list(HELD_OUT_SOURCES),
         "documents": doc_counts,
         "corpus": corpus_counts,
         "tasks": task_counts,

@@ -12,6 +12,7 @@ source             where it comes from
 ``austen``         Debian package ``r-cran-janeaustenr``: Jane Austen's six novels (public domain), read from
                    the R lazy-load database inside the .deb with a pure-Python R unserializer
 ``python``         Python source files of the running interpreter's standard library
+``pydocs``         the Python reference manual's topics shipped with the interpreter (``pydoc_data.topics``)
 =================  ===========================================================================================
 
 Generated texts (pass keys, needles, key-value JSON, variable chains) are in ``polykv_learn.data.synthetic``.
@@ -49,6 +50,7 @@ __all__ = [
     "bigbench_documents",
     "fetch_bigbench",
     "fetch_janeaustenr",
+    "pydoc_documents",
     "python_documents",
     "raw_dir",
     "read_deb_member",
@@ -321,6 +323,7 @@ def python_documents(root: Path | None = None, min_lines: int = 200, max_files: 
         "lib2to3",
         "ensurepip",
         "encodings",
+        "pydoc_data",  # the reference manual as data: the ``pydocs`` source
     }
     docs = []
     for path in sorted(base.rglob("*.py"), key=lambda p: p.relative_to(base).as_posix()):
@@ -337,3 +340,11 @@ def python_documents(root: Path | None = None, min_lines: int = 200, max_files: 
         if max_files is not None and len(docs) >= max_files:
             break
     return docs
+
+
+def pydoc_documents() -> list[Document]:
+    """The topics of the Python reference manual that ship with the interpreter (``pydoc_data.topics``: prose about
+    the language, with grammar excerpts), one document per topic, in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydocs/{name}", "pydocs", name, text.strip()) for name, text in sorted(topics.items())]

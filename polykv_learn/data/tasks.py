@@ -6,12 +6,14 @@ task                       source       metric          what is asked
 ``single_doc_qa``          quoref       qa_f1           a Wikipedia passage's question; the passage sits
                                                         among distractor passages
 ``multi_doc_qa``           quoref       qa_f1           numbered passages; the question names the passage
-``passkey``                synthetic    string_match    the pass key hidden in a noise haystack
-``multi_key_needle``       synthetic    string_match    one of several keyed magic numbers
-``multi_query_needle``     synthetic    string_match    two of several keyed magic numbers at once (share
-                                                        found)
+``passkey``                haystack     string_match    one needle (a pass key, a code, ...) hidden in natural
+                                                        text or code (``polykv_learn.data.haystack``)
+``multi_key_needle``       haystack     string_match    one of four keyed needles
+``multi_value_needle``     haystack     string_match    all three values of one key, among keyed distractors
+                                                        (score = share of them found)
+``multi_query_needle``     haystack     string_match    two of four keyed needles at once (share found)
 ``kv_lookup``              synthetic    string_match    the value of one UUID key in a JSON object
-``variable_tracking``      synthetic    string_match    all variables bound to a value through chains
+``variable_tracking``      haystack     string_match    all variables bound to a value through chains
                                                         ``VAR B = VAR A`` (score = share of them found)
 ``few_shot_classification`` snips       classification  the intent of an utterance after many labelled ones
 ``code_completion``        python       code_sim        the next line of a Python file prefix (no question:
@@ -21,13 +23,22 @@ task                       source       metric          what is asked
 =========================  ===========  ==============  ======================================================
 
 Every context opens with the task's instruction (``TASK_INTROS``, LongBench/RULER style: what kind of question
-will come, never the question). Synthetic tasks carry an answer prefix that restates the question (RULER style,
-e.g. ``The special magic number for amber-falcon mentioned in the text is``).
+will come, never the question). Needle tasks carry an answer prefix that restates the question (RULER style,
+e.g. ``The special magic number for amber-falcon mentioned in the text is``), and their records say which haystack
+family (``haystack``), needle template (``template``) and value kind (``value_kind``) they use.
 
 Held out: ``TEST_ONLY_TASKS`` (``variable_tracking``, ``code_completion``, ``multi_query_needle``) get only
 ``test`` records, and neither they nor their only source (Python code: ``TEST_ONLY_SOURCES``; the two-key
 question) appear in the training corpus, so they measure generalisation to unseen task types and an unseen
 domain. (``multi_query_needle`` reuses the multi-key haystack, which is trained on; its question is new.)
+
+Held-out sources: the haystack families and needle templates of ``polykv_learn.data.haystack`` belong to one split
+each. ``train`` needle records use training families and templates; ``validation`` needle records (for model
+selection) the validation family and templates only; half of the ``test`` needle records a test family and a test
+template, the other half training families' test documents and training templates. ``heldout_sources`` is true on
+a record whose source family and template training never saw (those test needle records, and code completion,
+whose Python source is test-only); ``prepare-data`` writes them to ``tasks/heldout.jsonl`` as well.
+``HELD_OUT_SOURCES`` (the sources of non-training families) never enter the training corpus.
 
 Splits: the *key document* of a record (the QA passage, query utterance, summarised article, chapter, code
 file) decides its split: ``test`` when ``document_split(doc_id, fractions, seed) == "test"``, else ``train``.
@@ -49,12 +60,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from polykv_learn.data import haystack
 from polykv_learn.data.corpus import DEFAULT_FRACTIONS, document_split
 from polykv_learn.data.jsonl import write_jsonl
 from polykv_learn.data.sources import Document, LengthFn, approx_tokens
 from polykv_learn.data.synthetic import sized_synthetic
 
 __all__ = [
+    "HELD_OUT_SOURCES",
+    "NEEDLE_TASKS",
     "TASKS",
     "TASK_INTROS",
     "TASK_SPECS",
@@ -79,11 +93,12 @@ class TaskSpec:
 TASK_SPECS: dict[str, TaskSpec] = {
     "single_doc_qa": TaskSpec("qa_f1", 32, "Answer:", "quoref"),
     "multi_doc_qa": TaskSpec("qa_f1", 32, "Answer:", "quoref"),
-    "passkey": TaskSpec("string_match", 16, "The pass key is", "synthetic"),
-    "multi_key_needle": TaskSpec("string_match", 16, "Answer:", "synthetic"),
+    "passkey": TaskSpec("string_match", 16, "Answer:", "haystack"),
+    "multi_key_needle": TaskSpec("string_match", 16, "Answer:", "haystack"),
+    "multi_value_needle": TaskSpec("string_match", 40, "Answer:", "haystack"),
     "kv_lookup": TaskSpec("string_match", 48, "Corresponding value:", "synthetic"),
-    "variable_tracking": TaskSpec("string_match", 32, "Answer:", "synthetic"),
-    "multi_query_needle": TaskSpec("string_match", 24, "Answer:", "synthetic"),
+    "variable_tracking": TaskSpec("string_match", 32, "Answer:", "haystack"),
+    "multi_query_needle": TaskSpec("string_match", 28, "Answer:", "haystack"),
     "few_shot_classification": TaskSpec("classification", 16, "Intent:", "snips"),
     "code_completion": TaskSpec("code_sim", 64, "", "python"),
     "summarisation": TaskSpec("rouge_l", 64, "Summary:", "xsum"),
@@ -94,6 +109,12 @@ TEST_ONLY_TASKS: tuple[str, ...] = ("variable_tracking", "code_completion", "mul
 """Task types held out of training: only ``test`` records, and nothing of them in the training corpus."""
 TEST_ONLY_SOURCES: tuple[str, ...] = ("python",)
 """Sources used only by test-only tasks (kept out of the training corpus)."""
+NEEDLE_TASKS: tuple[str, ...] = tuple(t for t, spec in TASK_SPECS.items() if spec.source == "haystack")
+"""Task types built by ``polykv_learn.data.haystack`` (haystack families and needle templates split by split)."""
+HELD_OUT_SOURCES: tuple[str, ...] = tuple(
+    sorted({s for f in haystack.FAMILIES.values() if f.split != "train" for s in f.sources} | set(TEST_ONLY_SOURCES))
+)
+"""Document sources of the held-out haystack families and of the test-only tasks: never in the training corpus."""
 
 _QA_INSTRUCTION = "Answer the question based on the passages above. Only give the answer, no other words."
 
@@ -111,6 +132,8 @@ TASK_INTROS: dict[str, str] = {
     " I will quiz you about the numbers afterwards.",
     "multi_query_needle": "Some special magic numbers are hidden inside the following text. Make sure to memorize"
     " them. I will quiz you about the numbers afterwards.",
+    "multi_value_needle": "Some special values are hidden inside the following text, several of them for the same"
+    " name. Make sure to memorize them. I will quiz you about them afterwards.",
     "kv_lookup": "Below is a JSON object of key-value pairs. Memorize it. I will ask you for the value of one key"
     " afterwards.",
     "variable_tracking": "Memorize and track the chains of variable assignments hidden in the following text. I will"
@@ -134,6 +157,7 @@ class _Draft:
     doc_ids: list[str]
     all_classes: list[str] | None = None
     answer_prefix: str | None = None  # None: the task's default (TaskSpec.answer_prefix)
+    extra: dict[str, Any] | None = None  # fields the record also carries (needle tasks: haystack, template, ...)
 
 
 class _Env:
@@ -148,9 +172,16 @@ class _Env:
         keys: Sequence[Document],
         fillers: Sequence[Document],
         seed: str,
+        split: str = "train",
+        documents_by_source: Mapping[str, Sequence[Document]] | None = None,
+        fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+        split_seed: int = 0,
     ) -> None:
         self.rng, self.length_fn, self.lo, self.hi = rng, length_fn, lo, hi
         self.keys, self.fillers, self.seed = keys, fillers, seed
+        self.split, self.made = split, 0
+        self.documents_by_source = documents_by_source or {}
+        self.fractions, self.split_seed = fractions, split_seed
         self._lengths: dict[tuple[str, str | None], int] = {}
 
     def tokens(self, doc: Document, text: str | None = None) -> int:
@@ -323,6 +354,42 @@ def _book_qa(env: _Env) -> _Draft | None:
     return _Draft(context, question, [after], [key.doc_id])
 
 
+def _family_pool(env: _Env, family: haystack.HaystackFamily) -> list[Document]:
+    """Documents of ``family`` a record of ``env.split`` may use: a training family's documents of that split
+    (by ``document_split``), every document of a held-out family."""
+    docs = haystack.family_documents(family, env.documents_by_source)
+    if family.split != "train":
+        return docs
+    want = "train" if env.split == "train" else env.split
+    return [d for d in docs if document_split(d.doc_id, env.fractions, env.split_seed) == want]
+
+
+def _needle(kind: str) -> Callable[[_Env], _Draft | None]:
+    def build(env: _Env) -> _Draft | None:
+        held_out = env.split == "validation" or (env.split == "test" and env.made % 2 == 0)
+        families = [f for f in haystack.families_for(env.split, held_out) if not f.sources or _family_pool(env, f)]
+        templates = haystack.templates_for(kind, env.split, held_out)
+        if not families or not templates:
+            return None
+        family, template = env.rng.choice(families), env.rng.choice(templates)
+        # aim inside the range (a haystack ends at a whole sentence or line), leaving room for the instruction
+        target = min(max(env.target(), round(env.lo * 1.06)), round(env.hi * 0.94))
+        target -= env.length_fn(TASK_INTROS[kind])
+        sample = haystack.make_needle_sample(
+            kind, env.rng, family, template, _family_pool(env, family), env.length_fn, target
+        )
+        heldout_sources = family.split != "train" and (kind == "variable_tracking" or template.split != "train")
+        extra = {
+            "haystack": sample.family,
+            "template": sample.template,
+            "value_kind": sample.value_kind,
+            "heldout_sources": heldout_sources,
+        }
+        return _Draft(sample.context, sample.question, sample.answers, sample.doc_ids, None, sample.prefix, extra)
+
+    return build
+
+
 def _synthetic(kind: str) -> Callable[[_Env], _Draft | None]:
     def build(env: _Env) -> _Draft | None:
         target = min(max(env.target(), round(env.lo * 1.06)), round(env.hi * 0.94))
@@ -335,11 +402,12 @@ def _synthetic(kind: str) -> Callable[[_Env], _Draft | None]:
 _BUILDERS: dict[str, Callable[[_Env], _Draft | None]] = {
     "single_doc_qa": _single_doc_qa,
     "multi_doc_qa": _multi_doc_qa,
-    "passkey": _synthetic("passkey"),
-    "multi_key_needle": _synthetic("multi_key_needle"),
+    "passkey": _needle("passkey"),
+    "multi_key_needle": _needle("multi_key_needle"),
+    "multi_value_needle": _needle("multi_value_needle"),
     "kv_lookup": _synthetic("kv_lookup"),
-    "variable_tracking": _synthetic("variable_tracking"),
-    "multi_query_needle": _synthetic("multi_query_needle"),
+    "variable_tracking": _needle("variable_tracking"),
+    "multi_query_needle": _needle("multi_query_needle"),
     "few_shot_classification": _few_shot_classification,
     "code_completion": _code_completion,
     "summarisation": _summarisation,
@@ -370,10 +438,17 @@ def _pools(
     return (test, docs) if split == "test" else (train, train)
 
 
+def _splits(task: str) -> tuple[str, ...]:
+    """Splits a task type gets records in (needle tasks also ``validation``; test-only tasks ``test`` only)."""
+    if task in TEST_ONLY_TASKS:
+        return ("test",)
+    return ("train", "validation", "test") if task in NEEDLE_TASKS else ("train", "test")
+
+
 def build_tasks(
     documents_by_source: Mapping[str, Sequence[Document]],
     length_fn: LengthFn = approx_tokens,
-    target_tokens: tuple[int, int] = (1024, 4096),
+    target_tokens: tuple[int, int] | Mapping[str, tuple[int, int]] = (1024, 4096),
     samples_per_task: int | Mapping[str, int] = 50,
     seed: int = 0,
     chat: bool = False,
@@ -381,27 +456,36 @@ def build_tasks(
     fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
     with_doc_ids: bool = False,
 ) -> list[dict[str, Any]]:
-    """Evaluation records of every task in ``tasks`` (default ``TASKS``) for splits ``train`` and ``test``
-    (``test`` only for ``TEST_ONLY_TASKS``); see the module docstring.
+    """Evaluation records of every task in ``tasks`` (default ``TASKS``) for splits ``train``, ``validation`` (needle
+    tasks only) and ``test`` (``test`` only for ``TEST_ONLY_TASKS``); see the module docstring.
 
-    ``samples_per_task`` is the number of records per task and split (an int, or a mapping split -> int). A
-    task whose source is missing from ``documents_by_source`` (or has no usable document) is skipped; a task
-    may return fewer records when its documents cannot reach the token range. Every context measures within
-    ``target_tokens`` under ``length_fn``. ``with_doc_ids`` adds a ``doc_ids`` list (documents used, key document
-    first; empty for synthetic tasks) to each record. Deterministic for given inputs and ``seed``."""
-    lo, hi = target_tokens
-    if not 0 < lo <= hi:
-        raise ValueError(f"need 0 < target_tokens[0] <= target_tokens[1], got {target_tokens}")
+    ``samples_per_task`` is the number of records per task and split (an int, or a mapping split -> int); so is
+    ``target_tokens`` (a (lo, hi) range, or a mapping split -> range). A task whose source is missing from
+    ``documents_by_source`` (or has no usable document) is skipped; a task may return fewer records when its
+    documents cannot reach the token range. Every context measures within its split's range under ``length_fn``.
+    ``with_doc_ids`` adds a ``doc_ids`` list (documents used, key document first; empty for generated haystacks)
+    to each record. Every record has ``heldout_sources`` (see the module docstring). Deterministic for given inputs
+    and ``seed``."""
+    ranges = (
+        {s: target_tokens for s in ("train", "validation", "test")}
+        if isinstance(target_tokens, tuple)
+        else target_tokens
+    )
+    for split, rng_ in ranges.items():
+        if not (isinstance(rng_, (tuple, list)) and len(rng_) == 2 and 0 < rng_[0] <= rng_[1]):
+            raise ValueError(f"need 0 < target_tokens[0] <= target_tokens[1] (split {split}), got {rng_}")
     unknown = sorted(set(tasks or ()) - set(TASK_SPECS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; allowed: {', '.join(TASKS)}")
     records: list[dict[str, Any]] = []
     for task in tasks or TASKS:
         spec = TASK_SPECS[task]
-        splits = ("test",) if task in TEST_ONLY_TASKS else ("train", "test")
-        for split in splits:
+        for split in _splits(task):
+            if split not in ranges:
+                continue
+            lo, hi = ranges[split]
             count = samples_per_task if isinstance(samples_per_task, int) else samples_per_task.get(split, 0)
-            if spec.source == "synthetic":
+            if spec.source in ("synthetic", "haystack"):
                 keys: list[Document] = []
                 fillers: list[Document] = []
             else:
@@ -409,10 +493,23 @@ def build_tasks(
                 if not keys:
                     continue
             rng = random.Random(f"tasks:{seed}:{task}:{split}")
-            env = _Env(rng, length_fn, lo, hi, keys, fillers, f"{seed}:{task}:{split}")
+            env = _Env(
+                rng,
+                length_fn,
+                lo,
+                hi,
+                keys,
+                fillers,
+                f"{seed}:{task}:{split}",
+                split,
+                documents_by_source,
+                fractions,
+                seed,
+            )
             made, attempts = 0, 0
             while made < count and attempts < 20 * count + 20:
                 attempts += 1
+                env.made = made
                 draft = _BUILDERS[task](env)
                 if draft is None:
                     continue
@@ -429,9 +526,11 @@ def build_tasks(
                     "metric": spec.metric,
                     "answer_prefix": "" if chat else (draft.answer_prefix or spec.answer_prefix),
                     "max_new_tokens": spec.max_new_tokens,
+                    "heldout_sources": spec.source in TEST_ONLY_SOURCES,
                 }
                 if draft.all_classes is not None:
                     record["all_classes"] = draft.all_classes
+                record.update(draft.extra or {})
                 if with_doc_ids:
                     record["doc_ids"] = draft.doc_ids
                 records.append(record)

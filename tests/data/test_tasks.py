@@ -9,7 +9,15 @@ from polykv_learn.data.corpus import document_split
 from polykv_learn.data.jsonl import load_samples, write_jsonl
 from polykv_learn.data.prepare import prepare_data
 from polykv_learn.data.sources import Document, QAPair, approx_tokens
-from polykv_learn.data.tasks import TASK_INTROS, TASK_SPECS, TASKS, TEST_ONLY_SOURCES, TEST_ONLY_TASKS, build_tasks
+from polykv_learn.data.tasks import (
+    HELD_OUT_SOURCES,
+    NEEDLE_TASKS,
+    TASK_INTROS,
+    TASK_SPECS,
+    TASKS,
+    TEST_ONLY_TASKS,
+    build_tasks,
+)
 from polykv_learn.eval.metrics import METRICS
 
 LENGTHS = (300, 900)
@@ -19,6 +27,7 @@ EXTRACTIVE = (
     "passkey",
     "multi_key_needle",
     "multi_query_needle",
+    "multi_value_needle",
     "kv_lookup",
     "variable_tracking",
     "book_qa",
@@ -61,6 +70,9 @@ def fixture_documents() -> dict[str, list[Document]]:
     code = "\n".join(f"def f{j}(x):\n    return compute_value(x, {j}) + offset_{j}\n" for j in range(80))
     python = [Document(f"python/m{i}.py", "python", f"m{i}.py", f"# module {i}\n{code}") for i in range(6)]
     wikilingua = [Document(f"wikilingua/{i:05d}", "wikilingua", "w", prose(rng, 200), summary="s") for i in range(10)]
+    pydocs = [
+        Document(f"pydocs/t{i}", "pydocs", f"t{i}", "\n\n".join(prose(rng, 50) for _ in range(6))) for i in range(8)
+    ]
     return {
         "quoref": quoref,
         "xsum": xsum,
@@ -68,6 +80,7 @@ def fixture_documents() -> dict[str, list[Document]]:
         "austen": austen,
         "python": python,
         "wikilingua": wikilingua,
+        "pydocs": pydocs,
     }
 
 
@@ -83,8 +96,10 @@ def records(documents):
 
 def test_every_task_built_with_schema(records):
     assert len(TASKS) >= 8 and set(TEST_ONLY_TASKS) <= set(TASKS) and len(TEST_ONLY_TASKS) >= 2
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         expected = [t for t in TASKS if split == "test" or t not in TEST_ONLY_TASKS]
+        if split == "validation":
+            expected = [t for t in expected if t in NEEDLE_TASKS]
         got = [r["task"] for r in records if r["split"] == split]
         assert sorted(set(got)) == sorted(expected)
         assert all(got.count(t) == 4 for t in expected)
@@ -92,11 +107,10 @@ def test_every_task_built_with_schema(records):
         assert r["metric"] in METRICS and r["metric"] == TASK_SPECS[r["task"]].metric
         assert isinstance(r["question"], str) and r["answers"] and all(isinstance(a, str) and a for a in r["answers"])
         assert r["max_new_tokens"] > 0
-        if r["task"] in ("multi_key_needle", "multi_query_needle"):  # RULER-style prefix restating the question
-            marker = "numbers for " if "numbers" in r["question"] else "number for "
-            keys = r["question"].split(marker)[1].split(" mentioned")[0]
-            assert r["answer_prefix"].startswith("The special magic number") and keys in r["answer_prefix"]
-        elif TASK_SPECS[r["task"]].source == "synthetic":
+        if r["task"] in ("multi_key_needle", "multi_query_needle", "multi_value_needle"):  # prefix restates question
+            keys = r["question"].split(" for ")[1].split(" mentioned")[0]
+            assert keys in r["answer_prefix"] and r["answer_prefix"].endswith(("is", "are"))
+        elif TASK_SPECS[r["task"]].source in ("synthetic", "haystack"):
             assert r["answer_prefix"]
         else:
             assert r["answer_prefix"] == TASK_SPECS[r["task"]].answer_prefix
@@ -128,7 +142,9 @@ def test_splits_by_document(records):
     for r in records:
         if r["split"] == "train":
             assert all(document_split(d, seed=0) != "test" for d in r["doc_ids"]), r["id"]
-        elif r["task"] not in TEST_ONLY_TASKS and r["doc_ids"]:
+        elif r["task"] in NEEDLE_TASKS and r["split"] == "test" and not r["heldout_sources"]:
+            assert all(document_split(d, seed=0) == "test" for d in r["doc_ids"]), r["id"]  # training families
+        elif r["task"] not in TEST_ONLY_TASKS and r["task"] not in NEEDLE_TASKS and r["doc_ids"]:
             assert document_split(r["doc_ids"][0], seed=0) == "test", r["id"]  # the key document is a test one
 
 
@@ -182,7 +198,7 @@ def test_prepare_data_end_to_end(documents, tmp_path):
     for split, samples in corpus.items():
         for s in samples:
             assert s["split"] == split and all(document_split(d, seed=0) == split for d in s["doc_ids"])
-            assert s["source"] not in TEST_ONLY_SOURCES
+            assert s["source"] not in HELD_OUT_SOURCES
             assert "variable_tracking" not in s["doc_id"]
     assert {s["source"] for s in corpus["train"]} >= {"quoref", "xsum", "austen", "synthetic"}
     test_docs = {d for s in corpus["test"] for d in s["doc_ids"]}
