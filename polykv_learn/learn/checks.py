@@ -78,6 +78,15 @@ def one_of(name: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def distinct_choices(name: str, values: Any, allowed: Sequence[str]) -> list[str]:
+    """``values`` is a non-empty list of distinct members of ``allowed``; returned as a list."""
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(isinstance(v, str) for v in values)
+    if not ok or any(v not in allowed for v in values) or len(set(values)) != len(values):
+        choices = ", ".join(allowed)
+        raise ValueError(f"{name} must be a non-empty list of distinct values from {choices}, got {values!r}")
+    return list(values)
+
+
 def within_context(name: str, values: Sequence[int], max_positions: int | None, model_name: str) -> None:
     """Budgets above the model's context (``max_position_embeddings``) can never be evaluated."""
     if max_positions is None:

@@ -6,16 +6,18 @@ the prefill cache (:class:`~polykv_learn.learn.store.PrefillStore`) once: later 
 loaded lazily from disk, one prefill at a time.
 
 With ``task_file`` (e.g. ``tasks/train.jsonl``, also written by ``prepare-data``), the training split also takes
-task-format samples: the context with its task instruction, and as probe what the evaluation feeds after the
-compression (question, answer prefix, gold answer; :func:`task_probe`), with the index where the gold answer starts
-(the learner may weight the answer's tokens). Each task type joins the corpus sources in the round-robin, so a limit
-keeps every one. Only training-split rows of task types that are not test-only are accepted (the generalisation
-protocol); ``task_val_samples`` of them are held out and validated on next to the corpus.
+task-format samples laid out as the evaluation lays them out (:mod:`polykv_learn.learn.task_rows`), each in one of
+``task_protocols``: query-agnostic (compressed prefix = the context with its task instruction; probe = question,
+answer prefix, gold answer) or query-aware (compressed prefix = context and question; probe = answer prefix, gold
+answer), with the index where the gold answer starts (the learner may weight the answer's tokens). Each task type
+and protocol joins the corpus sources in the round-robin, so a limit keeps every one. Only training-split rows of
+task types that are not test-only are accepted (the generalisation protocol). Task samples are validated on next to
+the corpus: ``task_val_samples`` rows of ``task_val_file`` (validation-split rows), or without it that many rows
+held out of ``task_file``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -28,13 +30,30 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.data.layout import prompt_layout
-from polykv_learn.data.tasks import TEST_ONLY_TASKS
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES
 from polykv_learn.learn import checks
 from polykv_learn.learn.shared import max_positions, shared_model, shared_tokenizer
 from polykv_learn.learn.store import PrefillStore, StoredPrefill
+from polykv_learn.learn.task_rows import (
+    QUERY_AWARE,
+    TASK_PROTOCOLS,
+    assign_protocols,
+    load_task_rows,
+    split_task_rows,
+    task_probe,
+    task_probe_parts,
+)
 from polykv_learn.simulator import Simulator
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "PrefillDataModule",
+    "check_datamodule_args",
+    "load_task_rows",
+    "split_task_rows",
+    "task_probe",
+    "task_probe_parts",
+]
 
 DEFAULT_BUDGETS = [64, 96, 128, 192, 256, 384, 512, 768, 1024]
 SPLITS = {"train": "train", "validation": "validation"}
@@ -51,6 +70,13 @@ class _PrefillDataset(Dataset):
         return self.store.load(self.ids[index])
 
 
+def _round_robin(queues: list[list[dict]]) -> Iterator[dict]:
+    for i in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if i < len(q):
+                yield q[i]
+
+
 def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
     """Rows round-robin over their ``source`` (shuffled within each source), so a limit keeps every source."""
     by_source: dict[str, list[dict]] = {}
@@ -62,65 +88,16 @@ def _interleave_sources(rows: Iterable[dict], seed: int) -> Iterator[dict]:
         items = by_source[name]
         rng.shuffle(items)
         queues.append(items)
-    for i in range(max((len(q) for q in queues), default=0)):
-        for q in queues:
-            if i < len(q):
-                yield q[i]
+    return _round_robin(queues)
 
 
-def task_probe_parts(row: dict) -> tuple[list[str], str]:
-    """The text after the context of a task sample, in the pieces the evaluation tokenises separately (text mode,
-    :func:`polykv_learn.data.layout.prompt_layout`): the prompt's tail (question, answer prefix) and the gold
-    answer."""
-    layout = prompt_layout(row)
-    return ([layout.question] if layout.question else []) + [layout.footer], layout.answer
-
-
-def task_probe(row: dict) -> str:
-    """The text after the context of a task sample, laid out as the evaluation's text-mode prompt and answer."""
-    tail, answer = task_probe_parts(row)
-    return "".join(tail) + answer
-
-
-def load_task_rows(path: Path) -> list[dict]:
-    """Training rows (``context``, ``probe``, ``source`` = the task type) from a task file of ``prepare-data``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            task, split = row.get("task"), row.get("split", "train")
-            if split != "train" or task in TEST_ONLY_TASKS:
-                raise ValueError(
-                    f"{path}:{line_no}: task sample {row.get('id')!r} (task {task!r}, split {split!r}) may not be "
-                    f"trained on: only the train split of task types other than {sorted(TEST_ONLY_TASKS)}"
-                )
-            tail, answer = task_probe_parts(row)
-            rows.append(
-                {
-                    "id": f"task/{row['id']}",
-                    "source": f"task:{task}",
-                    "context": row["context"],
-                    "probe": task_probe(row),
-                    "probe_parts": (tail, answer),
-                }
-            )
-    return rows
-
-
-def split_task_rows(rows: list[dict], val_count: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation): ``val_count`` rows held out for validation, round-robin over the task types from the
-    end of each type's rows (in file order), so every type is validated and no row is in both."""
+def _interleave_tasks(rows: Iterable[dict], seed: int) -> Iterator[dict]:
+    """Task rows round-robin over their task type, each type's rows round-robin over their protocol (shuffled
+    within each), so a limit keeps every task type first and both protocols of each."""
     by_task: dict[str, list[dict]] = {}
     for row in rows:
-        by_task.setdefault(row["source"], []).append(row)
-    held: set[str] = set()
-    for depth in range(max((len(v) for v in by_task.values()), default=0)):
-        for name in sorted(by_task):
-            if len(held) < val_count and depth < len(by_task[name]):
-                held.add(by_task[name][-1 - depth]["id"])
-    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
+        by_task.setdefault(str(row["task"]), []).append(row)
+    return _round_robin([list(_interleave_sources(by_task[name], seed)) for name in sorted(by_task)])
 
 
 def _as_list(batch: list[StoredPrefill]) -> list[StoredPrefill]:
@@ -144,6 +121,8 @@ class PrefillDataModule(L.LightningDataModule):
         task_file: str | None = None,
         task_probe_tokens: int | None = None,
         task_val_samples: int = 0,
+        task_val_file: str | None = None,
+        task_protocols: list[str] = list(TASK_PROTOCOLS),
         window: int = 32,
         num_workers: int = 0,
         seed: int = 0,
@@ -164,14 +143,26 @@ class PrefillDataModule(L.LightningDataModule):
             max_train_samples: use at most this many training samples (None: all).
             max_val_samples: use at most this many validation samples (None: all).
             task_file: also train on the task-format samples of this file (relative to ``data_dir``, e.g.
-                ``tasks/train.jsonl``): the context with its instruction, probe = question, answer prefix and gold
-                answer; contexts longer than ``max_context_tokens`` are skipped (a cut could drop the evidence).
-                None: the corpus only.
+                ``tasks/train.jsonl``; train-split rows of task types that are not test-only), each laid out in one
+                of ``task_protocols``; a sample whose compressed prefix (context, plus the question query-aware)
+                is longer than ``max_context_tokens`` is skipped (a cut could drop the evidence). None: the corpus
+                only.
             task_probe_tokens: probe tokens of a task sample (cut to at most this many; None: ``probe_tokens``).
                 Long enough to hold the question and the gold answer, or the loss never sees the answer.
-            task_val_samples: task samples of ``task_file`` held out from training and validated on (next to
-                ``max_val_samples`` corpus samples; :func:`split_task_rows`), so model selection also sees the
-                task format. 0: validation on the corpus only.
+            task_val_samples: task samples validated on next to the ``max_val_samples`` corpus samples, so model
+                selection also sees the task format. With ``task_val_file``: how many of its rows (an integer >= 1;
+                round-robin over task types, then protocols; too long ones skipped). Without it: how many rows of
+                ``task_file`` are held out from training (:func:`split_task_rows`); 0: validation on the corpus
+                only.
+            task_val_file: validate on the task samples of this file (relative to ``data_dir``, e.g.
+                ``tasks/validation.jsonl``; validation-split rows of task types that are not test-only) instead of
+                holding rows out of ``task_file``; needs ``task_val_samples`` >= 1. None: no validation file.
+            task_protocols: the evaluation protocols task samples are laid out in, distinct values of
+                ``query_agnostic`` (compressed prefix = context; probe = question, answer prefix, gold answer) and
+                ``query_aware`` (compressed prefix = context and question; probe = answer prefix, gold answer).
+                Each task sample is prefilled in one of them: per task type the rows take them in turn in file
+                order (training and validation rows separately); a sample without a question stays
+                query-agnostic.
             window: observation window of the captured statistics (queries of the last ``window`` positions).
             num_workers: data loader workers.
             seed: order in which samples are taken (sources interleaved, shuffled within each source).
@@ -192,10 +183,13 @@ class PrefillDataModule(L.LightningDataModule):
         self.task_file = self.data_dir / task_file if task_file else None
         self.task_probe_tokens = task_probe_tokens or probe_tokens
         self.task_val_samples = task_val_samples
+        self.task_val_file = self.data_dir / task_val_file if task_val_file else None
+        self.task_protocols = list(task_protocols)
         self.window = window
         self.num_workers = num_workers
         self.seed = seed
         self.check_data_dir()
+        self._task_rows = self._read_task_files()
         self._store: PrefillStore | None = None
         self.train_ids: list[str] = []
         self.val_ids: list[str] = []
@@ -203,13 +197,28 @@ class PrefillDataModule(L.LightningDataModule):
     def check_data_dir(self) -> None:
         """Fail fast, before any prefill, when the corpus is missing."""
         missing = [str(self.corpus_file(s)) for s in SPLITS if not self.corpus_file(s).exists()]
-        if self.task_file is not None and not self.task_file.exists():
-            missing.append(str(self.task_file))
+        for path in (self.task_file, self.task_val_file):
+            if path is not None and not path.exists():
+                missing.append(str(path))
         if missing:
             raise FileNotFoundError(
                 f"missing data file(s): {', '.join(missing)}; create them with "
                 f"`polykv-learn prepare-data --out {self.data_dir}` (or point data.data_dir at such a folder)"
             )
+
+    def _read_task_files(self) -> dict[str, list[dict]]:
+        """The query-agnostic task rows of each split (checked line by line here, before any model load): all of
+        ``task_file`` for training and ``task_val_file`` for validation, or ``task_val_samples`` rows of
+        ``task_file`` held out for validation when there is no ``task_val_file``."""
+        train = load_task_rows(self.task_file, "train") if self.task_file is not None else []
+        if self.task_val_file is not None:
+            return {"train": train, "validation": load_task_rows(self.task_val_file, "validation")}
+        train, held = split_task_rows(train, self.task_val_samples)
+        return {"train": train, "validation": held}
+
+    def task_rows(self, split: str) -> list[dict]:
+        """The task rows of ``split``, each in one of ``task_protocols`` (:func:`assign_protocols`)."""
+        return assign_protocols(self._task_rows[split], self.task_protocols)
 
     def corpus_file(self, split: str) -> Path:
         return self.data_dir / "corpus" / f"{SPLITS[split]}.jsonl"
@@ -232,37 +241,40 @@ class PrefillDataModule(L.LightningDataModule):
         from datasets import load_dataset
 
         rows = list(load_dataset("json", data_files=str(self.corpus_file(split)), split="train"))
-        task_rows: list[dict] = []
-        if self.task_file is not None:
-            train_rows, val_rows = split_task_rows(load_task_rows(self.task_file), self.task_val_samples)
-            task_rows = train_rows if split == "train" else val_rows
-        if split == "train":
-            rows, task_rows = rows + task_rows, []  # task types join the corpus sources in the round-robin
-        out = self._take(rows, self.limits[split])
-        if task_rows:
-            out += self._take(task_rows, None)
+        task_rows = self.task_rows(split)
+        if split == "train":  # task types and protocols join the corpus sources in the round-robin
+            out = self._take(_interleave_sources(rows + task_rows, self.seed), self.limits[split])
+        else:
+            out = self._take(_interleave_sources(rows, self.seed), self.limits[split])
+            limit = self.task_val_samples if self.task_val_file is not None else None
+            out += self._take(_interleave_tasks(task_rows, self.seed), limit)
         if not out:
             raise ValueError(
                 f"{self.corpus_file(split)} has no sample with >= {self.min_context_tokens} context tokens"
             )
         return out
 
-    def _take(self, rows: list[dict], limit: int | None) -> list[tuple[str, Tensor, Tensor, int | None]]:
-        """Tokenised samples of ``rows`` (sources interleaved), at most ``limit``."""
+    def _take(self, rows: Iterable[dict], limit: int | None) -> list[tuple[str, Tensor, Tensor, int | None]]:
+        """Tokenised samples of ``rows`` in their order, at most ``limit``."""
         tok = shared_tokenizer(self.model_name)
+
+        def ids(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False).input_ids if text else []
+
         out = []
-        for row in _interleave_sources(rows, self.seed):
-            context = tok(row["context"], add_special_tokens=False).input_ids
+        for row in rows:
             answer_start = None
             if "probe_parts" in row:  # a task sample: whole, and tokenised in the evaluation's pieces
+                context = [t for piece in row["context_parts"] for t in ids(piece)]
                 if len(context) > self.max_context_tokens:
                     continue
                 tail, answer = row["probe_parts"]
-                ids = [t for piece in tail for t in tok(piece, add_special_tokens=False).input_ids]
-                answer_start = len(ids)
-                probe = (ids + tok(answer, add_special_tokens=False).input_ids)[: self.task_probe_tokens]
+                probe = [t for piece in tail for t in ids(piece)]
+                answer_start = len(probe)
+                probe = (probe + ids(answer))[: self.task_probe_tokens]
                 answer_start = min(answer_start, len(probe))
             else:
+                context = tok(row["context"], add_special_tokens=False).input_ids
                 probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
             context = context[: self.max_context_tokens]
             if len(context) < self.min_context_tokens or not probe:
@@ -270,6 +282,8 @@ class PrefillDataModule(L.LightningDataModule):
             sample_id = f"{row['id']}|{len(context)}|{len(probe)}"
             if answer_start is not None:
                 sample_id += f"|a{answer_start}"
+            if row.get("protocol") == QUERY_AWARE:
+                sample_id += "|qa"  # never the query-agnostic sample of the same row
             out.append((sample_id, torch.tensor(context), torch.tensor(probe), answer_start))
             if limit is not None and len(out) >= limit:
                 break
@@ -341,9 +355,23 @@ def check_datamodule_args(hp: Any) -> None:
     checks.int_at_least("task_probe_tokens", hp.task_probe_tokens, 1, optional=True)
     checks.int_at_least("max_train_samples", hp.max_train_samples, 1, optional=True)
     checks.int_at_least("max_val_samples", hp.max_val_samples, 1, optional=True)
-    checks.int_at_least("task_val_samples", hp.task_val_samples, 0)
-    if hp.task_val_samples and hp.task_file is None:
-        raise ValueError(f"task_val_samples must be >= 0 and needs a task_file, got {hp.task_val_samples}")
+    checks.distinct_choices("task_protocols", hp.task_protocols, TASK_PROTOCOLS)
+    for name in ("task_file", "task_val_file"):
+        if hp[name] is not None and not isinstance(hp[name], (str, os.PathLike)):
+            raise ValueError(f"{name} must be a file path relative to data_dir (or null), got {hp[name]!r}")
+    if hp.task_val_file is not None:
+        if not checks.is_int(hp.task_val_samples) or hp.task_val_samples < 1:
+            raise ValueError(
+                "task_val_samples must be an integer >= 1 with a task_val_file (how many of its rows are validated "
+                f"on), got {hp.task_val_samples!r}"
+            )
+    else:
+        checks.int_at_least("task_val_samples", hp.task_val_samples, 0)
+    if hp.task_val_samples and hp.task_file is None and hp.task_val_file is None:
+        raise ValueError(
+            f"task_val_samples must be >= 0 and needs a task_file (rows held out of it) or a task_val_file, "
+            f"got {hp.task_val_samples}"
+        )
     checks.int_at_least("window", hp.window, 1)
     checks.int_at_least("num_workers", hp.num_workers, 0)
     if not checks.is_int(hp.seed):
