@@ -228,3 +228,35 @@ def test_bad_task_arguments_fail_in_one_line(data):
         assert "may not be validated on: only the validation split of task types other than" in message
     with pytest.raises(ValueError, match="split must be one of train, validation, got 'test'"):
         load_task_rows(data / "tasks" / "train.jsonl", "test")
+
+
+def test_fit_rejects_bad_task_settings_before_any_model_load(data, tmp_path, monkeypatch):
+    import sys
+
+    from learn_helpers import TINY_CONFIG
+
+    from polykv_learn.learn import datamodule as datamodule_module
+    from polykv_learn.learn import module as module_module
+    from polykv_learn.learn.fitcli import run_fit
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    for target in (datamodule_module, module_module):
+        monkeypatch.setattr(target, "shared_model", refuse)
+    monkeypatch.setattr(datamodule_module, "shared_tokenizer", refuse)
+    monkeypatch.setattr(sys, "argv", ["polykv-learn"])
+    monkeypatch.chdir(tmp_path)
+    _write(data / "tasks" / "train.jsonl", TRAIN)
+    _write(data / "tasks" / "validation.jsonl", [_row(0, "passkey", 20, split="validation"), TRAIN[0]])
+    base = ["fit", "--config", str(TINY_CONFIG), f"--data.data_dir={data}", f"--data.cache_dir={tmp_path / 'c'}"]
+    val = ["--data.task_file=tasks/train.jsonl", "--data.task_val_file=tasks/validation.jsonl"]
+    for extra, message in (
+        (["--data.task_protocols=[query_aware, chat]"], "task_protocols must be a non-empty list of distinct values"),
+        ([*val, "--data.task_val_samples=0"], "task_val_samples must be an integer >= 1 with a task_val_file"),
+        ([*val, "--data.task_val_samples=4"], f"{data / 'tasks' / 'validation.jsonl'}:2: task sample "),
+    ):
+        with pytest.raises(ValueError) as err:
+            run_fit([*base, *extra])
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.rglob("version_*"))
