@@ -6,6 +6,9 @@ deployable method. Prints each method's prediction, score, gold-answer NLL and K
 search's start (best uniform policy) and final NLL.
 
     OMP_NUM_THREADS=1 python benchmarks/oracle_ceiling.py --budgets 256 --rounds 3 --samples 2
+    OMP_NUM_THREADS=1 python benchmarks/oracle_ceiling.py --data data/polykv/tasks/heldout.jsonl --query-aware
+
+Without ``--data`` the samples are generated test records of the filler haystack (no download needed).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polykv_learn.capture import CaptureOptions  # noqa: E402
+from polykv_learn.data.jsonl import load_samples  # noqa: E402
 from polykv_learn.data.tasks import build_tasks  # noqa: E402
 from polykv_learn.deploy.polykv import PolyKV  # noqa: E402
 from polykv_learn.eval.evaluator import EvalSettings, Evaluator  # noqa: E402
@@ -34,22 +38,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--router", default="checkpoints/smollm2-135m")
     ap.add_argument("--budgets", type=int, nargs="+", default=[256])
     ap.add_argument("--rounds", type=int, default=3, help="most search rounds per sample and budget")
-    ap.add_argument("--samples", type=int, default=2, help="test samples, alternating passkey / multi_key_needle")
+    ap.add_argument("--samples", type=int, default=2, help="samples, taken in turn from each of --tasks")
+    ap.add_argument("--tasks", nargs="+", default=["passkey", "multi_key_needle"])
+    ap.add_argument("--data", default=None, help="a task JSONL file (default: generated filler-haystack records)")
+    ap.add_argument("--query-aware", action="store_true", help="compress the question with the context")
     args = ap.parse_args(argv)
-    tasks = ["passkey", "multi_key_needle"]
-    rows = build_tasks({}, target_tokens=(1024, 2048), samples_per_task=max(2, args.samples), tasks=tasks)
-    by_task = {t: [r for r in rows if r["split"] == "test" and r["task"] == t] for t in tasks}
-    samples = [by_task[tasks[i % 2]][i // 2] for i in range(args.samples)]
+    tasks = args.tasks
+    if args.data:
+        rows = load_samples(args.data)
+    else:
+        rows = build_tasks({}, target_tokens=(1024, 2048), samples_per_task=2 * max(2, args.samples), tasks=tasks)
+        rows = [r for r in rows if r["split"] == "test"]
+    by_task = {t: [r for r in rows if r["task"] == t] for t in tasks}
+    missing = [t for t in tasks if not by_task[t]]
+    if missing:
+        raise SystemExit(f"no samples of {missing} in {args.data or 'the generated records'}")
+    samples = [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(args.samples)]
     router = PolyKV.from_pretrained(args.router)
     c = router.capture
     methods = resolve_methods(METHODS, available_methods(router, oracle_rounds=args.rounds))
     model, tok = load_model(router.model_fingerprint["name"])
-    settings = EvalSettings(budgets=tuple(args.budgets), chat=False)
+    settings = EvalSettings(budgets=tuple(args.budgets), chat=False, query_aware=args.query_aware)
     evaluator = Evaluator(model, tok, methods, settings, CaptureOptions(c.window, c.future, True, c.chunk))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         res = run_evaluation(evaluator, samples, out, progress=False)
-    print(f"{len(samples)} samples, budgets {args.budgets}, {args.rounds} rounds: {time.perf_counter() - start:.0f} s")
+    protocol = "query-aware" if args.query_aware else "query-agnostic"
+    elapsed = time.perf_counter() - start
+    print(f"{len(samples)} samples, {protocol}, budgets {args.budgets}, {args.rounds} rounds: {elapsed:.0f} s")
     print("| sample | method | B | prediction | score | answer NLL | answer KL | search start -> final NLL |")
     print("|---|---|---:|---|---:|---:|---:|---|")
     for r in res["samples"]:

@@ -7,7 +7,8 @@
 #   bash scripts/evaluate_smollm2.sh                      # every test sample of the six task types
 #   LIMIT=8 JOBS=2 bash scripts/evaluate_smollm2.sh       # at most 8 samples per task type
 # Env: CONFIG (default configs/eval-smollm2.yaml), OUT (per-shard runs, default out/eval), RESULTS (merged report,
-# default results/smollm2), SHARDS (default 2); ROUTER, DATA, METHODS override the config's router, data and
+# default results/smollm2), SHARDS (default 2); QUERY_AWARE (true/false) and CHAT (true/false) override the config's
+# protocol and prompt; ROUTER, DATA, METHODS override the config's router, data and
 # methods (e.g. METHODS="polykv polykv-static" to re-evaluate a retrained router, then combine with an earlier run:
 # polykv-learn evaluate --merge EARLIER NEW --replace --out DIR).
 set -euo pipefail
@@ -22,12 +23,14 @@ TASKS=$(polykv-learn evaluate --config "$CONFIG" --print_config \
   | python -c 'import sys, yaml; print(" ".join(yaml.safe_load(sys.stdin)["tasks"] or []))')
 [ -n "$TASKS" ] || { echo "$CONFIG names no tasks (tasks: [...])"; exit 2; }
 mkdir -p "$OUT"
-export CONFIG OUT ROUTER DATA LIMIT SHARDS METHODS
+export CONFIG OUT ROUTER DATA LIMIT SHARDS METHODS QUERY_AWARE CHAT
 run_unit() {  # one shard of one task: "task shard"
   local task=$1 shard=$2 extra=() methods=() dir="$OUT/$1.$2-of-$SHARDS"
   [ -n "${DATA:-}" ] && extra+=(--data "$DATA")
   [ -n "${ROUTER:-}" ] && extra+=(--router "$ROUTER")
   [ -n "${LIMIT:-}" ] && extra+=(--limit "$LIMIT")
+  [ -n "${QUERY_AWARE:-}" ] && extra+=(--query_aware "$QUERY_AWARE")
+  [ -n "${CHAT:-}" ] && extra+=(--chat "$CHAT")
   [ -n "${METHODS:-}" ] && { read -r -a methods <<< "$METHODS"; extra+=(--methods "${methods[@]}"); }
   if [ -f "$dir/results.json" ]; then echo "$task $shard/$SHARDS: done before, skipped"; return 0; fi
   local start=$SECONDS
