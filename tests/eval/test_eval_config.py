@@ -1,7 +1,7 @@
 """``polykv-learn evaluate`` options: one field per option (:class:`EvaluateOptions`), ``--config`` files (later
 ones override earlier ones, flags override every file), ``--print_config``, ``--help``, the earlier argparse
 spellings, one-line errors for bad config files, the shipped evaluation config and the script that runs it, and
-the fit override config ``configs/smollm2-135m-answers.yaml``."""
+what the shipped fit config trains on."""
 
 from __future__ import annotations
 
@@ -313,26 +313,16 @@ def _fit_config(capsys, monkeypatch, *configs: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_answers_config_is_an_override_of_the_main_config(capsys, monkeypatch):
-    """Given after configs/smollm2-135m.yaml it changes only its keys; the logger and callback lists (replaced
-    whole by a later config) keep the base's entries with this run's folders; it exports to a run folder. Its first
-    line names its base (``# base: FILE``), for tools that parse every shipped config."""
-    first = (REPO / "configs" / "smollm2-135m-answers.yaml").read_text().splitlines()[0]
-    assert first == "# base: configs/smollm2-135m.yaml"
-    base = _fit_config(capsys, monkeypatch, "configs/smollm2-135m.yaml")
-    answers = _fit_config(capsys, monkeypatch, "configs/smollm2-135m.yaml", "configs/smollm2-135m-answers.yaml")
-    assert answers["model"]["export_dir"] == "runs/smollm2-135m-answers/router"
-    assert (answers["model"]["answer_share"], answers["data"]["task_probe_tokens"]) == (0.5, 128)
-    assert answers["data"]["task_val_samples"] == 8
-
-    def moved(value):  # the base's run folder renamed to the experiment's
-        if isinstance(value, dict):
-            return {k: moved(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        return value.replace("runs/smollm2-135m", "runs/smollm2-135m-answers") if isinstance(value, str) else value
-
-    expected = moved(base)
-    expected["model"].update(answer_share=0.5, export_dir="runs/smollm2-135m-answers/router")
-    expected["data"].update(task_probe_tokens=128, task_val_samples=8)
-    assert answers == expected
+def test_default_fit_trains_on_what_is_scored(capsys, monkeypatch):
+    """The shipped fit config trains task samples in both evaluation protocols with the gold answer weighted,
+    selects on the validation task file (held-out haystack sources), and samples tight budgets (B <= 256) at least
+    as often as loose ones (the learner draws uniformly from the grid inside [budget_min, budget_max])."""
+    config = _fit_config(capsys, monkeypatch, "configs/smollm2-135m.yaml")
+    model, data = config["model"], config["data"]
+    assert data["task_protocols"] == ["query_agnostic", "query_aware"]
+    assert (data["task_file"], data["task_val_file"]) == ("tasks/train.jsonl", "tasks/validation.jsonl")
+    assert data["task_val_samples"] > 0 and model["answer_share"] == 0.5
+    assert data["max_train_samples"] >= 300
+    sampled = [b for b in data["budgets"] if model["budget_min"] <= b <= model["budget_max"]]
+    tight = [b for b in sampled if b <= 256]
+    assert len(tight) >= len(sampled) - len(tight) > 0
