@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -89,6 +90,43 @@ def cache_kwarg(model: PreTrainedModel) -> str:
 def forward(model: PreTrainedModel, input_ids: Tensor, cache: Any, **kwargs: Any) -> Any:
     """``model(input_ids, <cache kwarg>=cache, use_cache=True, **kwargs)`` for this transformers version."""
     return model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
+
+
+def forward_decoder(model: PreTrainedModel, input_ids: Tensor, cache: Any, **kwargs: Any) -> Any:
+    """The decoder stack alone (``model.model``: no LM head, no logits) with ``cache``, for passes whose attention
+    is all that matters (KVzip's reconstruction pass)."""
+    return model.model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
+
+
+# --- the token ids of the running forward ----------------------------------------------------------------------
+# A cache layer sees keys and values, never token ids; KVzip's reconstruction pass needs the prefill's ids. A
+# forward pre-hook on the decoder stack (``model.model``) records, per thread, the ids each of its forwards gets
+# (None for ``inputs_embeds``): during a forward, the record is that forward's own.
+_forward_ids = threading.local()
+
+
+def _remember_ids(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    _forward_ids.value = (weakref.ref(module), ids if isinstance(ids, Tensor) else None)
+
+
+def track_input_ids(model: PreTrainedModel) -> None:
+    """Make :func:`current_input_ids` work for ``model`` (idempotent: one pre-hook on ``model.model`` that keeps a
+    reference to the ids of its last forward, per thread)."""
+    decoder = model.model
+    if not getattr(decoder, "_polykv_tracks_ids", False):
+        decoder.register_forward_pre_hook(_remember_ids, with_kwargs=True)
+        decoder._polykv_tracks_ids = True
+
+
+def current_input_ids(model: PreTrainedModel) -> Tensor | None:
+    """The token ids ``(batch, len)`` of ``model``'s last (during a forward: the running) decoder forward in this
+    thread; None if it got ``inputs_embeds``, if it ran before :func:`track_input_ids`, or if the last forward
+    here was another model's."""
+    value = getattr(_forward_ids, "value", None)
+    if value is None or value[0]() is not model.model:
+        return None
+    return value[1]
 
 
 # --- linear layers --------------------------------------------------------------------------------------------

@@ -38,10 +38,16 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from polykv_learn import adapter
-from polykv_learn.capture import CaptureOptions, compute_layer_stats, with_accumulated_attention
+from polykv_learn.capture import (
+    CaptureOptions,
+    compute_layer_stats,
+    with_accumulated_attention,
+    with_reconstruct_attention,
+)
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_indices
+from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
 
 #: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row (a
 #: ``LayerwisePlanner`` is one too, and a cache given one summarises each layer as its prefill ends)
@@ -79,7 +85,7 @@ def _cut_row(stats: LayerStats, row: int) -> LayerStats:
     pad = stats.context_length - n_real
     w = min(stats.window_size, n_real)  # a single sequence shorter than the window uses all of it as the window
     r = slice(row, row + 1)
-    acc = stats.accumulated_attn
+    acc, rec = stats.accumulated_attn, stats.reconstruct_attn
     return LayerStats(
         keys=stats.keys[r, :, pad:],  # (1, G, n_real, d)
         values=stats.values[r, :, pad:],  # (1, G, n_real, d)
@@ -93,6 +99,7 @@ def _cut_row(stats: LayerStats, row: int) -> LayerStats:
         future_cos=stats.future_cos[r],  # (1, T, d)
         future_sin=stats.future_sin[r],
         accumulated_attn=None if acc is None else acc[r, :, pad:],  # (1, H, n_real): padding queries added 0
+        reconstruct_attn=None if rec is None else rec[r, :, pad:],  # (1, G, n_real)
         layer_idx=stats.layer_idx,
     )
 
@@ -113,6 +120,8 @@ class CompressedLayer(DynamicLayer):
         # a LayerwisePlanner's cache, between the layer's prefill and the compression (the statistics are gone)
         self.summary: Any = None  # what the planner's summarize returned for this layer
         self.orders: KeepOrders | None = None  # the keep orders eviction needs
+        # the statistics and, per row, the candidates whose orders wait for the reconstruction pass (KVzip)
+        self.pending: tuple[LayerStats, list[frozenset[str]]] | None = None
 
     @property
     def owner(self) -> CompressedCache:
@@ -137,7 +146,7 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.logical_length = self.context_length = 0
-        self.context_visible = self.stats = self.summary = self.orders = None
+        self.context_visible = self.stats = self.summary = self.orders = self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -223,22 +232,44 @@ class CompressedLayer(DynamicLayer):
         self._drop_statistics()
 
     def _drop_statistics(self) -> None:
-        self.stats = self.summary = self.orders = None
+        self.stats = self.summary = self.orders = self.pending = None
 
-    def summarize(self, planner: LayerwisePlanner, accumulate: Callable[[LayerStats], LayerStats] | None) -> None:
+    def summarize(
+        self,
+        planner: LayerwisePlanner,
+        accumulate: Callable[[LayerStats], LayerStats] | None,
+        defer_reconstruct: bool = False,
+    ) -> None:
         """Keep only what ``planner`` needs of this layer (its summary, the keep orders of each row's candidate
         policies, the row alone) and drop the statistics. ``accumulate``: the statistics lack the accumulated
-        attention; it adds it, called only if a candidate needs it."""
+        attention; it adds it, called only if a candidate needs it. ``defer_reconstruct``: the reconstruction pass
+        is still to come; the orders of candidates that need it wait for :meth:`finish_pending` (the statistics
+        stay until then, for this layer only)."""
         stats = self.stats
         if stats is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to summarise")
         summary = planner.summarize(stats)
-        candidates = planner.candidates_of(summary, stats.valid.shape[0])
+        batch = stats.valid.shape[0]
+        candidates = planner.candidates_of(summary, batch)
         if accumulate is not None and any(get_policy(p).needs_accumulated_attn for c in candidates for p in c):
             stats = accumulate(stats)
+        zip_later = defer_reconstruct and any(get_policy(p).needs_reconstruct_attn for c in candidates for p in c)
+        later = [frozenset(p for p in c if zip_later and get_policy(p).needs_reconstruct_attn) for c in candidates]
+        now = [c - w for c, w in zip(candidates, later, strict=True)]
         self.summary = summary
-        self.orders = KeepOrders.of([row_stats(stats, r) for r in range(stats.valid.shape[0])], candidates)
+        self.orders = KeepOrders.of([row_stats(stats, r) for r in range(batch)], now)
+        self.pending = (stats, later) if any(later) else None
         self.stats = None
+
+    def finish_pending(self, reconstruct_attn: Tensor) -> None:
+        """Add the keep orders that waited for the reconstruction pass (its attention ``(b, G, n)``)."""
+        if self.pending is None:
+            return
+        stats, later = self.pending
+        stats = with_reconstruct_attention(stats, reconstruct_attn)
+        extra = KeepOrders.of([row_stats(stats, r) for r in range(stats.valid.shape[0])], later)
+        self.orders = extra if self.orders is None else self.orders.merged(extra)
+        self.pending = None
 
 
 class CompressedCache(Cache):
@@ -263,12 +294,17 @@ class CompressedCache(Cache):
             plan.check_num_layers(dims.num_layers)
         if capture is None:
             needs_h2o = plan is None or any(get_policy(p).needs_accumulated_attn for p in plan.policies)
-            capture = CaptureOptions(accumulate=needs_h2o)
+            needs_zip = plan is None or any(get_policy(p).needs_reconstruct_attn for p in plan.policies)
+            capture = CaptureOptions(accumulate=needs_h2o, reconstruct=needs_zip)
+        if capture.reconstruct:
+            adapter.track_input_ids(model)  # the reconstruction pass repeats the prefill's token ids
         self.model = model
         self.plan = plan
         self.planner = planner
         self.capture_options = capture
         self.applied_plans: list[Plan] | None = None
+        # what the reconstruction pass needs of the prefill, from layer 0 until the pass (then dropped)
+        self._prefill: tuple[Tensor, Tensor, Tensor] | None = None  # ids, valid, positions: (b, n) each
         self._given_to_generate = False
         super().__init__(layers=[CompressedLayer(self, i) for i in range(dims.num_layers)])
         adapter.install_polykv_attention(model)
@@ -314,7 +350,7 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         """Empty the cache (every layer, the applied plans): it can then take a new prefill."""
         super().reset()
-        self.applied_plans = None
+        self.applied_plans = self._prefill = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -333,9 +369,14 @@ class CompressedCache(Cache):
             positions = torch.arange(n, device=call.key.device)[None, :]
         positions = positions.expand(b, n)
         options = self.capture_options
+        if options.reconstruct and layer.layer_idx == 0:
+            self._prefill = (prefill_ids(self.model, b, n), valid, positions)
         layerwise = isinstance(self.planner, LayerwisePlanner)
+        # KVzip: the reconstruction pass runs after the last layer, over every layer's full cache: no layer evicts
+        # before it, and a layerwise planner whose summary reads its attention summarises every layer after it
+        postpone = layerwise and options.reconstruct and self.planner.summarize_reads_reconstruct_attn
         # H2O statistics cost O(n^2): a layerwise planner that does not read them gets them only where it needs them
-        lazy = layerwise and options.accumulate and not self.planner.summarize_reads_accumulated_attn
+        lazy = layerwise and options.accumulate and not self.planner.summarize_reads_accumulated_attn and not postpone
         layer.stats = compute_layer_stats(
             call.query,
             call.key,
@@ -347,15 +388,29 @@ class CompressedCache(Cache):
             dataclasses.replace(options, accumulate=False) if lazy else options,
             layer.layer_idx,
         )
-        if self.plan is not None:
+        last = layer.layer_idx == len(self.layers) - 1
+        if self.plan is not None and not options.reconstruct:
             layer.evict(self.plan.policies[layer.layer_idx], self.plan.budgets[layer.layer_idx])
             if layer.layer_idx == 0:
                 self.applied_plans = [self.plan] * b
             return
-        if layerwise:  # its statistics go now, not after the last layer
+        if layerwise and not postpone:  # its statistics go now, not after the last layer
             accumulate = (lambda s: with_accumulated_attention(s, call.query, options.chunk)) if lazy else None
-            layer.summarize(self.planner, accumulate)
-        if self.planner is not None and layer.layer_idx == len(self.layers) - 1:
+            layer.summarize(self.planner, accumulate, defer_reconstruct=options.reconstruct)
+        if not last:
+            return
+        if options.reconstruct and (not layerwise or postpone or any(la.pending is not None for la in self.layers)):
+            reconstruct_layers(self.model, self.layers, *self._prefill, options)
+        self._prefill = None
+        if self.plan is not None:  # static, held back for the reconstruction pass
+            for la in self.layers:
+                la.evict(self.plan.policies[la.layer_idx], self.plan.budgets[la.layer_idx])
+            self.applied_plans = [self.plan] * b
+            return
+        if postpone:
+            for la in self.layers:
+                la.summarize(self.planner, None)
+        if self.planner is not None:
             self.compress()  # adaptive: every layer's statistics (or summary) exist once the last layer has attended
 
     @property

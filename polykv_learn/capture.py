@@ -27,17 +27,37 @@ class CaptureOptions:
     future: number ``T`` of positions after the context used by ``expected_attention``.
     accumulate: also compute attention summed over all prefill queries (H2O); costs O(n^2 d) in chunks.
     chunk: query chunk size for the accumulated attention (never n x n at once).
+    reconstruct: after the prefill, run KVzip's context-reconstruction pass (:mod:`polykv_learn.reconstruct`:
+        the repeat prompt then the context again, through the whole model) and record its attention; costs about
+        two prefills more.
+    reconstruct_chunk: tokens of the reconstruction pass per forward (never its whole ``(p + n)^2`` at once).
+    reconstruct_prompt: token ids of the repeat instruction; None: ``reconstruct.REPEAT_PROMPT`` tokenised by the
+        model's tokenizer.
     """
 
     window: int = 32
     future: int = 32
     accumulate: bool = False
     chunk: int = 256
+    reconstruct: bool = False
+    reconstruct_chunk: int = 512
+    reconstruct_prompt: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("window", "future", "chunk"):
+        for name in ("window", "future", "chunk", "reconstruct_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptureOptions.{name} must be >= 1, got {getattr(self, name)}")
+        prompt = self.reconstruct_prompt
+        if prompt is not None:
+            if isinstance(prompt, str | bytes) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt
+            ):
+                raise ValueError(
+                    f"CaptureOptions.reconstruct_prompt must be token ids (integers >= 0) or None, got {prompt!r}"
+                )
+            if not prompt:
+                raise ValueError("CaptureOptions.reconstruct_prompt is empty: give at least one token id, or None")
+            object.__setattr__(self, "reconstruct_prompt", tuple(prompt))
 
 
 def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:
@@ -148,6 +168,14 @@ def compute_layer_stats(
         else None,
         layer_idx=layer_idx,
     )
+
+
+def with_reconstruct_attention(stats: LayerStats, attn: Tensor) -> LayerStats:
+    """``stats`` with the reconstruction pass's attention ``attn`` (b, G, n) (:mod:`polykv_learn.reconstruct`).
+    A new ``LayerStats`` (nothing derived from the old one is reused)."""
+    if attn.shape != stats.keys.shape[:3]:
+        raise ValueError(f"reconstruct_attn must have shape {tuple(stats.keys.shape[:3])}, got {tuple(attn.shape)}")
+    return replace(stats, reconstruct_attn=attn)
 
 
 def with_accumulated_attention(stats: LayerStats, queries: Tensor, chunk: int) -> LayerStats:

@@ -8,7 +8,9 @@ within ``policies``): the cache summarises each layer right after its prefill at
 of every row under each of its candidates (:class:`KeepOrders`, what eviction needs) and drops the statistics, so
 only the layer's keys/values and these small results wait for the plan. When the cache's capture accumulates
 attention (H2O) and ``summarize`` does not read it, that costly statistic is computed only for layers where a
-candidate needs it.
+candidate needs it. KVzip's reconstruction attention exists only after the last layer (a second pass over the
+whole model): a layer whose candidates include a policy that needs it keeps its statistics until then, and the pass
+runs only if some layer does (or if ``summarize`` reads it: every layer is then summarised after the pass).
 
 A ``LayerwisePlanner`` is also a plain planner: called on the statistics of every layer (a capture-only cache's)
 it returns the plan a cache that summarised each layer applies, ``plan([summarize(s) for s in stats])``.
@@ -41,7 +43,10 @@ class LayerwisePlanner:
         of ``policies``; an empty one for a row the plan keeps whole); None: ``policies`` for every row. A plan
         that evicts a row with a policy outside its candidates raises before any layer is evicted;
     summarize_reads_accumulated_attn: whether ``summarize`` reads ``LayerStats.accumulated_attn``; if not, the
-        statistics it gets may lack it, and a cache computes it afterwards only where a candidate needs it.
+        statistics it gets may lack it, and a cache computes it afterwards only where a candidate needs it;
+    summarize_reads_reconstruct_attn: whether ``summarize`` reads ``LayerStats.reconstruct_attn``; if so (and the
+        cache's capture records it), every layer is summarised after the reconstruction pass; if not, it gets
+        statistics without it, and the pass runs only if a candidate needs it.
     """
 
     summarize: Callable[[LayerStats], Any]
@@ -49,6 +54,7 @@ class LayerwisePlanner:
     policies: tuple[str, ...]
     candidates: Callable[[Any], Sequence[Collection[str]]] | None = None
     summarize_reads_accumulated_attn: bool = True
+    summarize_reads_reconstruct_attn: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.policies, str) or not self.policies:
@@ -102,6 +108,12 @@ class KeepOrders:
             index = _index_dtype(rs.context_length)
             orders.append({p: order_positions(get_policy(p), rs)[0].to(index) for p in sorted(names)})
         return cls(lengths=tuple(rs.context_length for rs in rows), orders=tuple(orders))
+
+    def merged(self, other: KeepOrders) -> KeepOrders:
+        """These orders and ``other``'s (the same rows; ``other`` wins where both have a policy)."""
+        if other.lengths != self.lengths:
+            raise ValueError(f"cannot merge keep orders of rows {other.lengths} into rows {self.lengths}")
+        return KeepOrders(self.lengths, tuple({**a, **b} for a, b in zip(self.orders, other.orders, strict=True)))
 
     def check(self, policies: Sequence[str], budgets: Sequence[int], layer_idx: int) -> None:
         """ValueError unless every row that ``budgets`` evicts (budget below its length) has its policy's order."""

@@ -235,6 +235,8 @@ def search_plan(
         check_policy_name(p)
         if get_policy(p).needs_accumulated_attn and capture.stats[0].accumulated_attn is None:
             raise ValueError(f"policy {p!r} needs the prefill's accumulated attention; capture with accumulate=True")
+        if get_policy(p).needs_reconstruct_attn and capture.stats[0].reconstruct_attn is None:
+            raise ValueError(f"policy {p!r} needs the reconstruction attention; capture with reconstruct=True")
 
     score = _Scorer(simulator, capture, probe.long(), start, loss, plans_per_pass)
     uniform = [Plan.uniform(p, budget, num) for p in pool]

@@ -11,7 +11,7 @@ plans as one batch of probes sharing the context K/V; the keep sets enter as an 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,8 @@ class Simulator:
     """Evaluate eviction plans on a model by one context prefill and one batched probe pass.
 
     ``capture`` holds the options of the statistics recorded at prefill (window, future positions); H2O's
-    accumulated attention is recorded when a plan needs it (or ``accumulate=True``).
+    accumulated attention and KVzip's reconstruction attention are recorded when a plan needs them (or with
+    ``accumulate=True`` / ``reconstruct=True``).
     """
 
     def __init__(self, model: PreTrainedModel, capture: CaptureOptions | None = None):
@@ -112,12 +113,17 @@ class Simulator:
 
     # --- prefill --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, context_ids: Tensor, accumulate: bool | None = None) -> ContextCapture:
-        """Prefill ``context_ids`` ((n,) or (1, n)) once and keep what every plan needs."""
+    def capture(
+        self, context_ids: Tensor, accumulate: bool | None = None, reconstruct: bool | None = None
+    ) -> ContextCapture:
+        """Prefill ``context_ids`` ((n,) or (1, n)) once and keep what every plan needs; ``accumulate`` /
+        ``reconstruct`` (None: the simulator's capture options) record H2O's / KVzip's statistics."""
         context_ids = _as_single_sequence(context_ids, "context_ids")
         options = self.capture_options
-        if accumulate is not None and accumulate != options.accumulate:
-            options = CaptureOptions(options.window, options.future, accumulate, options.chunk)
+        if accumulate is not None:
+            options = replace(options, accumulate=accumulate)
+        if reconstruct is not None:
+            options = replace(options, reconstruct=reconstruct)
         cache = CompressedCache(self.model, capture=options)
         out = adapter.forward(self.model, context_ids, cache, logits_to_keep=1)
         return ContextCapture(
@@ -163,8 +169,10 @@ class Simulator:
         probe_ids = _as_single_sequence(probe_ids, "probe_ids")
         for plan in plans:
             plan.check_num_layers(self.dims.num_layers)
-        accumulate = any(get_policy(p).needs_accumulated_attn for plan in plans for p in set(plan.policies))
-        capture = self.capture(context_ids, accumulate=accumulate or self.capture_options.accumulate)
+        used = [get_policy(p) for p in {p for plan in plans for p in plan.policies}]
+        accumulate = any(p.needs_accumulated_attn for p in used) or self.capture_options.accumulate
+        reconstruct = any(p.needs_reconstruct_attn for p in used) or self.capture_options.reconstruct
+        capture = self.capture(context_ids, accumulate=accumulate, reconstruct=reconstruct)
         full_plan = Plan.uniform(plans[0].policies[0], capture.context_length, self.dims.num_layers)
         with torch.no_grad():
             logits = self.probe_logits(capture, probe_ids, self.hard_biases(capture, [*plans, full_plan]))

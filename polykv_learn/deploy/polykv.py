@@ -12,7 +12,9 @@ would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lis
 An adaptive cache plans with :meth:`PolyKV.layerwise_planner`: as soon as a layer's prefill attention is done, its
 signals (at the cache's budget) are taken, the router picks its policy for each row from them, the keep orders of
 those policies are computed (H2O's accumulated attention only if a row needs it) and the statistics are dropped, so
-the cache holds little more than the full cache's keys/values until the plan is decided. The plan itself is the one
+the cache holds little more than the full cache's keys/values until the plan is decided. A router that may route to
+KVzip runs its reconstruction pass after the last layer, and only if some row of some layer may get KVzip; those
+layers keep their statistics until then. The plan itself is the one
 from every layer's signals (:meth:`plans_for_stats`).
 """
 
@@ -66,6 +68,7 @@ class PolyKV:
             future=cap["future"],
             chunk=cap["chunk"],
             accumulate=any(get_policy(p).needs_accumulated_attn for p in self.policies),
+            reconstruct=any(get_policy(p).needs_reconstruct_attn for p in self.policies),
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled
@@ -172,6 +175,7 @@ class PolyKV:
             policies=tuple(self.policies),
             candidates=functools.partial(self.layer_candidates, budget=budget),
             summarize_reads_accumulated_attn=any(get_policy(p).needs_accumulated_attn for p in self.overlap_policies),
+            summarize_reads_reconstruct_attn=any(get_policy(p).needs_reconstruct_attn for p in self.overlap_policies),
         )
 
     @torch.no_grad()

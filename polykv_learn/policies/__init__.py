@@ -41,7 +41,9 @@ def get_policy(name: str, **options) -> Policy:
 from polykv_learn.policies import (  # noqa: E402,F401
     expected_attention,
     h2o,
+    keydiff,
     knorm,
+    kvzip,
     random_scores,
     snapkv,
     streaming,

@@ -37,6 +37,8 @@ class LayerStats:
     future_cos: Tensor  # (batch, T, d) RoPE cos of the T positions after the context
     future_sin: Tensor  # (batch, T, d) RoPE sin of the T positions after the context
     accumulated_attn: Tensor | None = None  # (batch, H, n) attention summed over all prefill queries (H2O)
+    # (batch, G, n) KVzip: max attention of the context-reconstruction pass's queries on each position
+    reconstruct_attn: Tensor | None = None
     layer_idx: int = 0
     # results derived from these statistics (see memo); statistics are never modified, so they stay valid
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -77,6 +79,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: whether the scorer needs ``LayerStats.accumulated_attn`` (costly: attention of every prefill query)
     needs_accumulated_attn: ClassVar[bool] = False
+    #: whether the scorer needs ``LayerStats.reconstruct_attn`` (costly: a second pass over the whole context)
+    needs_reconstruct_attn: ClassVar[bool] = False
     #: whether the router may pick it (``random`` is a control only)
     routable: ClassVar[bool] = True
 

@@ -1,0 +1,205 @@
+"""KVzip's context-reconstruction pass: which context positions the model reads to repeat the context.
+
+Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv:2505.23416. After the
+prefill of a context ``C`` (``n`` tokens), the model is teacher-forced on ``R = [repeat prompt] + C`` (``p + n``
+tokens) at the positions after the context, every layer attending to its **full** context cache plus the causal
+prefix of ``R`` itself. For layer ``l``, KV head ``g`` and context position ``j`` the score is
+
+    reconstruct_attn[l][b, g, j] = max over the query heads of group g and over every position of R
+                                   of the softmax attention on context position j,
+
+the attention computed over all ``n + (prefix of R)`` visible keys. This pass is exact where KVzip's own code
+approximates: it scores the whole context at once (the softmax sees every context key), chunked only to bound
+memory: ``chunk`` tokens of ``R`` per forward, so a forward's attention is ``chunk x (n + p + n)``, never
+``(p + 2n)^2``. The pass's own keys/values live in a temporary cache and are dropped with it; the context cache
+is only read.
+
+Left-padded batches: ``R`` of row ``r`` is the prompt followed by the row's padded context ids, its padding
+masked: padding keys (context or repeated) are never visible, padding queries count in no maximum, and the real
+tokens of ``R`` take the positions ``n_r, n_r + 1, ...`` after the row's own ``n_r`` real tokens, so each row
+scores as if it ran alone (up to float rounding). Padding context positions score 0.
+
+The probabilities and the attention output of the pass are computed explicitly in float32 (float64 for a
+float64 model), eager-style, per KV group.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+
+from polykv_learn import adapter
+from polykv_learn.capture import CaptureOptions, with_reconstruct_attention
+
+__all__ = ["REPEAT_PROMPT", "prefill_ids", "reconstruct_layers", "reconstruction_attention", "repeat_prompt_ids"]
+
+#: the repeat instruction (KVzip's, ending in a newline as its prompt without a chat template)
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _default_prompt_ids(model_name: str) -> tuple[int, ...]:
+    from polykv_learn.models import load_tokenizer
+
+    return tuple(load_tokenizer(model_name)(REPEAT_PROMPT, add_special_tokens=False).input_ids)
+
+
+def repeat_prompt_ids(model: PreTrainedModel, options: CaptureOptions) -> tuple[int, ...]:
+    """The token ids of the repeat instruction: ``options.reconstruct_prompt``, or :data:`REPEAT_PROMPT` tokenised
+    by the model's tokenizer (``models.load_tokenizer`` of the model's name, memoised)."""
+    if options.reconstruct_prompt is not None:
+        return options.reconstruct_prompt
+    name = adapter.model_dims(model).name
+    try:
+        return _default_prompt_ids(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"kvzip's repeat prompt needs the tokenizer of {name!r}, which did not load ({err}); give its token ids "
+            "as CaptureOptions(reconstruct_prompt=...)"
+        ) from None
+
+
+class _RepeatLayer(DynamicLayer):
+    """One layer of the reconstruction pass: reads the full context K/V ``(b, G, n, d)``, keeps the pass's own K/V
+    in a buffer, and records the running maximum of the attention on each context position."""
+
+    def __init__(self, layer_idx: int, keys: Tensor, values: Tensor, valid: Tensor, repeat_valid: Tensor):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.context_keys, self.context_values = keys, values  # (b, G, n, d)
+        self.context_valid = valid  # (b, n)
+        self.repeat_valid = repeat_valid  # (b, p + n)
+        b, g, n, d = keys.shape
+        total = repeat_valid.shape[1]
+        self.buffer_keys = keys.new_zeros(b, g, total, d)  # (b, G, p + n, d) the pass's own keys
+        self.buffer_values = values.new_zeros(b, g, total, d)
+        self.length = 0  # tokens of the pass stored so far
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        self.scores = torch.zeros(b, g, n, dtype=dtype, device=keys.device)  # (b, G, n) running maximum
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        c = key_states.shape[2]
+        self.buffer_keys[:, :, self.length : self.length + c] = key_states
+        self.buffer_values[:, :, self.length : self.length + c] = value_states
+        self.length += c
+        adapter.announce(self.layer_idx, self)
+        return self.buffer_keys[:, :, : self.length], self.buffer_values[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.context_keys.shape[2] + self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def attend(self, call: adapter.AttentionCall) -> Tensor:
+        q = call.query  # (b, H, c, d) post-RoPE queries of this chunk of the pass
+        b, h, c, d = q.shape
+        g, n = self.context_keys.shape[1], self.context_keys.shape[2]
+        r = h // g
+        t = self.length  # the pass's keys so far, this chunk's included
+        dtype = self.scores.dtype
+        start = t - c
+        device = q.device
+        ctx_bias = torch.zeros(b, n, dtype=dtype, device=device).masked_fill(~self.context_valid, float("-inf"))
+        causal = torch.arange(t, device=device)[None, :] <= torch.arange(start, t, device=device)[:, None]  # (c, t)
+        seen = causal[None] & self.repeat_valid[:, None, :t]  # (b, c, t)
+        rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill(~seen, float("-inf"))
+        q_real = self.repeat_valid[:, start:t].to(dtype)  # (b, c): padding queries count in no maximum
+        out = torch.empty(b, c, h, d, dtype=q.dtype, device=device)
+        for j in range(g):  # one KV group at a time: (b, H/G, c, n + t) probabilities at most
+            qj = q[:, j * r : (j + 1) * r].to(dtype)  # (b, H/G, c, d)
+            kc = self.context_keys[:, j, None].to(dtype)  # (b, 1, n, d)
+            kr = call.key[:, j, None].to(dtype)  # (b, 1, t, d)
+            s_ctx = (qj @ kc.transpose(-1, -2)).mul_(call.scaling).add_(ctx_bias[:, None, None, :])  # (b, H/G, c, n)
+            s_rep = (qj @ kr.transpose(-1, -2)).mul_(call.scaling).add_(rep_bias[:, None])  # (b, H/G, c, t)
+            probs = torch.softmax(torch.cat([s_ctx, s_rep], dim=-1), dim=-1)  # (b, H/G, c, n + t)
+            del s_ctx, s_rep
+            p_ctx = probs[..., :n]  # (b, H/G, c, n)
+            seen_max = (p_ctx * q_real[:, None, :, None]).amax(dim=(1, 2))  # (b, n)
+            torch.maximum(self.scores[:, j], seen_max, out=self.scores[:, j])
+            vc = self.context_values[:, j, None].to(dtype)  # (b, 1, n, d)
+            vr = call.value[:, j, None].to(dtype)  # (b, 1, t, d)
+            o = p_ctx @ vc + probs[..., n:] @ vr  # (b, H/G, c, d)
+            out[:, :, j * r : (j + 1) * r] = o.transpose(1, 2).to(q.dtype)
+        return out  # (b, c, H, d)
+
+
+class _RepeatCache(Cache):
+    def __init__(self, layers: Sequence[_RepeatLayer]):
+        super().__init__(layers=list(layers))
+
+
+@torch.no_grad()
+def reconstruction_attention(
+    model: PreTrainedModel,
+    context_ids: Tensor,
+    kv: Sequence[tuple[Tensor, Tensor]],
+    valid: Tensor,
+    positions: Tensor,
+    prompt_ids: Sequence[int],
+    chunk: int,
+) -> list[Tensor]:
+    """KVzip's scores of every layer (see the module docstring): ``(b, G, n)`` float32 per layer.
+
+    context_ids (b, n): the prefill's token ids (left padding allowed); kv: per layer the full context keys and
+    values ``(b, G, n, d)`` (post-RoPE keys, as the cache holds them); valid (b, n): False for padding; positions
+    (b, n): the prefill's position ids (the last one is each row's last real position); prompt_ids: the repeat
+    instruction; chunk: tokens of the pass per forward."""
+    b, n = context_ids.shape
+    if valid.shape != (b, n) or positions.shape != (b, n) or len(kv) != model.config.num_hidden_layers:
+        raise ValueError(
+            f"reconstruction_attention: context_ids {tuple(context_ids.shape)}, valid {tuple(valid.shape)}, "
+            f"positions {tuple(positions.shape)} and {len(kv)} layers of K/V do not fit the model"
+        )
+    if not prompt_ids:
+        raise ValueError("the repeat prompt is empty: give at least one token id")
+    device = context_ids.device
+    prompt = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)[None, :].expand(b, -1)  # (b, p)
+    repeat_ids = torch.cat([prompt, context_ids], dim=1)  # (b, p + n)
+    repeat_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool), valid.to(device)], dim=1)  # (b, p + n)
+    # real tokens continue each row's positions after its last real one; padding keeps a neighbour's (unused)
+    repeat_pos = positions[:, -1:].to(device) + repeat_valid.long().cumsum(dim=1)  # (b, p + n)
+    layers = [_RepeatLayer(i, k, v, valid.to(device), repeat_valid) for i, (k, v) in enumerate(kv)]
+    cache = _RepeatCache(layers)
+    with adapter.polykv_attention(model):
+        for s in range(0, repeat_ids.shape[1], chunk):
+            part = slice(s, s + chunk)
+            adapter.forward_decoder(model, repeat_ids[:, part], cache, position_ids=repeat_pos[:, part])
+    return [layer.scores.float() for layer in layers]
+
+
+def prefill_ids(model: PreTrainedModel, batch: int, n: int) -> Tensor:
+    """The token ids ``(batch, n)`` of ``model``'s running prefill (needs :func:`adapter.track_input_ids`)."""
+    ids = adapter.current_input_ids(model)
+    if ids is None or tuple(ids.shape) != (batch, n):
+        raise ValueError(
+            "kvzip's reconstruction pass (CaptureOptions(reconstruct=True)) needs the prefill's token ids: call the "
+            "model with input_ids, not inputs_embeds"
+        )
+    return ids
+
+
+def reconstruct_layers(
+    model: PreTrainedModel, layers: Sequence, ids: Tensor, valid: Tensor, positions: Tensor, options: CaptureOptions
+) -> None:
+    """Run the reconstruction pass over the full prefill cache of ``layers`` (``cache.CompressedLayer``s, nothing
+    evicted yet) and give each layer its attention: added to its statistics, and to the keep orders that waited
+    for it (``finish_pending``)."""
+    attn = reconstruction_attention(
+        model,
+        ids,
+        [(layer.keys, layer.values) for layer in layers],
+        valid,
+        positions,
+        repeat_prompt_ids(model, options),
+        options.reconstruct_chunk,
+    )
+    for layer, a in zip(layers, attn, strict=True):
+        if layer.stats is not None:
+            layer.stats = with_reconstruct_attention(layer.stats, a)
+        layer.finish_pending(a)
