@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = select_samples(load_samples(args.data), args.tasks, args.per_task)
     model, tok = load_model(args.model or (router.model_fingerprint["name"] if router else "smollm2-135m"))
     base = router.capture if router else CaptureOptions()
-    capture = CaptureOptions(base.window, base.future, True, base.chunk)
+    capture = CaptureOptions(base.window, base.future, True, base.chunk, reconstruct=True)
     evaluators = {
         name: Evaluator(model, tok, methods, EvalSettings(batch_size=b, group_size=g), capture)
         for name, (b, g) in SETTINGS.items()

@@ -110,7 +110,7 @@ def sweep(args: argparse.Namespace) -> None:
     samples = select_samples(load_samples(args.data), args.tasks, args.per_task)
     model, tok = load_model(router.model_fingerprint["name"], onednn_linear=False)
     base = router.capture
-    capture = CaptureOptions(base.window, base.future, True, base.chunk)
+    capture = CaptureOptions(base.window, base.future, True, base.chunk, reconstruct=True)
     evaluator = Evaluator(model, tok, methods, EvalSettings(), capture)
 
     def run(backend: str, sample: dict) -> tuple[float, list[dict]]:

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = resolve_methods(METHODS, available_methods(router, oracle_rounds=args.rounds))
     model, tok = load_model(router.model_fingerprint["name"])
     settings = EvalSettings(budgets=tuple(args.budgets), chat=False, query_aware=args.query_aware)
-    evaluator = Evaluator(model, tok, methods, settings, CaptureOptions(c.window, c.future, True, c.chunk))
+    capture = CaptureOptions(c.window, c.future, True, c.chunk, reconstruct=True)  # the oracle's pool: H2O, KVzip
+    evaluator = Evaluator(model, tok, methods, settings, capture)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         res = run_evaluation(evaluator, samples, out, progress=False)

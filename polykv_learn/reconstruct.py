@@ -144,7 +144,8 @@ def reconstruction_attention(
     prompt_ids: Sequence[int],
     chunk: int,
 ) -> list[Tensor]:
-    """KVzip's scores of every layer (see the module docstring): ``(b, G, n)`` float32 per layer.
+    """KVzip's scores of every layer (see the module docstring): ``(b, G, n)`` per layer, float32 (float64 for a
+    float64 model).
 
     context_ids (b, n): the prefill's token ids (left padding allowed); kv: per layer the full context keys and
     values ``(b, G, n, d)`` (post-RoPE keys, as the cache holds them); valid (b, n): False for padding; positions
@@ -170,7 +171,7 @@ def reconstruction_attention(
         for s in range(0, repeat_ids.shape[1], chunk):
             part = slice(s, s + chunk)
             adapter.forward_decoder(model, repeat_ids[:, part], cache, position_ids=repeat_pos[:, part])
-    return [layer.scores.float() for layer in layers]
+    return [layer.scores for layer in layers]
 
 
 def prefill_ids(model: PreTrainedModel, batch: int, n: int) -> Tensor:

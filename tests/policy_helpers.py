@@ -80,5 +80,7 @@ def random_layer_stats(
         future_cos=future_cos,
         future_sin=future_sin,
         accumulated_attn=attn.sum(dim=2),  # (batch, H, n)
+        # a stand-in for KVzip's reconstruction attention: max over the group's heads and every prefill query
+        reconstruct_attn=attn.reshape(batch, kv_heads, group, n, n).amax(dim=(2, 3)),  # (batch, G, n)
         layer_idx=layer_idx,
     )

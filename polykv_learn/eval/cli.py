@@ -118,12 +118,12 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
         raise ValueError("--router and --gbdt-router were trained with different capture options; evaluate them apart")
     base = artifacts[0].capture if artifacts else CaptureOptions()
-    needs_h2o = (
-        any(get_policy(p).needs_accumulated_attn for a in artifacts for p in a.policies)
-        or any(m.kind == "single" and get_policy(m.name).needs_accumulated_attn for m in methods)
-        or any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O
-    )
-    capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk)
+    used = [get_policy(p) for a in artifacts for p in a.policies]
+    used += [get_policy(m.name) for m in methods if m.kind == "single"]
+    oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
+    needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
+    needs_zip = oracle or any(p.needs_reconstruct_attn for p in used)
+    capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk, reconstruct=needs_zip)
 
     model_name = args.model or (artifacts[0].model_fingerprint["name"] if artifacts else SMOLLM2)
     model_cfg = model_config(model_name)

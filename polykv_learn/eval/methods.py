@@ -6,9 +6,9 @@ name                   plan
 =====================  ========================================================================================
 ``full``               no eviction (the full cache)
 ``<policy>``           every routable policy of :mod:`polykv_learn.policies` by its registry name (``snapkv``,
-                       ``streaming``, ``h2o``, ``tova``, ``knorm``, ``expected_attention``): that policy at
-                       every layer with the uniform budget ``B``; ``random`` (a control) is allowed but not a
-                       default method
+                       ``streaming``, ``h2o``, ``tova``, ``knorm``, ``expected_attention``, ``keydiff``,
+                       ``kvzip``): that policy at every layer with the uniform budget ``B``; ``random`` (a
+                       control) is allowed but not a default method
 ``pyramid``            PyramidKV's linear schedule (arXiv:2406.02069) with SnapKV scores
 ``cake``               CAKE-style allocation (arXiv:2503.12491) with SnapKV scores: layer budgets proportional to
                        ``entropy * temporal variance`` of the layer's window attention
@@ -19,8 +19,8 @@ name                   plan
 ``polykv-gbdt``        the GBDT variant (``--gbdt-router DIR``: an artifact whose router is ``gbdt``), adaptive
 ``oracle``             NOT deployable, an upper bound of the pool: the plan :func:`polykv_learn.search.search_plan`
                        finds with the sample's own question, answer prefix and gold answer as the probe (NLL of the
-                       gold answer); routable policies, H2O only when the prefill recorded its statistics. Slow,
-                       so never a default method
+                       gold answer); routable policies, H2O and KVzip only when the prefill recorded their
+                       statistics. Slow, so never a default method
 =====================  ========================================================================================
 
 Budgets count every kept position per KV head and layer (design §2). Allocations that would give a layer more
@@ -186,9 +186,14 @@ def _static(polykv: PolyKV) -> PlanFn:
 
 
 def oracle_policies(stats: Sequence[LayerStats]) -> list[str]:
-    """The oracle's pool: the routable policies, those needing accumulated attention (H2O) only if recorded."""
-    recorded = stats[0].accumulated_attn is not None
-    return [p for p in policy_names(routable_only=True) if recorded or not POLICIES[p].needs_accumulated_attn]
+    """The oracle's pool: the routable policies, those needing accumulated attention (H2O) or the reconstruction
+    attention (KVzip) only if recorded."""
+    acc, rec = stats[0].accumulated_attn is not None, stats[0].reconstruct_attn is not None
+    return [
+        p
+        for p in policy_names(routable_only=True)
+        if (acc or not POLICIES[p].needs_accumulated_attn) and (rec or not POLICIES[p].needs_reconstruct_attn)
+    ]
 
 
 def _oracle(rounds: int, router: PolyKV | None = None) -> tuple[PlanFn, ExtrasFn]:

@@ -3,7 +3,9 @@
 One safetensors file per sample, written to a temporary name and renamed (never half-written; through
 :func:`polykv_learn.atomic.atomic_file`, so files get the permissions the process umask allows), read lazily
 (memory-mapped) so a dataset of many prefills streams instead of sitting in RAM. A file records the fingerprint of
-what made it (model geometry, policies, budgets grid, capture options); a stale or foreign file is rebuilt.
+what made it (model geometry, policies, budgets grid, capture options, and KVzip's repeat prompt when a policy
+needs it); a stale or foreign file is rebuilt. A file holds ranks and features, never raw statistics, so a new
+policy changes the fingerprint of the stores that route to it and no other's.
 
 A temporary name carries its writer's host and process id (``.<file>.tmp-XXXX.w-<host>-<pid>``);
 :meth:`PrefillStore.remove_stale` deletes the ones whose writer is gone (a killed build) and never those of a
@@ -38,6 +40,7 @@ from torch import Tensor
 from polykv_learn.atomic import TMP_MARK, atomic_file
 from polykv_learn.features import layer_features
 from polykv_learn.policies import get_policy
+from polykv_learn.reconstruct import repeat_prompt_ids
 from polykv_learn.simulator import ContextCapture, Simulator
 
 FORMAT_VERSION = 1
@@ -114,17 +117,20 @@ class PrefillStore:
         self.overlap_policies = list(overlap_policies)
         self.budgets = sorted({int(b) for b in budgets})
         opts = simulator.capture_options
-        self.fingerprint = json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "model": simulator.dims.to_dict(),
-                "policies": self.policies,
-                "overlap_policies": self.overlap_policies,
-                "budgets": self.budgets,
-                "capture": [opts.window, opts.future, opts.chunk],
-            },
-            sort_keys=True,
-        )
+        used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
+        self.accumulate = any(p.needs_accumulated_attn for p in used)
+        self.reconstruct = any(p.needs_reconstruct_attn for p in used)
+        made_by = {
+            "version": FORMAT_VERSION,
+            "model": simulator.dims.to_dict(),
+            "policies": self.policies,
+            "overlap_policies": self.overlap_policies,
+            "budgets": self.budgets,
+            "capture": [opts.window, opts.future, opts.chunk],
+        }
+        if self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
+            made_by["reconstruct_prompt"] = list(repeat_prompt_ids(simulator.model, opts))
+        self.fingerprint = json.dumps(made_by, sort_keys=True)
 
     def path_for(self, sample_id: str) -> Path:
         digest = hashlib.sha1(f"{self.fingerprint}|{sample_id}".encode()).hexdigest()[:20]
@@ -151,8 +157,7 @@ class PrefillStore:
         if self.has(sample_id):
             return path
         sim = self.simulator
-        accumulate = any(get_policy(p).needs_accumulated_attn for p in self.policies)
-        capture = sim.capture(context_ids, accumulate=accumulate)
+        capture = sim.capture(context_ids, accumulate=self.accumulate, reconstruct=self.reconstruct)
         num_layers = capture.num_layers
         n = capture.context_length
         tensors: dict[str, Tensor] = {}

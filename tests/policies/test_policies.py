@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from policy_helpers import random_layer_stats
 from polykv_learn.policies import get_policy, keep_indices, keep_ranks, policy_names
 from polykv_learn.policies.base import LayerStats
 
-ALL_POLICIES = ["streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention", "random"]
+ALL_POLICIES = ["streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention", "keydiff", "kvzip", "random"]
 BUDGETS = [1, 3, 4, 8, 10, 20, 44, 45, 46, 49, 50, 64]
 
 
@@ -129,6 +130,86 @@ def test_tova_matches_naive(stats):
     expected = torch.zeros(b, n, dtype=torch.bool)
     expected[:, -1] = True
     assert torch.equal(policy.protected(stats), expected)
+
+
+@pytest.mark.parametrize(("num_sinks", "num_recent"), [(4, None), (0, 0), (2, 3)])
+def test_keydiff_matches_naive(stats, num_sinks, num_recent):
+    """-cos(k_j, anchor), the anchor the mean of the unit keys over the row's real positions (KeyDiff)."""
+    policy = get_policy("keydiff", num_sinks=num_sinks, num_recent=num_recent)
+    scores = policy.scores(stats)
+    b, g, n, d = stats.keys.shape
+    assert scores.shape == (b, g, n) and scores.dtype == torch.float64
+    for bi in range(b):
+        real = [j for j in range(n) if stats.valid[bi, j]]
+        for gi in range(g):
+            keys = [stats.keys[bi, gi, j].tolist() for j in range(n)]
+            units = [[x / math.sqrt(sum(y * y for y in k)) for x in k] for k in keys]
+            anchor = [sum(units[j][e] for j in real) / len(real) for e in range(d)]
+            for j in real:
+                dot = sum(a * k for a, k in zip(anchor, keys[j], strict=True))
+                norms = math.sqrt(sum(a * a for a in anchor)) * math.sqrt(sum(k * k for k in keys[j]))
+                assert math.isclose(scores[bi, gi, j].item(), -dot / norms, rel_tol=1e-12, abs_tol=1e-12)
+    recent = stats.window_size if num_recent is None else num_recent
+    expected = torch.zeros(b, n, dtype=torch.bool)
+    expected[0, :num_sinks] = True
+    expected[1, 5 : 5 + num_sinks] = True  # the first real tokens of the padded row
+    if recent:
+        expected[:, n - recent :] = True
+    assert torch.equal(policy.protected(stats), expected)
+
+
+def test_keydiff_scores_of_a_padded_row_equal_the_row_alone(stats):
+    """Padding keys never enter the anchor: row 1 cut to its real tokens scores the same."""
+    alone = LayerStats(
+        **{f: getattr(stats, f)[1:2, ..., 5:, :] for f in ("keys", "values")},
+        **{f: getattr(stats, f)[1:2] for f in ("window_queries", "window_attn", "window_cos", "window_sin")},
+        valid=stats.valid[1:2, 5:],
+        positions=stats.positions[1:2, 5:],
+        scaling=stats.scaling,
+        future_cos=stats.future_cos[1:2],
+        future_sin=stats.future_sin[1:2],
+    )
+    policy = get_policy("keydiff")
+    assert torch.allclose(policy.scores(stats)[1, :, 5:], policy.scores(alone)[0], rtol=0, atol=1e-14)
+    # padding keys far from the real ones cannot move the anchor either
+    stats.keys[1, :, :5] = 1e6
+    stats._memo.clear()
+    assert torch.allclose(policy.scores(stats)[1, :, 5:], policy.scores(alone)[0], rtol=0, atol=1e-14)
+
+
+def test_keydiff_scores_bf16_keys_in_float32():
+    stats = random_layer_stats()
+    half = dataclasses.replace(stats, keys=stats.keys.to(torch.bfloat16))
+    scores = get_policy("keydiff").scores(half)
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores.double(), get_policy("keydiff").scores(stats), atol=2e-2)
+
+
+@pytest.mark.parametrize("num_sinks", [4, 0, 7])
+def test_kvzip_scores_are_the_reconstruction_attention(stats, num_sinks):
+    policy = get_policy("kvzip", num_sinks=num_sinks)
+    assert policy.needs_reconstruct_attn and not policy.needs_accumulated_attn and policy.routable
+    assert torch.equal(policy.scores(stats), stats.reconstruct_attn)
+    expected = torch.zeros(stats.valid.shape, dtype=torch.bool)
+    expected[0, :num_sinks] = True
+    expected[1, 5 : 5 + num_sinks] = True
+    assert torch.equal(policy.protected(stats), expected)
+
+
+def test_kvzip_without_reconstruction_attention_raises():
+    stats = random_layer_stats()
+    stats.reconstruct_attn = None
+    with pytest.raises(ValueError, match=r"kvzip needs the context-reconstruction attention .*reconstruct=True"):
+        get_policy("kvzip").scores(stats)
+
+
+def test_keydiff_and_kvzip_reject_bad_options():
+    with pytest.raises(ValueError, match="^keydiff num_sinks must be >= 0, got -1$"):
+        get_policy("keydiff", num_sinks=-1)
+    with pytest.raises(ValueError, match="^keydiff num_recent must be >= 0 or None, got -2$"):
+        get_policy("keydiff", num_recent=-2)
+    with pytest.raises(ValueError, match="^kvzip num_sinks must be >= 0, got -3$"):
+        get_policy("kvzip", num_sinks=-3)
 
 
 def test_knorm_matches_naive(stats):
@@ -281,7 +362,7 @@ def test_keep_indices_properties(stats, name):
                     assert row == list(range(n))
 
 
-@pytest.mark.parametrize("name", ["snapkv", "tova", "knorm", "expected_attention"])
+@pytest.mark.parametrize("name", ["snapkv", "tova", "knorm", "expected_attention", "keydiff", "kvzip"])
 def test_keep_indices_are_the_top_scores(stats, name):
     # Without ties, the unprotected part of the keep set is the highest-scoring valid positions.
     policy = get_policy(name)
