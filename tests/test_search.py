@@ -22,7 +22,7 @@ POOL = policy_names(routable_only=True)
 def tiny():
     """tiny-llama's simulator and one captured context (n = 160) with a 14-token probe."""
     model, _ = load_model("tiny-llama", with_tokenizer=False)
-    sim = Simulator(model, CaptureOptions(window=16, future=16, accumulate=True))
+    sim = Simulator(model, CaptureOptions(window=16, future=16, accumulate=True, reconstruct=True))
     return sim, sim.capture(random_ids(160, seed=11)), random_ids(14, seed=12)
 
 
@@ -187,6 +187,16 @@ def test_brute_force_bounds_the_search_on_two_layers():
     result = search_plan(sim, capture, probe, 24, pool, answer_start=4)
     assert result.plan in brute and result.loss == pytest.approx(brute[result.plan], abs=1e-5)
     assert min(brute.values()) - 1e-5 <= result.loss <= result.start_loss
+
+
+def test_a_pool_policy_without_its_statistics_is_refused():
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    sim = Simulator(model, CaptureOptions(window=8, future=8))
+    capture, probe = sim.capture(random_ids(40, seed=9)), random_ids(5, seed=10)
+    with pytest.raises(ValueError, match="^policy 'kvzip' needs the reconstruction attention; capture with recon"):
+        search_plan(sim, capture, probe, 16, ["snapkv", "kvzip"])
+    with pytest.raises(ValueError, match="^policy 'h2o' needs the prefill's accumulated attention"):
+        search_plan(sim, capture, probe, 16, ["h2o", "snapkv"])
 
 
 def test_deterministic(tiny):

@@ -71,6 +71,29 @@ def test_eager_attention_matches_too():
     assert (result.logits[0] - ref).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_kvzip_and_keydiff_plans_simulate_exactly(tiny_models, eager_models, name, attn):
+    """KVzip's keep sets come from a second (reconstruction) pass after the prefill; the simulator's capture and
+    the real cache run the same pass, so their logits agree as for every other policy."""
+    model = tiny_models[name] if attn == "sdpa" else eager_models[name]
+    context, probe = random_ids(150, seed=13), random_ids(9, seed=14)
+    plans = [
+        Plan.from_lists(["kvzip", "keydiff", "snapkv", "kvzip"], [20, 36, 28, 44]),
+        Plan.from_lists(["keydiff", "kvzip", "h2o", "streaming"], [40, 16, 24, 48]),
+    ]
+    result = Simulator(model).evaluate(context, probe, plans)
+    for i, plan in enumerate(plans):
+        ref, _ = real_compressed_logits(model, context, probe, plan)
+        diff = (result.logits[i] - ref).abs().max().item()
+        assert diff <= TOL, f"{name} {attn} {plan.policies}: max abs diff {diff}"
+    assert torch.all(result.kl > 1e-4)
+    capture = Simulator(model).capture(context, reconstruct=True)
+    kvzip = capture.keep_mask(0, "kvzip", 20)
+    assert not torch.equal(kvzip, capture.keep_mask(0, "keydiff", 20)), "the two policies must keep differently"
+    assert not torch.equal(kvzip, capture.keep_mask(0, "snapkv", 20))
+
+
 def test_kl_is_zero_for_identical_and_positive_otherwise():
     full = torch.randn(5, 11)
     logits = torch.stack([full, full + torch.randn(5, 11)])

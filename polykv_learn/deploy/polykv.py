@@ -63,12 +63,13 @@ class PolyKV:
         self.b_min = int(config["b_min"])
         self.budgets: list[int] = [int(b) for b in config["budgets"]]
         cap = config["capture"]
+        used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]  # routed, or read by a feature
         self.capture = CaptureOptions(
             window=cap["window"],
             future=cap["future"],
             chunk=cap["chunk"],
-            accumulate=any(get_policy(p).needs_accumulated_attn for p in self.policies),
-            reconstruct=any(get_policy(p).needs_reconstruct_attn for p in self.policies),
+            accumulate=any(p.needs_accumulated_attn for p in used),
+            reconstruct=any(p.needs_reconstruct_attn for p in used),
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled

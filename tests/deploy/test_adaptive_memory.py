@@ -143,8 +143,8 @@ def test_a_gbdt_router_plans_and_keeps_as_from_every_layers_statistics(tiny_mode
 
     for layer in cache.layers:
 
-        def recording(planner, accumulate, layer=layer, summarize=layer.summarize):
-            summarize(planner, accumulate)
+        def recording(planner, accumulate, layer=layer, summarize=layer.summarize, **kwargs):
+            summarize(planner, accumulate, **kwargs)
             kept.append([set(o) for o in layer.orders.orders])
 
         layer.summarize = recording
@@ -164,7 +164,7 @@ def test_a_gbdt_router_plans_and_keeps_as_from_every_layers_statistics(tiny_mode
 def test_keep_orders_give_the_keep_sets_of_the_statistics(tiny_models):
     model = tiny_models["tiny-qwen3"]
     ids, mask = left_padded(seed=9)
-    cache = CompressedCache(model, capture=cache_module.CaptureOptions(window=16, accumulate=True))
+    cache = CompressedCache(model, capture=cache_module.CaptureOptions(window=16, accumulate=True, reconstruct=True))
     prefill(model, cache, ids, mask)
     for stats in cache.layer_stats:
         rows = [row_stats(stats, r) for r in range(3)]

@@ -34,7 +34,12 @@ def greedy_generate(model, ids, new_tokens=NEW_TOKENS, **kwargs):
 def simulator_greedy(model, ids, plan, new_tokens=NEW_TOKENS):
     """Greedy decoding on the simulator's masked forward: one prefill, then the growing probe under ``plan``."""
     sim = Simulator(model)
-    capture = sim.capture(ids, accumulate=any(get_policy(p).needs_accumulated_attn for p in plan.policies))
+    used = [get_policy(p) for p in plan.policies]
+    capture = sim.capture(
+        ids,
+        accumulate=any(p.needs_accumulated_attn for p in used),
+        reconstruct=any(p.needs_reconstruct_attn for p in used),
+    )
     biases = sim.hard_biases(capture, [plan])
     tokens = [int(capture.last_logits.argmax())]
     with torch.no_grad():
@@ -51,11 +56,12 @@ def assert_same_greedy(generated, expected, eos=PAD):
 
 
 def tiny_plans(num_layers):
-    """Two mixed plans that use every routable policy, with budgets well below the 160-token prompt."""
+    """Three mixed plans that use every routable policy, with budgets well below the 160-token prompt."""
     assert num_layers == 4
     return [
         Plan.from_lists(["snapkv", "h2o", "streaming", "expected_attention"], [24, 48, 16, 40]),
         Plan.from_lists(["tova", "knorm", "expected_attention", "snapkv"], [32, 20, 56, 12]),
+        Plan.from_lists(["kvzip", "keydiff", "kvzip", "streaming"], [20, 44, 28, 36]),
     ]
 
 

@@ -60,8 +60,13 @@ def test_oracle_refuses_without_the_gold_answer(tiny):
     oracle = available_methods()["oracle"]
     with pytest.raises(ValueError, match=f"^{ORACLE_REFUSAL}$"):
         oracle.plan(MethodInput(cache.layer_stats), 16)
-    # its pool: the routable policies, H2O only when the prefill recorded accumulated attention
-    assert oracle_policies(cache.layer_stats) == [p for p in policy_names(routable_only=True) if p != "h2o"]
+    # its pool: the routable policies, H2O and KVzip only when the prefill recorded their statistics
+    routable = policy_names(routable_only=True)
+    assert oracle_policies(cache.layer_stats) == [p for p in routable if p not in ("h2o", "kvzip")]
+    recorded = CompressedCache(model, capture=CaptureOptions(window=16, future=16, reconstruct=True))
+    with torch.no_grad():
+        adapter.forward(model, torch.arange(100, 160)[None], recorded)
+    assert oracle_policies(recorded.layer_stats) == [p for p in routable if p != "h2o"]
 
 
 def test_oracle_bounds_every_single_policy_and_equals_its_search(oracle_run):

@@ -1,0 +1,150 @@
+"""Routers that may route to KVzip: an adaptive (layerwise) cache runs the reconstruction pass only if some row of
+some layer may get KVzip, those layers alone keep their statistics until the pass, and plans and keep sets equal
+those from every layer's full statistics. A router without the new policies plans exactly as before."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from artifact_helpers import make_artifact
+from model_helpers import random_ids
+
+from polykv_learn import adapter
+from polykv_learn import reconstruct as reconstruct_module
+from polykv_learn.cache import CompressedCache
+from polykv_learn.deploy.artifact import read_artifact, write_artifact
+from polykv_learn.deploy.polykv import PolyKV
+from polykv_learn.features import feature_names
+
+PAD = 2
+LENGTHS = (150, 90, 55)
+BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m"
+
+
+def depth_router(directory, model, policies, scale):
+    """A linear router on the relative depth x = scale * l / 3: logit_k = k x - k^2 / 2, so layer l gets policy
+    round(x) (margins of at least 1/6 for the scales used: no near tie)."""
+    path = make_artifact(directory, model, policies=policies)
+    config, tensors = read_artifact(path)
+    depth = torch.zeros(len(config["feature_names"]))
+    depth[config["feature_names"].index("depth")] = scale
+    k = torch.arange(len(policies), dtype=torch.float32)
+    tensors = {key: v for key, v in tensors.items() if not key.startswith("router.")}
+    tensors["router.net.0.weight"], tensors["router.net.0.bias"] = k[:, None] * depth[None, :], -(k**2) / 2
+    config = {key: v for key, v in config.items() if key != "format"}
+    config["router"] = {**config["router"], "num_hidden_layers": 0}
+    return PolyKV.from_pretrained(write_artifact(path, config, tensors))
+
+
+def left_padded(lengths=LENGTHS, seed=3):
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, m in enumerate(lengths):
+        ids[i, n - m :] = random_ids(m, seed=seed + m)[0]
+        mask[i, n - m :] = 1
+    return ids, mask
+
+
+def prefill(model, cache, ids, mask):
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+
+
+@pytest.fixture()
+def passes(monkeypatch):
+    """The batch shapes of every reconstruction pass run."""
+    calls = []
+    original = reconstruct_module.reconstruction_attention
+    monkeypatch.setattr(
+        reconstruct_module, "reconstruction_attention", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k)
+    )
+    return calls
+
+
+def test_only_layers_routed_to_kvzip_wait_for_the_pass(tiny_models, tmp_path, passes):
+    model = tiny_models["tiny-llama"]
+    routed = ("streaming", "kvzip", "tova", "keydiff")  # layer l gets routed[l]
+    polykv = depth_router(tmp_path / "zip", model, routed, scale=3.0)
+    assert polykv.capture.reconstruct and polykv.capture.accumulate is False
+    ids, mask = left_padded()
+    cache = polykv.make_cache(model, budget=32)
+    on_prefill, waiting = cache.on_prefill, []
+
+    def checked(layer, call):
+        on_prefill(layer, call)
+        if layer.layer_idx < len(cache.layers) - 1:  # before the pass: only the kvzip layer keeps statistics
+            waiting.append([la.pending is not None for la in cache.layers[: layer.layer_idx + 1]])
+            assert all(la.stats is None for la in cache.layers[: layer.layer_idx + 1])
+            if layer.layer_idx == 1:
+                assert [set(o) for o in layer.orders.orders] == [set()] * 3  # kvzip's orders wait
+                assert [set(w) for w in layer.pending[1]] == [{"kvzip"}] * 3
+
+    cache.on_prefill = checked
+    prefill(model, cache, ids, mask)
+    assert waiting == [[False], [False, True], [False, True, False]]
+    assert passes == [(3, 150)]
+    assert [p.policies for p in cache.applied_plans] == [routed] * 3
+    capture = CompressedCache(model, capture=polykv.capture)
+    prefill(model, capture, ids, mask)
+    expected = polykv.plans_for_stats(capture.layer_stats, 32)
+    assert cache.applied_plans == expected == polykv.plan_for(model, ids, 32, attention_mask=mask)
+    capture.compress(expected)
+    for got, ref in zip(cache.layers, capture.layers, strict=True):
+        assert torch.equal(got.keys, ref.keys) and torch.equal(got.values, ref.values)
+        assert got.pending is None and got.orders is None
+
+
+def test_no_pass_when_no_row_may_get_kvzip(tiny_models, tmp_path, passes):
+    model = tiny_models["tiny-mistral"]
+    polykv = depth_router(tmp_path / "nozip", model, ("streaming", "snapkv", "kvzip"), scale=1.0)  # round(l / 3)
+    ids, mask = left_padded()
+    cache = polykv.make_cache(model, budget=32)
+    prefill(model, cache, ids, mask)
+    assert passes == []
+    assert {p for plan in cache.applied_plans for p in plan.policies} == {"streaming", "snapkv"}
+    assert cache.applied_plans == polykv.plan_for(model, ids, 32, attention_mask=mask)  # this one did run it
+    assert passes == [(3, 150)]
+
+
+def test_a_router_whose_summary_reads_kvzip_summarises_after_the_pass(tiny_models, tmp_path, passes):
+    """kvzip among the overlap policies (a layer signal) but not routed: the pass runs, and every layer is
+    summarised after it."""
+    model = tiny_models["tiny-qwen3"]
+    path = make_artifact(tmp_path / "ov", model, policies=("snapkv", "keydiff"))
+    config, tensors = read_artifact(path)
+    config = {k: v for k, v in config.items() if k != "format"}
+    config["overlap_policies"] = ["snapkv", "kvzip"]
+    config["feature_names"] = feature_names(["snapkv", "kvzip"])
+    polykv = PolyKV.from_pretrained(write_artifact(path, config, tensors))
+    assert polykv.capture.reconstruct and polykv.layerwise_planner(32).summarize_reads_reconstruct_attn
+    ids, mask = left_padded()
+    cache = polykv.make_cache(model, budget=32)
+    on_prefill, seen = cache.on_prefill, []
+
+    def checked(layer, call):
+        on_prefill(layer, call)
+        if layer.layer_idx < len(cache.layers) - 1:  # nothing summarised before the pass: statistics kept
+            assert all(la.summary is None and la.stats is not None for la in cache.layers[: layer.layer_idx + 1])
+        seen.append(layer.layer_idx)
+
+    cache.on_prefill = checked
+    prefill(model, cache, ids, mask)
+    assert seen == [0, 1, 2, 3] and passes == [(3, 150)]
+    capture = CompressedCache(model, capture=polykv.capture)
+    prefill(model, capture, ids, mask)
+    assert cache.applied_plans == polykv.plans_for_stats(capture.layer_stats, 32)
+
+
+def test_the_bundled_router_loads_and_plans_as_before():
+    """checkpoints/smollm2-135m routes to none of the new policies: same capture (H2O, no reconstruction pass)
+    and the same static plans as before KeyDiff and KVzip existed (digest computed with the earlier code)."""
+    polykv = PolyKV.from_pretrained(BUNDLED)
+    assert "kvzip" not in polykv.policies and "keydiff" not in polykv.policies
+    assert polykv.capture.accumulate and not polykv.capture.reconstruct
+    assert not polykv.layerwise_planner(128).summarize_reads_reconstruct_attn
+    plans = [(b, polykv.static_plan(b).policies, polykv.static_plan(b).budgets) for b in (64, 128, 256, 512, 1024)]
+    digest = hashlib.sha256(repr(plans).encode()).hexdigest()
+    assert digest == "7d09913ef0058ff4a034b768bf3fc31096b1f07fb53665808517dc62a9f72db6", plans
