@@ -1,0 +1,45 @@
+"""Prefill stores that route to KVzip: the ranks they cache come from the reconstruction pass, their fingerprint
+names the repeat prompt, and stores of the earlier policy sets keep their fingerprint (their files stay valid)."""
+
+import json
+
+import torch
+from model_helpers import random_ids
+
+from polykv_learn.capture import CaptureOptions
+from polykv_learn.learn.store import FORMAT_VERSION, PrefillStore
+from polykv_learn.models import load_model
+from polykv_learn.reconstruct import repeat_prompt_ids
+from polykv_learn.simulator import Simulator
+
+ROUTED = ["streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention"]  # the default fit's policies
+OVERLAP = ["snapkv", "streaming", "tova", "knorm"]
+
+
+def test_store_fingerprints(tmp_path):
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    sim = Simulator(model, CaptureOptions(window=16))
+    old = json.loads(PrefillStore(tmp_path, sim, ROUTED, OVERLAP, [16, 32]).fingerprint)
+    # exactly what the format wrote before kvzip existed: files of these stores are reused, not rebuilt
+    assert set(old) == {"version", "model", "policies", "overlap_policies", "budgets", "capture"}
+    assert old["version"] == FORMAT_VERSION == 1 and old["capture"] == [16, 32, 256]
+    assert "reconstruct_prompt" not in json.loads(PrefillStore(tmp_path, sim, ["keydiff"], OVERLAP, [16]).fingerprint)
+    new = PrefillStore(tmp_path, sim, [*ROUTED, "kvzip"], OVERLAP, [16, 32])
+    assert json.loads(new.fingerprint)["reconstruct_prompt"] == list(repeat_prompt_ids(model, sim.capture_options))
+    other = Simulator(model, CaptureOptions(window=16, reconstruct_prompt=(198, 5)))
+    assert PrefillStore(tmp_path, other, [*ROUTED, "kvzip"], OVERLAP, [16, 32]).path_for("a") != new.path_for("a")
+
+
+def test_a_stored_kvzip_rank_is_the_reconstruction_passs(tmp_path):
+    model, _ = load_model("tiny-qwen3", with_tokenizer=False)
+    sim = Simulator(model, CaptureOptions(window=16))
+    store = PrefillStore(tmp_path, sim, ["kvzip", "keydiff", "snapkv"], ["snapkv", "kvzip"], [16, 32])
+    context, probe = random_ids(80, seed=1)[0], random_ids(6, seed=2)[0]
+    store.build("s", context, probe)
+    loaded = store.load("s")
+    capture = sim.capture(context, reconstruct=True)
+    for layer in range(4):
+        for policy in ("kvzip", "keydiff", "snapkv"):
+            assert torch.equal(loaded.ranks[(layer, policy)], capture.ranks(layer, policy)), (layer, policy)
+    assert not torch.equal(loaded.ranks[(0, "kvzip")], loaded.ranks[(0, "snapkv")])
+    assert loaded.features.shape[:2] == (2, 4)
