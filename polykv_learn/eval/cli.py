@@ -99,7 +99,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     from polykv_learn import onednn
     from polykv_learn.capture import CaptureOptions
     from polykv_learn.eval.evaluator import EvalSettings, Evaluator
-    from polykv_learn.eval.methods import available_methods, resolve_methods
+    from polykv_learn.eval.methods import KVZIP_POLICY, available_methods, resolve_methods
     from polykv_learn.eval.runner import run_config, run_evaluation, run_header
     from polykv_learn.eval.samples_log import SamplesLog
     from polykv_learn.models import SMOLLM2, load_model, load_tokenizer
@@ -120,6 +120,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     base = artifacts[0].capture if artifacts else CaptureOptions()
     used = [get_policy(p) for a in artifacts for p in a.policies]
     used += [get_policy(m.name) for m in methods if m.kind == "single"]
+    used += [get_policy(KVZIP_POLICY) for m in methods if m.name == "kvzip-global"]
     oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
     needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
     needs_zip = oracle or any(p.needs_reconstruct_attn for p in used)

@@ -12,6 +12,10 @@ name                   plan
 ``pyramid``            PyramidKV's linear schedule (arXiv:2406.02069) with SnapKV scores
 ``cake``               CAKE-style allocation (arXiv:2503.12491) with SnapKV scores: layer budgets proportional to
                        ``entropy * temporal variance`` of the layer's window attention
+``kvzip-global``       KVzip's own allocation (arXiv:2505.23416) with KVzip scores: one top-``L*G*B`` over the
+                       ``(layer, KV head, position)`` scores, each layer's divided by its largest, sinks first;
+                       a layer's budget is its share of that top-k over its ``G`` heads (rounded, exact total);
+                       needs the reconstruction pass
 ``polykv``             the learned router + allocator (``--router DIR``), adaptive: the plan is decided from the
                        features of this very prefill (:meth:`PolyKV.plan_for_stats`)
 ``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
@@ -40,13 +44,14 @@ import torch
 from torch import Tensor
 
 from polykv_learn.deploy.polykv import PolyKV
-from polykv_learn.plan import Plan
-from polykv_learn.policies import POLICIES, LayerStats, policy_names
+from polykv_learn.plan import Plan, round_preserving_sum
+from polykv_learn.policies import POLICIES, LayerStats, get_policy, policy_names
 from polykv_learn.search import SearchResult, search_plan
 from polykv_learn.simulator import ContextCapture, Simulator
 
 __all__ = [
     "BASELINE_POLICY",
+    "KVZIP_POLICY",
     "GoldProbe",
     "LEARNED_METHODS",
     "Method",
@@ -56,6 +61,7 @@ __all__ = [
     "available_methods",
     "cake_signals",
     "default_method_names",
+    "kvzip_global_budgets",
     "oracle_policies",
     "resolve_methods",
     "single_policy_methods",
@@ -63,6 +69,8 @@ __all__ = [
 
 #: the scorer used by the layer-allocation baselines (``pyramid``, ``cake``)
 BASELINE_POLICY = "snapkv"
+#: KVzip's scorer, whose scores ``kvzip-global`` ranks across layers
+KVZIP_POLICY = "kvzip"
 #: the methods a trained artifact provides (gap recovery is reported for these)
 LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
 #: why ``oracle`` exists nowhere but in the evaluation
@@ -167,6 +175,39 @@ def _cake(sample: MethodInput, budget: int) -> Plan:
     return Plan.cake(BASELINE_POLICY, budget, entropies, variances, b_max=n)
 
 
+def kvzip_global_budgets(stats: Sequence[LayerStats], budget: int) -> list[int]:
+    """KVzip's global allocation (arXiv:2505.23416; kvpress ``KVzipPress`` with ``layerwise=False``) for batch
+    element 0: rank every ``(layer, KV head, position)`` by its kvzip score divided by the layer's largest (the
+    protected sinks above everything, padding below), take the top ``L * G * B`` (stable: ties to the earlier
+    layer, head, position), and give layer ``l`` ``count_l / G`` positions per KV head, rounded with the exact total
+    ``L * B`` within ``[1, n]`` (:func:`~polykv_learn.plan.round_preserving_sum`). ``n <= B``: ``B`` everywhere
+    (nothing evicted). Within a layer every head keeps the same number (KVzip's own selection is per head)."""
+    num_layers, n = len(stats), stats[0].context_length
+    if n <= budget:
+        return [budget] * num_layers
+    policy = get_policy(KVZIP_POLICY)
+    g = stats[0].num_kv_heads
+    ranked = []
+    for s in stats:
+        score = policy.scores(s)[0].double()  # (G, n)
+        valid = s.valid[0].to(score.device)  # (n,)
+        top = score.masked_fill(~valid[None, :], 0).max()
+        score = score / top if top > 0 else torch.zeros_like(score)  # each layer's scores in [0, 1]
+        protected = policy.protected(s)
+        if protected is not None:
+            score = score.masked_fill(protected[0][None, :].to(score.device), 2.0)  # kept first
+        ranked.append(score.masked_fill(~valid[None, :], -1.0))  # padding last
+    flat = torch.stack(ranked).flatten()  # (L * G * n)
+    chosen = flat.argsort(descending=True, stable=True)[: num_layers * g * budget]
+    counts = torch.bincount(chosen // (g * n), minlength=num_layers).double()  # (L,) kept pairs per layer
+    return round_preserving_sum(counts / g, num_layers * budget, lower=1, upper=n)
+
+
+def _kvzip_global(sample: MethodInput, budget: int) -> Plan:
+    budgets = kvzip_global_budgets(sample.stats, budget)
+    return Plan.from_lists([KVZIP_POLICY] * sample.num_layers, budgets)
+
+
 def _adaptive(polykv: PolyKV) -> PlanFn:
     def plan(sample: MethodInput, budget: int) -> Plan:
         return polykv.plan_for_stats(sample.stats, budget)
@@ -256,6 +297,8 @@ def available_methods(
         methods[name] = Method(name, "single", f"{name} at every layer, uniform budget{control}", _uniform(name))
     methods["pyramid"] = Method("pyramid", "allocation", "PyramidKV linear schedule, SnapKV scores", _pyramid)
     methods["cake"] = Method("cake", "allocation", "CAKE entropy x variance allocation, SnapKV scores", _cake)
+    about = "KVzip global top-k over layers, KVzip scores"
+    methods["kvzip-global"] = Method("kvzip-global", "allocation", about, _kvzip_global)
     if router is not None:
         methods["polykv"] = Method("polykv", "learned", "learned router + allocator, adaptive", _adaptive(router))
         methods["polykv-static"] = Method(
@@ -276,7 +319,15 @@ def available_methods(
 
 def all_method_names() -> list[str]:
     """Every name ``--methods`` may ever accept (some need an artifact)."""
-    return ["full", *single_policy_methods(include_controls=True), "pyramid", "cake", *LEARNED_METHODS, "oracle"]
+    return [
+        "full",
+        *single_policy_methods(include_controls=True),
+        "pyramid",
+        "cake",
+        "kvzip-global",
+        *LEARNED_METHODS,
+        "oracle",
+    ]
 
 
 def default_method_names(available: dict[str, Method]) -> list[str]:

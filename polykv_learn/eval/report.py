@@ -127,7 +127,7 @@ def plot_score_vs_budget(results: dict[str, Any], path: Path) -> None:
         if m == "full":
             ax.axhline(ys[0], color="black", linestyle="--", label="full")
             continue
-        style = "-" if m in results["learned_methods"] else ":" if m in ("pyramid", "cake") else "-."
+        style = "-" if m in results["learned_methods"] else ":" if m in ("pyramid", "cake", "kvzip-global") else "-."
         width = 2.5 if m in results["learned_methods"] else 1.2
         ax.plot(budgets, ys, style, marker="o", linewidth=width, label=m)
     ax.set_xscale("log", base=2)

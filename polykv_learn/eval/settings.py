@@ -219,10 +219,11 @@ Earlier spellings still work: --batch-size etc. for --batch_size, --no-router / 
 
 methods (--methods; default: every available one except the `random` control and `oracle`):
   full                 no eviction (always run: the reference of KL and gap recovery)
-  snapkv streaming h2o tova knorm expected_attention
+  snapkv streaming h2o tova knorm expected_attention keydiff kvzip
                        one policy at every layer with the uniform budget B (`random` as a control)
   pyramid              PyramidKV linear layer schedule, SnapKV scores
   cake                 CAKE entropy x variance layer allocation, SnapKV scores
+  kvzip-global         KVzip's global top-k allocation across layers, KVzip scores
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
   polykv-static        the same artifact's static plan (one plan per budget)
   polykv-gbdt          the GBDT router of --gbdt_router, adaptive

@@ -1,0 +1,60 @@
+"""The kvzip-global evaluation baseline (KVzip's own allocation): one top-(L*G*B) over the layers' max-normalised
+KVzip scores, layer budgets from its counts with the exact total."""
+
+import pytest
+import torch
+from policy_helpers import random_layer_stats
+
+from polykv_learn.eval.methods import MethodInput, available_methods, default_method_names, kvzip_global_budgets
+from polykv_learn.plan import round_preserving_sum
+
+
+def layers(num_layers=4, n=50, seed=0):
+    return [random_layer_stats(batch=1, pad=0, n=n, seed=seed + i, layer_idx=i) for i in range(num_layers)]
+
+
+def naive_budgets(stats, budget):
+    """The definition with Python lists: every (layer, head, position) with its normalised score, sinks first."""
+    entries = []
+    g = stats[0].num_kv_heads
+    for layer, s in enumerate(stats):
+        score = s.reconstruct_attn[0].tolist()  # (G, n)
+        top = max(max(row) for row in score)
+        for h in range(g):
+            for j in range(s.context_length):
+                key = 2.0 if s.positions[0, j] < 4 else score[h][j] / top
+                entries.append((-key, layer, h, j))
+    entries.sort()  # by score, then (layer, head, position): the stable order
+    counts = [0] * len(stats)
+    for _, layer, _, _ in entries[: len(stats) * g * budget]:
+        counts[layer] += 1
+    return round_preserving_sum([c / g for c in counts], len(stats) * budget, 1, stats[0].context_length)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 17, 30, 49])
+def test_budgets_follow_the_global_top_k_with_the_exact_total(budget):
+    stats = layers()
+    budgets = kvzip_global_budgets(stats, budget)
+    assert budgets == naive_budgets(stats, budget)
+    assert sum(budgets) == 4 * budget and all(1 <= b <= 50 for b in budgets)
+    plan = available_methods()["kvzip-global"].plan(MethodInput(stats), budget)
+    assert plan.policies == ("kvzip",) * 4 and list(plan.budgets) == budgets and plan.total_budget == 4 * budget
+
+
+def test_a_flat_layer_takes_the_budget_of_a_peaked_one():
+    """After normalisation every position of a flat layer scores 1, a peaked layer's 1 only at its peak: past the
+    sinks (4 per head, both layers), the global top-k goes to the flat layer."""
+    flat, peaked = layers(num_layers=2, n=20)
+    flat.reconstruct_attn = torch.full((1, 3, 20), 0.01, dtype=torch.float64)
+    peaked.reconstruct_attn = torch.linspace(0.9, 0.1, 20, dtype=torch.float64).expand(1, 3, 20).clone()
+    # B = 6: 2 * 3 * 6 = 36 pairs; 24 sinks, then the flat layer's 12 next (it ties at 1.0, the peaked one < 1 there)
+    assert kvzip_global_budgets([flat, peaked], 6) == [8, 4]
+    assert kvzip_global_budgets([peaked, flat], 6) == [4, 8]
+    assert kvzip_global_budgets([flat, peaked], 20) == [20, 20]  # n <= B: nothing evicted
+    assert kvzip_global_budgets([flat, peaked], 25) == [25, 25]
+
+
+def test_kvzip_global_is_a_default_allocation_method():
+    available = available_methods()
+    assert available["kvzip-global"].kind == "allocation"
+    assert "kvzip-global" in default_method_names(available)
