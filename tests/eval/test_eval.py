@@ -74,7 +74,7 @@ def test_results_json_structure_and_gap_recovery(tiny, tmp_path):
         )
     # gap recovery by hand from the summary
     singles = res["single_policies"]
-    assert set(singles) == {"snapkv", "streaming", "h2o", "tova", "knorm", "expected_attention"}
+    assert set(singles) == {"snapkv", "streaming", "h2o", "tova", "knorm", "expected_attention", "keydiff", "kvzip"}
     for key, tasks in (("gap_recovery", res["tasks"]), ("gap_recovery_test_only", ["variable_tracking"])):
         for b in map(str, BUDGETS):
 
