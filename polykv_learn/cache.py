@@ -253,8 +253,8 @@ class CompressedLayer(DynamicLayer):
         candidates = planner.candidates_of(summary, batch)
         if accumulate is not None and any(get_policy(p).needs_accumulated_attn for c in candidates for p in c):
             stats = accumulate(stats)
-        zip_later = defer_reconstruct and any(get_policy(p).needs_reconstruct_attn for c in candidates for p in c)
-        later = [frozenset(p for p in c if zip_later and get_policy(p).needs_reconstruct_attn) for c in candidates]
+        waits = [p for c in candidates for p in c if defer_reconstruct and get_policy(p).needs_reconstruct_attn]
+        later = [c & frozenset(waits) for c in candidates]  # per row: the candidates whose orders wait for the pass
         now = [c - w for c, w in zip(candidates, later, strict=True)]
         self.summary = summary
         self.orders = KeepOrders.of([row_stats(stats, r) for r in range(batch)], now)
