@@ -135,6 +135,8 @@ def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
     context = tokenizer(text, return_tensors="pt").input_ids[:, :600]
     probe = tokenizer(" The item in box 14 is item", return_tensors="pt").input_ids
     layers = model.config.num_hidden_layers
+    # every policy: kvzip's reconstruction pass and keydiff included
+    assert {"kvzip", "keydiff"} <= set(policy_names())
     plans = [Plan.uniform(p, 128, layers) for p in policy_names()] + [mixed_plan(layers, 600)]
     plans.append(Plan.uniform("streaming", 10_000, layers))  # keeps everything
     result = Simulator(model).evaluate(context, probe, plans)
