@@ -6,15 +6,21 @@ position (sinks and observation window included). Constructors build the layer-a
 - :meth:`Plan.uniform`: the same budget everywhere;
 - :meth:`Plan.pyramid`: PyramidKV's linear schedule (Cai et al., arXiv:2406.02069);
 - :meth:`Plan.cake`: CAKE's budget proportional to ``entropy^a * variance^b`` of the window attention
-  (Qin et al., arXiv:2503.12491), on top of :meth:`Plan.from_allocation`.
+  (Qin et al., arXiv:2503.12491), on top of :meth:`Plan.from_allocation`;
+- :meth:`Plan.adakv` / :meth:`Plan.adakv_global`: AdaKV's head-wise budgets (Feng et al., arXiv:2407.11550,
+  :mod:`polykv_learn.headwise`) within each layer or from one selection over every layer and head.
 
-Two helpers keep totals exact: :func:`project_budgets` (differentiable almost everywhere, used by the learned
-allocator) and :func:`round_preserving_sum` (largest-remainder rounding, used at deployment).
+A plan may also give every KV head of a layer its own budget (``head_budgets``: per layer ``G`` integers summing
+to ``G * b_l``); without them every head of layer ``l`` keeps ``b_l``.
+
+Two helpers keep totals exact (:mod:`polykv_learn.budgets`, re-exported here): :func:`project_budgets`
+(differentiable almost everywhere, used by the learned allocator) and :func:`round_preserving_sum`
+(largest-remainder rounding, used at deployment).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -23,142 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polykv_learn.policies import check_policy_name
+from polykv_learn import headwise
+from polykv_learn.budgets import project_budgets, round_preserving_sum
+from polykv_learn.policies import LayerStats, check_policy_name, get_policy
 
 __all__ = ["Plan", "project_budgets", "round_preserving_sum"]
-
-
-def _check_feasible(num_layers: int, total: float, lower: float, upper: float) -> None:
-    if num_layers < 1:
-        raise ValueError("need at least one layer (got an empty list of values)")
-    if lower > upper:
-        raise ValueError(f"lower bound {lower} exceeds upper bound {upper}")
-    if total < num_layers * lower - 1e-9 * max(1.0, abs(total)):
-        raise ValueError(
-            f"infeasible budgets: total {total} is below {num_layers} layers x lower bound {lower} "
-            f"= {num_layers * lower}"
-        )
-    if total > num_layers * upper + 1e-9 * max(1.0, abs(total)):
-        raise ValueError(
-            f"infeasible budgets: total {total} is above {num_layers} layers x upper bound {upper} "
-            f"= {num_layers * upper}"
-        )
-
-
-def project_budgets(weights: Tensor, total: float, lower: float, upper: float = math.inf) -> Tensor:
-    """Scale non-negative ``weights`` (L,) to budgets summing to ``total``, each in ``[lower, upper]``.
-
-    Start from ``b = total * weights / sum(weights)``; layers outside the bounds are clamped and the excess
-    (or deficit) is redistributed proportionally among the unclamped layers, until the sum is ``total``. The
-    fixed point of that procedure is ``b_l = clip(c * w_l, lower, upper)``, the scalar ``c`` chosen so that
-    ``sum_l b_l = total``; it is computed exactly here from the ``2L`` breakpoints of the piecewise-linear,
-    non-decreasing map ``c -> sum_l clip(c * w_l, lower, upper)``. The result is differentiable almost
-    everywhere in ``weights`` (through ``c`` and the unclamped layers; clamped layers are constants).
-
-    Layers with zero weight sit at ``lower`` unless the positive-weight layers are all at ``upper`` and budget
-    is left over; it is then shared equally among the zero-weight layers (limit of tiny positive weights).
-
-    Raises ValueError if ``total`` is outside ``[L * lower, L * upper]`` or the weights are negative, not
-    finite or all zero. Returns a tensor (L,) of the weights' floating dtype.
-    """
-    if weights.ndim != 1:
-        raise ValueError(f"weights must be a 1-D tensor (one per layer), got shape {tuple(weights.shape)}")
-    dtype = weights.dtype if weights.is_floating_point() else torch.float64
-    return _project(weights.double(), float(total), float(lower), float(upper)).to(dtype)
-
-
-def _project(w: Tensor, total: float, lower: float, upper: float) -> Tensor:
-    """:func:`project_budgets` on float64 weights (L,)."""
-    num_layers = w.shape[0]
-    if lower < 0:
-        raise ValueError(f"lower bound must be >= 0, got {lower}")
-    _check_feasible(num_layers, total, lower, upper)
-    wd = w.detach()
-    if not torch.isfinite(wd).all() or (wd < 0).any():
-        raise ValueError(f"weights must be finite and non-negative, got {wd.tolist()}")
-    positive = wd > 0  # (L,)
-    if not positive.any():
-        raise ValueError("weights are all zero: there is nothing to be proportional to")
-    w = w / wd.max()  # scale-free, better conditioned; the constant does not change the result
-    wd = w.detach()
-
-    # Largest budget reachable by the positive-weight layers with the zero-weight ones at `lower`.
-    num_zero = int((~positive).sum())
-    reachable = int(positive.sum()) * upper + num_zero * lower
-    if total > reachable:
-        share = (total - int(positive.sum()) * upper) / num_zero
-        return torch.where(positive, torch.full_like(w, upper), torch.full_like(w, share))
-
-    # Breakpoints of S(c) = sum clip(c * w, lower, upper), evaluated without gradients.
-    w64 = wd
-    pos = w64[positive]
-    candidates = torch.cat([lower / pos, pos.new_tensor([0.0])])
-    if math.isfinite(upper):
-        candidates = torch.cat([candidates, upper / pos])
-    candidates = candidates.unique()  # sorted ascending
-    sums = (candidates[:, None] * w64[None, :]).clamp(lower, upper).sum(dim=1)  # (C,)
-    # First breakpoint at which S reaches the total; the solution lies in the segment that ends there.
-    reach = torch.nonzero(sums >= total - 1e-12 * max(1.0, abs(total))).flatten()
-    if len(reach) == 0:  # only without an upper bound: c lies beyond the last breakpoint
-        mid = 2 * candidates[-1] + 1
-    else:
-        hi = int(reach[0])
-        mid = 0.5 * (candidates[max(hi - 1, 0)] + candidates[hi])  # a value of c inside the segment
-    scaled_mid = mid * w64
-    at_low = scaled_mid <= lower  # (L,) clamped to lower on this segment
-    at_high = scaled_mid >= upper  # (L,) clamped to upper on this segment
-    free = ~(at_low | at_high)
-    if not free.any():  # S is flat here: the clamped values already sum to the total
-        return torch.where(at_high, torch.full_like(w, upper), torch.full_like(w, lower))
-    fixed_sum = int(at_low.sum()) * lower + (int(at_high.sum()) * upper if at_high.any() else 0.0)
-    c = (total - fixed_sum) / w[free].sum()  # differentiable scalar
-    out = torch.where(at_low, torch.full_like(w, lower), c * w)
-    if at_high.any():
-        out = torch.where(at_high, torch.full_like(w, upper), out)
-    return out
-
-
-def round_preserving_sum(
-    values: Sequence[float] | Tensor, total: int, lower: int = 1, upper: int | None = None
-) -> list[int]:
-    """Round real budgets to integers that sum to exactly ``total`` and lie in ``[lower, upper]``.
-
-    ``values`` are first brought onto the constraint set with :func:`project_budgets` (a no-op, up to
-    round-off, when they already sum to ``total`` within the bounds), then rounded with the largest-remainder
-    rule: floor everything and hand the missing units to the largest fractional parts (ties to the earlier
-    layer). Each integer is then within 1 of its real value, and the order of the values is preserved
-    (``v_i >= v_j`` implies ``b_i >= b_j``). ``upper=None`` means no upper bound.
-
-    Raises ValueError if ``total`` is outside ``[L * lower, L * upper]``.
-    """
-    if isinstance(values, Tensor):
-        vals = values.detach().double().flatten().cpu()
-    else:
-        vals = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if isinstance(total, bool) or not isinstance(total, Integral):
-        raise ValueError(f"total must be an integer, got {total!r}")
-    total, lower = int(total), int(lower)
-    hi = math.inf if upper is None else int(upper)
-    _check_feasible(len(vals), total, lower, hi)
-    if vals.sum() == 0 and torch.isfinite(vals).all() and not (vals < 0).any():
-        vals = torch.ones_like(vals)  # all zero: nothing to be proportional to, share equally
-    real = project_budgets(vals, total, lower, hi).tolist()
-
-    base = [min(max(math.floor(v), lower), hi) for v in real]
-    frac = [v - b for v, b in zip(real, base, strict=True)]
-    remainder = total - sum(base)
-    while remainder != 0:  # one or (after round-off) a few passes
-        if remainder > 0:
-            order = sorted((i for i in range(len(base)) if base[i] < hi), key=lambda i: (-frac[i], i))
-            step = 1
-        else:
-            order = sorted((i for i in range(len(base)) if base[i] > lower), key=lambda i: (frac[i], -i))
-            step = -1
-        for i in order[: abs(remainder)]:
-            base[i] += step
-            frac[i] -= step
-        remainder = total - sum(base)
-    return base
 
 
 def _as_budget(value: Any, layer: int) -> int:
@@ -172,6 +47,40 @@ def _as_budget(value: Any, layer: int) -> int:
     return int(value)
 
 
+def _as_head_budgets(value: Any, budgets: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Checked head budgets: one tuple of ``G`` integers >= 0 per layer, summing to ``G * budgets[l]``."""
+    rows = value.tolist() if isinstance(value, Tensor) else value
+    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+        raise ValueError(f"head_budgets must be one list of KV-head budgets per layer, got {value!r}")
+    if len(rows) != len(budgets):
+        raise ValueError(
+            f"head_budgets has {len(rows)} layers but the plan has {len(budgets)}; give one list per layer"
+        )
+    out = []
+    for layer, (row, budget) in enumerate(zip(rows, budgets, strict=True)):
+        if isinstance(row, str | bytes) or not isinstance(row, Sequence) or len(row) == 0:
+            raise ValueError(f"head budgets of layer {layer} must be a non-empty list of integers (one per KV head)")
+        heads = []
+        for h, b in enumerate(row):
+            if isinstance(b, float) and b.is_integer():
+                b = int(b)
+            if isinstance(b, bool) or not isinstance(b, Integral) or b < 0:
+                raise ValueError(f"budget of KV head {h} of layer {layer} must be an integer >= 0, got {b!r}")
+            heads.append(int(b))
+        if len(heads) != len(out[0] if out else heads):
+            raise ValueError(
+                f"head budgets of layer {layer} name {len(heads)} KV heads, layer 0's {len(out[0])}; "
+                "every layer has the same KV heads"
+            )
+        if sum(heads) != len(heads) * budget:
+            raise ValueError(
+                f"head budgets of layer {layer} sum to {sum(heads)}, but {len(heads)} KV heads x layer budget "
+                f"{budget} = {len(heads) * budget}: they must sum to exactly that"
+            )
+        out.append(tuple(heads))
+    return tuple(out)
+
+
 def _expand_policies(policy_or_list: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
     if isinstance(policy_or_list, str):
         return (policy_or_list,) * num_layers
@@ -183,10 +92,13 @@ def _expand_policies(policy_or_list: str | Sequence[str], num_layers: int) -> tu
 
 @dataclass(frozen=True)
 class Plan:
-    """One policy name and one integer budget (kept positions per KV head) per layer."""
+    """One policy name and one integer budget (kept positions per KV head) per layer; optionally
+    ``head_budgets``: per layer, the budget of each of its ``G`` KV heads (integers >= 0 summing to ``G * b_l``;
+    a head keeps the first ``min(b_{l,h}, n)`` positions of its keep order). None: every head keeps ``b_l``."""
 
     policies: tuple[str, ...]
     budgets: tuple[int, ...]
+    head_budgets: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.policies, str):
@@ -204,6 +116,8 @@ class Plan:
         budgets = tuple(_as_budget(b, layer) for layer, b in enumerate(budgets))
         object.__setattr__(self, "policies", policies)
         object.__setattr__(self, "budgets", budgets)
+        if self.head_budgets is not None:
+            object.__setattr__(self, "head_budgets", _as_head_budgets(self.head_budgets, budgets))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -217,6 +131,24 @@ class Plan:
     @property
     def average_budget(self) -> float:
         return self.total_budget / self.num_layers
+
+    @property
+    def num_kv_heads(self) -> int | None:
+        """KV heads per layer of the head budgets; None without them."""
+        return None if self.head_budgets is None else len(self.head_budgets[0])
+
+    def layer_head_budgets(self, layer: int, num_kv_heads: int) -> tuple[int, ...]:
+        """The budget of every KV head of ``layer``: its head budgets, or ``b_l`` for each of ``num_kv_heads``."""
+        if self.head_budgets is None:
+            return (self.budgets[layer],) * num_kv_heads
+        return self.head_budgets[layer]
+
+    def keeps_all(self, context_length: int, layer: int | None = None) -> bool:
+        """Whether every KV head (of ``layer``, or of every layer) keeps the whole context of this length."""
+        layers = range(self.num_layers) if layer is None else [layer]
+        if self.head_budgets is None:
+            return all(self.budgets[i] >= context_length for i in layers)
+        return all(b >= context_length for i in layers for b in self.head_budgets[i])
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -313,21 +245,94 @@ class Plan:
         weights = ent.pow(a) * var.pow(b)  # (L,)
         return cls.from_allocation(policy, weights, budget, b_min=b_min, b_max=b_max)
 
+    # ------------------------------------------------------------------ head-wise budgets (AdaKV)
+    def with_head_budgets(self, head_budgets: Sequence[Sequence[int]] | None) -> Plan:
+        """This plan with other head budgets (None: none)."""
+        return dataclasses.replace(self, head_budgets=head_budgets)
+
+    def with_adakv_heads(self, stats: Sequence[LayerStats], alpha: float = headwise.DEFAULT_ALPHA) -> Plan:
+        """This plan's layers and budgets, each layer's ``G * b_l`` shared among its KV heads by AdaKV
+        (arXiv:2407.11550, :func:`polykv_learn.headwise.head_counts`): one top over the layer's ``(head, position)``
+        scores under the layer's policy, each head at least ``floor(alpha * b_l)``. ``stats``: every layer's
+        statistics of one sequence (batch 1, no padding). A layer whose budget covers the context keeps it all."""
+        if len(stats) != self.num_layers:
+            raise ValueError(f"got statistics of {len(stats)} layers for a plan of {self.num_layers}")
+        headwise.adakv_floor(alpha, 1)  # alpha is checked before any score is computed
+        n = stats[0].context_length
+        heads = []
+        for s, policy, b in zip(stats, self.policies, self.budgets, strict=True):
+            if b >= n:
+                heads.append((b,) * s.num_kv_heads)
+            else:
+                keys = headwise.ordered_keys(get_policy(policy), s)
+                heads.append(tuple(headwise.head_counts(*keys, b, headwise.adakv_floor(alpha, b))))
+        return self.with_head_budgets(heads)
+
+    @classmethod
+    def adakv(
+        cls, policy: str, budget: int, stats: Sequence[LayerStats], alpha: float = headwise.DEFAULT_ALPHA
+    ) -> Plan:
+        """AdaKV (Feng et al., arXiv:2407.11550): the uniform layer budget ``budget``, each layer's ``G * budget``
+        shared among its KV heads by one top over their ``policy`` scores, a floor of ``alpha * budget`` per head
+        (:meth:`with_adakv_heads`). ``stats``: every layer's statistics of one sequence; ``n <= budget`` keeps
+        everything (no head budgets)."""
+        plan = cls.uniform(policy, budget, len(stats))
+        return plan if stats[0].context_length <= plan.budgets[0] else plan.with_adakv_heads(stats, alpha)
+
+    @classmethod
+    def adakv_global(
+        cls, policy: str, budget: int, stats: Sequence[LayerStats], alpha: float = headwise.DEFAULT_ALPHA
+    ) -> Plan:
+        """AdaKV across layers: one top-``L * G * budget`` over every ``(layer, KV head, position)`` of ``policy``'s
+        scores, each layer's divided by its largest (protected positions first), after a floor of
+        ``f = floor(alpha * budget)`` per head (:func:`polykv_learn.headwise.global_counts`). Layer ``l`` gets its
+        share of the selection, rounded to integers with the exact total ``L * budget`` within ``[max(f, 1), n]``,
+        and shares it among its heads as :meth:`with_adakv_heads` does with the floor ``f``. ``policy``'s scores
+        must be >= 0 (attention-based policies). ``n <= budget`` keeps everything (no head budgets)."""
+        _check_layers(len(stats))
+        budget = _as_budget(budget, 0)
+        floor = headwise.adakv_floor(alpha, budget)
+        num_layers, n = len(stats), stats[0].context_length
+        if n <= budget:
+            return cls.uniform(policy, budget, num_layers)
+        keys = [headwise.ordered_keys(get_policy(policy), s) for s in stats]
+        counts = headwise.global_counts(keys, budget, floor)  # (L, G)
+        g = len(counts[0])
+        layers = round_preserving_sum([sum(c) / g for c in counts], num_layers * budget, max(floor, 1), n)
+        heads = [tuple(headwise.head_counts(*k, b, floor)) for k, b in zip(keys, layers, strict=True)]
+        return cls((policy,) * num_layers, tuple(layers), tuple(heads))
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, list]:
-        return {"policies": list(self.policies), "budgets": list(self.budgets)}
+        """``policies`` and ``budgets``, and ``head_budgets`` when the plan has them."""
+        out: dict[str, list] = {"policies": list(self.policies), "budgets": list(self.budgets)}
+        if self.head_budgets is not None:
+            out["head_budgets"] = [list(h) for h in self.head_budgets]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         missing = {"policies", "budgets"} - set(data)
         if missing:
             raise ValueError(f"plan dict lacks {sorted(missing)}; expected keys 'policies' and 'budgets'")
-        return cls(tuple(data["policies"]), tuple(data["budgets"]))
+        extra = set(data) - {"policies", "budgets", "head_budgets"}
+        if extra:
+            raise ValueError(f"plan dict has unknown keys {sorted(extra)}; allowed: policies, budgets, head_budgets")
+        heads = data.get("head_budgets")
+        return cls(tuple(data["policies"]), tuple(data["budgets"]), None if heads is None else tuple(heads))
 
     # ------------------------------------------------------------------ use
     def check_num_layers(self, num_layers: int) -> None:
         if num_layers != self.num_layers:
             raise ValueError(f"plan has {self.num_layers} layers but the model has {num_layers}")
+
+    def check_dims(self, num_layers: int, num_kv_heads: int) -> None:
+        """ValueError unless the plan has ``num_layers`` layers and its head budgets (if any) ``num_kv_heads``."""
+        self.check_num_layers(num_layers)
+        if self.head_budgets is not None and self.num_kv_heads != num_kv_heads:
+            raise ValueError(
+                f"plan has head budgets for {self.num_kv_heads} KV heads per layer but the model has {num_kv_heads}"
+            )
 
     def effective_budgets(self, context_length: int) -> list[int]:
         """Positions actually kept for a context of ``context_length``: budgets larger than the context mean
@@ -345,12 +350,15 @@ class Plan:
     def __str__(self) -> str:
         width = max(len("policy"), *(len(p) for p in self.policies))
         bw = max(len("budget"), *(len(str(b)) for b in self.budgets))
+        heads = self.head_budgets
         lines = [
             f"Plan: {self.num_layers} layers, total budget {self.total_budget} "
-            f"(average {self.average_budget:g})",
-            f"layer  {'policy':<{width}}  {'budget':>{bw}}",
+            f"(average {self.average_budget:g})" + ("" if heads is None else f", {self.num_kv_heads} KV heads each"),
+            f"layer  {'policy':<{width}}  {'budget':>{bw}}" + ("" if heads is None else "  head budgets"),
         ]
-        lines += [f"{i:>5}  {p:<{width}}  {b:>{bw}}" for i, (p, b) in enumerate(self)]
+        for i, (p, b) in enumerate(self):
+            tail = "" if heads is None else "  " + " ".join(str(h) for h in heads[i])
+            lines.append(f"{i:>5}  {p:<{width}}  {b:>{bw}}{tail}")
         return "\n".join(lines)
 
 
