@@ -45,63 +45,15 @@ from polykv_learn.capture import (
     with_reconstruct_attention,
 )
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
+from polykv_learn.layout import head_keep_indices, packed_layout
 from polykv_learn.plan import Plan
-from polykv_learn.policies import LayerStats, get_policy, keep_indices
+from polykv_learn.policies import LayerStats, get_policy, order_positions
 from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
+from polykv_learn.rows import real_length, row_stats
 
 #: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row (a
 #: ``LayerwisePlanner`` is one too, and a cache given one summarises each layer as its prefill ends)
 Planner = Callable[[list[LayerStats]], "Plan | Sequence[Plan]"]
-
-
-def row_stats(stats: LayerStats, row: int) -> LayerStats:
-    """The statistics of batch row ``row`` alone, cut to its real (non-padding) positions: batch 1, ``n`` = the
-    row's own length, every position valid; what a prefill of that sequence by itself records, up to float
-    rounding. Views, not copies, computed once per row (``LayerStats.memo``); one unpadded sequence gives
-    ``stats`` itself. Raises ValueError for a row without real tokens or with padding after a real token."""
-    batch = stats.valid.shape[0]
-    if not 0 <= row < batch:
-        raise IndexError(f"row {row} is outside the batch of {batch}")
-    if batch == 1 and bool(stats.valid.all()):
-        return stats
-    return stats.memo(("row_stats", row), lambda: _cut_row(stats, row))
-
-
-def _real_length(valid: Tensor, row: int) -> int:
-    """Real tokens of ``valid`` (n,) bool, which must be a suffix (left padding)."""
-    n_real = int(valid.sum())
-    if n_real == 0:
-        raise ValueError(f"row {row} of the batch has no real token (its attention_mask is all zeros)")
-    if not bool(valid[valid.shape[0] - n_real :].all()):
-        raise ValueError(
-            f"row {row} of the batch has padding after a real token; CompressedCache needs left padding "
-            "(tokenizer.padding_side = 'left')"
-        )
-    return n_real
-
-
-def _cut_row(stats: LayerStats, row: int) -> LayerStats:
-    n_real = _real_length(stats.valid[row], row)
-    pad = stats.context_length - n_real
-    w = min(stats.window_size, n_real)  # a single sequence shorter than the window uses all of it as the window
-    r = slice(row, row + 1)
-    acc, rec = stats.accumulated_attn, stats.reconstruct_attn
-    return LayerStats(
-        keys=stats.keys[r, :, pad:],  # (1, G, n_real, d)
-        values=stats.values[r, :, pad:],  # (1, G, n_real, d)
-        window_queries=stats.window_queries[r, :, -w:],  # (1, H, w, d)
-        window_attn=stats.window_attn[r, :, -w:, pad:],  # (1, H, w, n_real): padding keys had weight 0
-        valid=stats.valid[r, pad:],  # (1, n_real) all True
-        positions=stats.positions[r, pad:],  # (1, n_real)
-        scaling=stats.scaling,
-        window_cos=stats.window_cos[r, -w:],  # (1, w, d)
-        window_sin=stats.window_sin[r, -w:],
-        future_cos=stats.future_cos[r],  # (1, T, d)
-        future_sin=stats.future_sin[r],
-        accumulated_attn=None if acc is None else acc[r, :, pad:],  # (1, H, n_real): padding queries added 0
-        reconstruct_attn=None if rec is None else rec[r, :, pad:],  # (1, G, n_real)
-        layer_idx=stats.layer_idx,
-    )
 
 
 class CompressedLayer(DynamicLayer):
@@ -183,9 +135,10 @@ class CompressedLayer(DynamicLayer):
         visible = torch.cat([ctx_visible, new_visible], dim=-1).repeat_interleave(h // g, dim=1)  # (b, H, q, kv)
         return call.run_base(call.query, call.key, call.value, visible)
 
-    def evict(self, policy: str | Sequence[str], budget: int | Sequence[int]) -> None:
+    def evict(self, policy: str | Sequence[str], budget: int | Sequence[int | Sequence[int]]) -> None:
         """Keep ``budget`` context positions per KV head chosen by ``policy`` (a row keeps all of its real tokens
-        if the budget is at least their number). One value applies to every row; a sequence gives one per row."""
+        if the budget is at least their number). One value applies to every row; a sequence gives one per row,
+        each one number for all of the row's KV heads or one per KV head (head-wise budgets, :mod:`layout`)."""
         stats, orders = self.stats, self.orders
         if stats is None and orders is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to evict with")
@@ -199,29 +152,24 @@ class CompressedLayer(DynamicLayer):
                 f"layer {self.layer_idx}: {len(policies)} policies and {len(budgets)} budgets "
                 f"for a batch of {batch} rows"
             )
-        keeps, whole = [], True  # per row: (G, kept) positions of the padded layout, ascending
+        keeps, whole = [], True  # per row and KV head: the kept positions of the padded layout, ascending
         for r in range(batch):
             rs = row_stats(stats, r) if stats is not None else None  # None: summarised, the orders hold the rows
             n_real = rs.context_length if rs is not None else orders.lengths[r]
             pad = n - n_real
-            if budgets[r] < n_real:
-                if rs is not None:
-                    keep = keep_indices(get_policy(policies[r]), rs, budgets[r])[0]  # (G, kept)
-                else:
-                    keep = orders.keep_indices(r, policies[r], budgets[r])  # (G, kept)
-                keeps.append(keep + pad)
+            heads = tuple(budgets[r]) if isinstance(budgets[r], Sequence) else (budgets[r],) * g
+            if min(heads) < n_real:
+                order = (
+                    order_positions(get_policy(policies[r]), rs)[0] if rs is not None else orders.order(r, policies[r])
+                )
+                keeps.append([keep + pad for keep in head_keep_indices(order, heads)])  # G x (kept_h,)
                 whole = False
             else:  # the whole row (its real tokens)
-                keeps.append(torch.arange(pad, n, device=self.keys.device).expand(g, n - pad))
-        slots = max(k.shape[-1] for k in keeps)
-        if whole and slots == n:  # every row keeps all of itself and no slot can go: the layout stays as it is
+                keeps.append([torch.arange(pad, n, device=self.keys.device)] * g)
+        index, visible = packed_layout(keeps, self.keys.device)  # (b, G, slots) x2
+        if whole and index.shape[-1] == n:  # every row keeps all of itself and no slot can go: the layout stays
             self._drop_statistics()
             return
-        index = torch.zeros(batch, g, slots, dtype=torch.long, device=self.keys.device)  # (b, G, slots)
-        visible = torch.zeros(batch, g, slots, dtype=torch.bool, device=self.keys.device)  # (b, G, slots)
-        for r, keep in enumerate(keeps):  # padding slots first, then the row's kept keys (like left padding)
-            index[r, :, slots - keep.shape[-1] :] = keep
-            visible[r, :, slots - keep.shape[-1] :] = True
         gather = index[..., None].expand(-1, -1, -1, d)
         self.keys = self.keys.gather(2, gather)  # (b, G, slots, d)
         self.values = self.values.gather(2, gather)
@@ -291,7 +239,7 @@ class CompressedCache(Cache):
             raise ValueError("give either a fixed `plan` or an adaptive `planner`, not both")
         dims = adapter.model_dims(model)
         if plan is not None:
-            plan.check_num_layers(dims.num_layers)
+            plan.check_dims(dims.num_layers, dims.num_kv_heads)
         if capture is None:
             needs_h2o = plan is None or any(get_policy(p).needs_accumulated_attn for p in plan.policies)
             needs_zip = plan is None or any(get_policy(p).needs_reconstruct_attn for p in plan.policies)
@@ -363,7 +311,7 @@ class CompressedCache(Cache):
         valid = _real_keys(call, n)  # (b, n)
         if layer.layer_idx == 0 and not bool(valid.all()):
             for r in range(b):
-                _real_length(valid[r], r)  # left padding only: refused before any policy runs
+                real_length(valid[r], r)  # left padding only: refused before any policy runs
         positions = call.position_ids
         if positions is None:
             positions = torch.arange(n, device=call.key.device)[None, :]
@@ -390,7 +338,7 @@ class CompressedCache(Cache):
         )
         last = layer.layer_idx == len(self.layers) - 1
         if self.plan is not None and not options.reconstruct:
-            layer.evict(self.plan.policies[layer.layer_idx], self.plan.budgets[layer.layer_idx])
+            layer.evict(self.plan.policies[layer.layer_idx], self._static_budgets(layer.layer_idx, b))
             if layer.layer_idx == 0:
                 self.applied_plans = [self.plan] * b
             return
@@ -404,7 +352,7 @@ class CompressedCache(Cache):
         self._prefill = None
         if self.plan is not None:  # static, held back for the reconstruction pass
             for la in self.layers:
-                la.evict(self.plan.policies[la.layer_idx], self.plan.budgets[la.layer_idx])
+                la.evict(self.plan.policies[la.layer_idx], self._static_budgets(la.layer_idx, b))
             self.applied_plans = [self.plan] * b
             return
         if postpone:
@@ -412,6 +360,12 @@ class CompressedCache(Cache):
                 la.summarize(self.planner, None)
         if self.planner is not None:
             self.compress()  # adaptive: every layer's statistics (or summary) exist once the last layer has attended
+
+    def _static_budgets(self, layer: int, batch: int) -> int | list[tuple[int, ...]]:
+        """What the fixed plan gives ``layer`` to evict (every row alike): its budget, or its head budgets."""
+        if self.plan.head_budgets is None:
+            return self.plan.budgets[layer]
+        return [self.plan.head_budgets[layer]] * batch
 
     @property
     def layer_stats(self) -> list[LayerStats]:
@@ -439,14 +393,17 @@ class CompressedCache(Cache):
             if self.planner is None:
                 raise ValueError("no plan given and this cache has no planner")
             plan = self.planner.plan([layer.summary for layer in self.layers]) if summarised else self.planner(stats)
-        plans = _plans_per_row(plan, self.layers[0].keys.shape[0])
+        batch, g = self.layers[0].keys.shape[:2]
+        plans = _plans_per_row(plan, batch)
         for p in plans:
-            p.check_num_layers(len(self.layers))
+            p.check_dims(len(self.layers), g)
         for i, layer in enumerate(self.layers):  # before any eviction: every order the plan needs is there
             if layer.orders is not None:
-                layer.orders.check([p.policies[i] for p in plans], [p.budgets[i] for p in plans], i)
+                smallest = [min(p.layer_head_budgets(i, g)) for p in plans]  # a row is evicted if one head is
+                layer.orders.check([p.policies[i] for p in plans], smallest, i)
         for i, layer in enumerate(self.layers):
-            layer.evict([p.policies[i] for p in plans], [p.budgets[i] for p in plans])
+            budgets = [p.budgets[i] if p.head_budgets is None else p.head_budgets[i] for p in plans]
+            layer.evict([p.policies[i] for p in plans], budgets)
         self.applied_plans = plans
         return plans
 
@@ -472,6 +429,18 @@ def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:
             )
         return list(plan)
     raise TypeError(f"a plan must be a Plan or a list of Plans (one per batch row), got {type(plan).__name__}")
+
+
+def padding_bytes(cache: Cache) -> int:
+    """Bytes of the key and value slots ``cache`` holds but never shows to attention (included in
+    :func:`cache_bytes`): each layer pads its rows and KV heads to the one that keeps the most (:mod:`layout`)."""
+    total = 0
+    for layer in cache.layers:
+        visible = getattr(layer, "context_visible", None)  # (batch, G, slots) bool
+        if isinstance(visible, Tensor):
+            slots = int((~visible).sum())
+            total += slots * layer.keys.shape[-1] * (layer.keys.element_size() + layer.values.element_size())
+    return total
 
 
 def cache_bytes(cache: Cache) -> int:

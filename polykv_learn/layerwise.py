@@ -125,13 +125,17 @@ class KeepOrders:
                     f"orders for {kept} only (LayerwisePlanner.candidates / policies)"
                 )
 
+    def order(self, row: int, policy: str) -> Tensor:
+        """The keep order of ``row`` alone under ``policy``: ``(G, n_row)`` positions, best first (compact dtype)."""
+        if policy not in self.orders[row]:
+            kept = ", ".join(self.orders[row]) or "none"
+            raise ValueError(f"no keep order for policy {policy!r} in row {row}: this layer kept {kept} only")
+        return self.orders[row][policy]
+
     def keep_indices(self, row: int, policy: str, budget: int) -> Tensor:
         """The kept positions of each KV head of ``row`` alone, ascending: ``(G, min(budget, n_row))`` long; the
         same as :func:`~polykv_learn.policies.keep_indices` on that row's statistics."""
         if budget < 1:
             raise ValueError(f"budget must be a positive integer, got {budget}")
-        if policy not in self.orders[row]:
-            kept = ", ".join(self.orders[row]) or "none"
-            raise ValueError(f"no keep order for policy {policy!r} in row {row}: this layer kept {kept} only")
-        order = self.orders[row][policy]  # (G, n_row)
+        order = self.order(row, policy)  # (G, n_row)
         return order[:, : min(budget, self.lengths[row])].sort(dim=-1).values.long()

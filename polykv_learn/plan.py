@@ -143,6 +143,14 @@ class Plan:
             return (self.budgets[layer],) * num_kv_heads
         return self.head_budgets[layer]
 
+    def kept_per_head(self, context_length: int) -> float:
+        """Mean over layers and KV heads of the context positions kept for a context of ``context_length``."""
+        if self.head_budgets is None:
+            return sum(min(b, context_length) for b in self.budgets) / self.num_layers
+        return sum(min(b, context_length) for h in self.head_budgets for b in h) / (
+            self.num_layers * len(self.head_budgets[0])
+        )
+
     def keeps_all(self, context_length: int, layer: int | None = None) -> bool:
         """Whether every KV head (of ``layer``, or of every layer) keeps the whole context of this length."""
         layers = range(self.num_layers) if layer is None else [layer]

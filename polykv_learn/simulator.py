@@ -53,9 +53,13 @@ class ContextCapture:
             self._ranks[key] = keep_ranks(get_policy(policy), self.stats[layer])[0]
         return self._ranks[key]
 
-    def keep_mask(self, layer: int, policy: str, budget: int) -> Tensor:
-        """(G, n) bool: the keep set of ``policy`` with ``budget`` at ``layer`` (all if budget >= n)."""
-        return self.ranks(layer, policy) < budget
+    def keep_mask(self, layer: int, policy: str, budget: int | Sequence[int]) -> Tensor:
+        """(G, n) bool: the keep set of ``policy`` with ``budget`` at ``layer`` (all if budget >= n); ``budget``:
+        one for every KV head, or one per KV head (head-wise budgets: a head keeps its first ``b_h`` positions)."""
+        ranks = self.ranks(layer, policy)  # (G, n)
+        if isinstance(budget, Sequence):
+            return ranks < torch.tensor(budget, device=ranks.device)[:, None]
+        return ranks < budget
 
 
 @dataclass
@@ -136,10 +140,10 @@ class Simulator:
 
     # --- plans -> key biases -----------------------------------------------------------------------------------
     def hard_biases(self, capture: ContextCapture, plans: Sequence[Plan]) -> list[Tensor]:
-        """Per layer, the (P, G, n) bias of each plan's keep set: 0 kept, -inf evicted."""
+        """Per layer, the (P, G, n) bias of each plan's keep set: 0 kept, -inf evicted (head budgets per KV head)."""
         biases = []
         for layer in range(capture.num_layers):
-            masks = torch.stack([capture.keep_mask(layer, p.policies[layer], p.budgets[layer]) for p in plans])
+            masks = torch.stack([capture.keep_mask(layer, p.policies[layer], _layer_budget(p, layer)) for p in plans])
             zero = torch.zeros((), dtype=capture.keys[layer].dtype, device=masks.device)
             biases.append(torch.where(masks, zero, torch.full_like(zero, float("-inf"))))
         return biases
@@ -168,7 +172,7 @@ class Simulator:
         context_ids = _as_single_sequence(context_ids, "context_ids")
         probe_ids = _as_single_sequence(probe_ids, "probe_ids")
         for plan in plans:
-            plan.check_num_layers(self.dims.num_layers)
+            plan.check_dims(self.dims.num_layers, self.dims.num_kv_heads)
         used = [get_policy(p) for p in {p for plan in plans for p in plan.policies}]
         accumulate = any(p.needs_accumulated_attn for p in used) or self.capture_options.accumulate
         reconstruct = any(p.needs_reconstruct_attn for p in used) or self.capture_options.reconstruct
@@ -178,6 +182,11 @@ class Simulator:
             logits = self.probe_logits(capture, probe_ids, self.hard_biases(capture, [*plans, full_plan]))
         full = logits[-1]
         return SimulationResult(logits=logits[:-1], kl=kl_to_full(full, logits[:-1]), full_logits=full)
+
+
+def _layer_budget(plan: Plan, layer: int) -> int | tuple[int, ...]:
+    """What ``plan`` keeps per KV head at ``layer``: its budget, or its head budgets."""
+    return plan.budgets[layer] if plan.head_budgets is None else plan.head_budgets[layer]
 
 
 def kl_to_full(full_logits: Tensor, logits: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from policy_helpers import random_layer_stats
 
+from polykv_learn.learn.soft_plan import soft_key_bias
 from polykv_learn.plan import Plan, round_preserving_sum
 from polykv_learn.policies import get_policy, order_positions
 
@@ -178,3 +179,18 @@ def test_adakv_global_refuses_negative_scores_and_keeps_a_short_context():
     with pytest.raises(ValueError, match="must be >= 0; layer 0 has negative scores"):
         Plan.adakv_global("knorm", 8, stats)
     assert Plan.adakv_global("snapkv", 30, stats) == Plan.uniform("snapkv", 30, 4)
+
+
+# --- soft plans ----------------------------------------------------------------------------------------------------
+def test_soft_head_budgets_sharpen_into_the_hard_head_keep_sets():
+    """Training's soft keep weights take (R, G) head budgets; as tau -> 0 the key bias is the hard head mask."""
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.stack([torch.randperm(30, generator=gen) for _ in range(2 * 3)]).reshape(2, 3, 30)  # (Pol, G, n)
+    heads = torch.tensor([[12.0, 0.0, 6.0], [1.0, 29.0, 30.0]])  # (R, G)
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # row 0 policy 0, row 1 policy 1
+    bias = soft_key_bias(ranks, probs, heads, tau=1e-3)  # (R, G, n)
+    hard = torch.stack([ranks[0] < heads[0, :, None], ranks[1] < heads[1, :, None]])
+    assert torch.equal(bias > -1, hard)
+    assert torch.equal(
+        soft_key_bias(ranks, probs, heads[:, :1].expand(2, 3), 0.5), soft_key_bias(ranks, probs, heads[:, 0], 0.5)
+    )

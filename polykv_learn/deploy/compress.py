@@ -49,7 +49,7 @@ def _check(model: PreTrainedModel, plan: Plan | None, planner: Planner | None) -
     if plan is not None:
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a polykv_learn.plan.Plan, got {type(plan).__name__}")
-        plan.check_num_layers(dims.num_layers)
+        plan.check_dims(dims.num_layers, dims.num_kv_heads)
     if planner is not None and not callable(planner):
         raise TypeError(
             "planner must be callable (list[LayerStats] -> a Plan or one Plan per batch row), "

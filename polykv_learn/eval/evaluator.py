@@ -244,7 +244,7 @@ class Evaluator:
                 fork.compress(plan)
             forks.append(fork)
         kv = [cache_bytes(f) for f in forks]
-        kept = [sum(min(b, n) for b in p.budgets) / len(p.budgets) if p is not None else float(n) for p in plans]
+        kept = [p.kept_per_head(n) if p is not None else float(n) for p in plans]
         cache = ForkBatchCache(self.model, forks, self.settings.group_size, reserve=m + a + max_new_tokens)
         del forks
 
@@ -305,9 +305,15 @@ class Evaluator:
     @staticmethod
     def _plan_key(plan: Plan | None, n: int) -> tuple | None:
         """Identifies what a plan keeps for a context of ``n``: None when it keeps everything."""
-        if plan is None or all(b >= n for b in plan.budgets):
+        if plan is None or plan.keeps_all(n):
             return None
-        return tuple((p, b) if b < n else ("*", n) for p, b in plan)
+        key = []
+        for i, (p, b) in enumerate(plan):
+            if plan.keeps_all(n, layer=i):
+                key.append(("*", n))
+            else:  # head budgets above n keep n
+                key.append((p, b) if plan.head_budgets is None else (p, tuple(min(h, n) for h in plan.head_budgets[i])))
+        return tuple(key)
 
     @torch.no_grad()
     def evaluate_sample(self, sample: dict[str, Any]) -> SampleResult:
@@ -339,9 +345,7 @@ class Evaluator:
         by_key: dict[tuple | None, _RowResult] = {None: full_rows[0]}
         # ordered by cache size: each attention group is padded to its longest fork, so mixing a plan that keeps
         # whole layers (up to n) with uniform small budgets in one group would multiply memory and time
-        todo = sorted(
-            ((k, p) for k, p in jobs.items() if k is not None), key=lambda kp: sum(min(b, n) for b in kp[1].budgets)
-        )
+        todo = sorted(((k, p) for k, p in jobs.items() if k is not None), key=lambda kp: kp[1].kept_per_head(n))
         size = self.settings.batch_size
         for i in range(0, len(todo), size):
             chunk = todo[i : i + size]

@@ -15,8 +15,8 @@ EPS = 1e-6
 
 
 def soft_keep_weights(ranks: Tensor, budgets: Tensor, tau: float | Tensor) -> Tensor:
-    """ranks (Pol, G, n), budgets (R,) -> weights (R, Pol, G, n) in (0, 1)."""
-    b = budgets[:, None, None, None]
+    """ranks (Pol, G, n), budgets (R,) layer budgets or (R, G) head budgets -> weights (R, Pol, G, n) in (0, 1)."""
+    b = budgets[:, None, None, None] if budgets.ndim == 1 else budgets[:, None, :, None]
     tau = torch.as_tensor(tau, dtype=b.dtype, device=b.device).reshape(-1, 1, 1, 1)
     return torch.sigmoid((b - ranks[None].to(b.dtype) - 0.5) / tau)
 
@@ -25,7 +25,8 @@ def soft_key_bias(ranks: Tensor, probs: Tensor, budgets: Tensor, tau: float | Te
     """Key bias (R, G, n) of R soft plans at one layer.
 
     ranks: (Pol, G, n) rank of each position under each routed policy; probs: (R, Pol) routing distribution of
-    each row; budgets: (R,) real layer budgets; tau: softness in rank units (scalar or (R,)).
+    each row; budgets: (R,) real layer budgets, or (R, G) real head budgets (each KV head its own); tau: softness
+    in rank units (scalar or (R,)).
     """
     weights = soft_keep_weights(ranks, budgets, tau)  # (R, Pol, G, n)
     mixed = torch.einsum("rp,rpgn->rgn", probs.to(weights.dtype), weights)  # (R, G, n)

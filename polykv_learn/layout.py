@@ -1,0 +1,53 @@
+"""How a compressed layer holds what it keeps: one dense ``(batch, G, slots, d)`` tensor (design §4.3).
+
+Rows of a batch and KV heads of a row may keep different numbers of positions (per-row plans of a left-padded
+batch; head-wise budgets, AdaKV arXiv:2407.11550). Attention (sdpa, eager) needs one dense key tensor per layer,
+so a layer holds ``slots = max`` over its rows and heads of the kept positions: each (row, head) puts its kept
+positions, ascending, at the end of its slots; the slots before them hold zeros and are never visible
+(``visible``, the layer's ``context_visible``), exactly as left padding. Tokens appended later follow in every
+head. The padding is memory really allocated (``cache_bytes`` counts it): ``sum over (row, head) of
+(slots - kept)`` slots per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["head_keep_indices", "packed_layout"]
+
+
+def head_keep_indices(order: Tensor, budgets: Sequence[int]) -> list[Tensor]:
+    """Each KV head's kept positions, ascending: the first ``min(b_h, n)`` of its keep order.
+
+    order: ``(G, n)`` positions best first (:func:`~polykv_learn.policies.order_positions` of one row, any integer
+    dtype); budgets: ``G`` integers >= 0. Returns ``G`` long tensors ``(min(b_h, n),)``; with one budget for every
+    head they are the rows of :func:`~polykv_learn.policies.keep_indices`."""
+    g, n = order.shape
+    if len(budgets) != g:
+        raise ValueError(f"got {len(budgets)} head budgets for a layer of {g} KV heads")
+    if len(set(budgets)) == 1:  # every head alike: one sort
+        return list(order[:, : min(budgets[0], n)].long().sort(dim=-1).values.unbind(0))
+    return [order[h, : min(b, n)].long().sort().values for h, b in enumerate(budgets)]
+
+
+def packed_layout(keeps: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``keeps[r][h]``: the kept positions (ascending) of head ``h`` of row ``r`` -> ``index`` (batch, G, slots)
+    long, the source position of every slot (0 in padding slots), and ``visible`` (batch, G, slots) bool: the slot
+    holds a kept key. Each (row, head) is right-aligned in ``slots = max`` kept."""
+    batch, g = len(keeps), len(keeps[0])
+    slots = max(k.shape[0] for row in keeps for k in row)
+    index = torch.zeros(batch, g, slots, dtype=torch.long, device=device)  # (b, G, slots)
+    visible = torch.zeros(batch, g, slots, dtype=torch.bool, device=device)  # (b, G, slots)
+    for r, row in enumerate(keeps):
+        if len({k.shape[0] for k in row}) == 1:  # every head of the row alike: one write
+            kept = row[0].shape[0]
+            index[r, :, slots - kept :] = torch.stack(list(row)).to(device)
+            visible[r, :, slots - kept :] = True
+            continue
+        for h, keep in enumerate(row):
+            index[r, h, slots - keep.shape[0] :] = keep.to(device)
+            visible[r, h, slots - keep.shape[0] :] = True
+    return index, visible

@@ -1,0 +1,213 @@
+"""Head-wise budgets in the deployed cache (design §4.3): every KV head of a layer physically keeps its own number
+of positions, padded to the layer's longest head behind a mask; greedy ``generate`` through it equals greedy
+decoding on the simulator for the same plan, and the cache holds exactly the bytes of its layout."""
+
+import pytest
+import torch
+from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
+from transformers import DynamicCache
+
+from polykv_learn import adapter
+from polykv_learn.cache import cache_bytes, padding_bytes, row_stats
+from polykv_learn.deploy import compress, make_cache
+from polykv_learn.models import load_model
+from polykv_learn.plan import Plan
+from polykv_learn.policies import get_policy
+from polykv_learn.simulator import Simulator
+
+NEW_TOKENS = 32
+PAD = 2  # pad = eos of SmolLM2 and of the tiny models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def greedy_generate(model, ids, new_tokens=NEW_TOKENS, **kwargs):
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, **kwargs
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def simulator_greedy(model, ids, plan, new_tokens=NEW_TOKENS):
+    """Greedy decoding on the simulator's masked forward under ``plan`` (its head budgets in the key bias)."""
+    sim = Simulator(model)
+    used = [get_policy(p) for p in plan.policies]
+    capture = sim.capture(ids, accumulate=any(p.needs_accumulated_attn for p in used))
+    biases = sim.hard_biases(capture, [plan])
+    tokens = [int(capture.last_logits.argmax())]
+    with torch.no_grad():
+        while len(tokens) < new_tokens:
+            logits = sim.probe_logits(capture, torch.tensor([tokens]), biases)
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def assert_same_greedy(generated, expected, eos=PAD):
+    assert generated == expected[: len(generated)], (generated, expected)
+    assert len(generated) == len(expected) or generated[-1] == eos
+
+
+def skewed(plan: Plan, g: int, shifts=(0, 2, 4, 3)) -> Plan:
+    """``plan``'s layers, each layer's ``g * b`` split unevenly among its heads: with ``g = 2``, layer ``l`` moves
+    ``b * shifts[l] // 4`` of head 1's share to head 0 (shift 4: head 1 keeps nothing)."""
+    if g == 1:
+        return plan.with_head_budgets([(b,) for b in plan.budgets])
+    assert g == 2
+    return plan.with_head_budgets([(b + b * s // 4, b - b * s // 4) for b, s in zip(plan.budgets, shifts, strict=True)])
+
+
+def head_plans(g: int) -> list[Plan]:
+    """Head budgets with g = 2: (24, 24) (72, 24) (32, 0) (70, 10), and (64, 0) (20, 20) (70, 42) (24, 0)."""
+    return [
+        skewed(Plan.from_lists(["snapkv", "h2o", "streaming", "expected_attention"], [24, 48, 16, 40]), g),
+        skewed(Plan.from_lists(["tova", "knorm", "keydiff", "snapkv"], [32, 20, 56, 12]), g, shifts=(4, 0, 1, 4)),
+    ]
+
+
+def expected_bytes(plan: Plan, g: int, d: int, itemsize: int, n: int, new: int = 0) -> tuple[int, int]:
+    """(kept bytes, padding bytes) of a batch-1 cache under ``plan``: per layer every head padded to the longest."""
+    per_slot = d * 2 * itemsize
+    kept = sum(min(b, n) + new for layer in range(plan.num_layers) for b in plan.layer_head_budgets(layer, g))
+    slots = sum(
+        g * (max(min(b, n) for b in plan.layer_head_budgets(layer, g)) + new) for layer in range(plan.num_layers)
+    )
+    return kept * per_slot, (slots - kept) * per_slot
+
+
+# --- simulator == real cache -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_simulator_equals_the_real_headwise_cache(tiny_models, name):
+    model = tiny_models[name]
+    g = adapter.model_dims(model).num_kv_heads
+    context, probe = random_ids(200, seed=1), random_ids(12, seed=2)
+    plans = head_plans(g)
+    result = Simulator(model).evaluate(context, probe, plans)
+    for i, plan in enumerate(plans):
+        cache = make_cache(model, plan)
+        with torch.no_grad():
+            adapter.forward(model, context, cache)
+            ref = adapter.forward(model, probe, cache).logits[0].float()
+        assert (result.logits[i] - ref).abs().max().item() <= 1e-4, plan
+
+
+# --- generate == simulator --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_headwise_generate_equals_simulator_greedy(tiny_models, eager_models, name, attn):
+    model = model_for(name, attn, tiny_models, eager_models)
+    g = adapter.model_dims(model).num_kv_heads
+    prompt = random_ids(160, seed=21)
+    capture = Simulator(model).capture(prompt)
+    plans = [*head_plans(g), Plan.adakv("snapkv", 20, capture.stats, alpha=0.2)]
+    if g > 1:
+        plans.append(Plan.adakv_global("tova", 24, capture.stats, alpha=0.1))
+    differs = g == 1  # one KV head: head budgets are the layer budget (the plain plan)
+    for plan in plans:
+        with compress(model, plan):
+            generated = greedy_generate(model, prompt)
+        assert_same_greedy(generated, simulator_greedy(model, prompt, plan))
+        assert greedy_generate(model, prompt, cache=make_cache(model, plan)) == generated
+        with compress(model, plan.with_head_budgets(None)):
+            differs |= greedy_generate(model, prompt) != generated
+    assert differs, "head budgets that move most of a head's share must change the continuation (or nothing is tested)"
+
+
+# --- memory -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_headwise_cache_bytes_are_the_kept_positions_plus_the_padding(name, dtype):
+    model, _ = load_model(name, dtype=dtype, with_tokenizer=False)
+    dims = adapter.model_dims(model)
+    g, d = dims.num_kv_heads, dims.head_dim
+    prompt = random_ids(150, seed=23)
+    # g = 2: heads (20, 0) (55, 19) (128, 0) (186, 112): layer 3's head 0 keeps all of the 150 context positions
+    plan = skewed(
+        Plan.from_lists(["snapkv", "h2o", "streaming", "expected_attention"], [10, 37, 64, 149]), g, (4, 2, 4, 1)
+    )
+    cache = make_cache(model, plan)
+    with torch.no_grad():
+        adapter.forward(model, prompt, cache)
+    kept, padding = expected_bytes(plan, g, d, dtype.itemsize, 150)
+    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
+    if g == 2:
+        per_slot = d * 2 * dtype.itemsize
+        assert kept == (20 + 74 + 128 + 150 + 112) * per_slot and padding == (20 + 36 + 128 + 38) * per_slot
+    # after k new tokens every head holds its slots + k - 1 (the last token is never fed back)
+    k = 6
+    cache = make_cache(model, plan)
+    greedy_generate(model, prompt, new_tokens=k, cache=cache)
+    kept, padding = expected_bytes(plan, g, d, dtype.itemsize, 150, new=k - 1)
+    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
+    # a plain plan has no padding: exactly sum_l b_l positions per head
+    plain = make_cache(model, plan.with_head_budgets(None))
+    with torch.no_grad():
+        adapter.forward(model, prompt, plain)
+    assert padding_bytes(plain) == 0 and cache_bytes(plain) == sum(plan.budgets) * g * d * 2 * dtype.itemsize
+    assert padding_bytes(DynamicCache(config=model.config)) == 0
+
+
+# --- batches ----------------------------------------------------------------------------------------------------
+def assert_batch_equals_singles(model, prompts, new_tokens, **how):
+    with compress(model, **how):
+        singles = [greedy_generate(model, p, new_tokens=new_tokens) for p in prompts]
+        ids, mask = left_pad(prompts)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD)
+    for i, single in enumerate(singles):
+        row = out[i, ids.shape[1] :].tolist()
+        assert row[: len(single)] == single, f"sequence {i}: batch {row} vs alone {single}"
+        assert all(t == PAD for t in row[len(single) :])
+
+
+def adakv_rows(budget):
+    """An adaptive planner: each row its own AdaKV plan from its own statistics."""
+
+    def planner(stats):
+        return [Plan.adakv("snapkv", budget, [row_stats(s, r) for s in stats]) for r in range(stats[0].valid.shape[0])]
+
+    return planner
+
+
+@pytest.mark.parametrize(("name", "attn"), [("tiny-llama", "sdpa"), ("tiny-llama", "eager"), ("tiny-mistral", "sdpa")])
+def test_headwise_left_padded_batch_equals_one_by_one(tiny_models, eager_models, name, attn):
+    model = model_for(name, attn, tiny_models, eager_models)
+    g = adapter.model_dims(model).num_kv_heads
+    long, short = random_ids(150, seed=24), random_ids(70, seed=25)
+    # the short row (70 tokens) has heads that keep all of it (72 and 70) next to heads that keep little or nothing
+    for plan in head_plans(g):
+        assert_batch_equals_singles(model, [long, short], 12, plan=plan)
+    assert_batch_equals_singles(model, [long, short, random_ids(40, seed=26)], 12, planner=adakv_rows(24))
+    # decoding appends to every head: each row's layer holds its slots + the new tokens, padding masked
+    ids, mask = left_pad([long, short])
+    cache = make_cache(model, planner=adakv_rows(24))
+    model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, cache=cache)
+    for i, layer in enumerate(cache.layers):
+        heads = [p.layer_head_budgets(i, g) for p in cache.applied_plans]
+        slots = layer.context_visible.shape[-1]
+        assert slots == max(max(h) for h in heads) and layer.keys.shape[2] == slots + 4
+        for r, row in enumerate(heads):
+            assert layer.context_visible[r].sum(dim=-1).tolist() == list(row)
+
+
+def test_a_plan_for_other_kv_heads_is_refused(tiny_models):
+    model = tiny_models["tiny-llama"]
+    plan = Plan.uniform("snapkv", 8, 4).with_head_budgets([(8, 8, 8)] * 4)
+    with pytest.raises(ValueError, match="head budgets for 3 KV heads per layer but the model has 2"):
+        make_cache(model, plan)
+    with pytest.raises(ValueError, match="head budgets for 3 KV heads per layer but the model has 2"):
+        Simulator(model).evaluate(random_ids(20, seed=1), random_ids(3, seed=2), [plan])
+
+
+# --- SmolLM2 ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_adakv_generate_equals_simulator_greedy(smollm2):
+    model, tokenizer = smollm2
+    text = " ".join(
+        f"Item {i} is stored in box {(i * 7) % 101}, next to a {('red', 'blue')[i % 2]} lamp." for i in range(80)
+    )
+    prompt = tokenizer(text + " To sum up, the item in box 14 is item", return_tensors="pt").input_ids[:, -320:]
+    capture = Simulator(model).capture(prompt)
+    plan = Plan.adakv("snapkv", 48, capture.stats)
+    assert any(len(set(h)) > 1 for h in plan.head_budgets), "AdaKV must share some layer unevenly"
+    with compress(model, plan):
+        generated = greedy_generate(model, prompt)
+    assert_same_greedy(generated, simulator_greedy(model, prompt, plan))
