@@ -2,8 +2,11 @@
 
 Default setting: SmolLM2-135M, a 4096-token prompt of real text (Python standard-library source), 64 greedy new
 tokens, average budgets B in {128, 512}. Methods are a dict ``name -> cache factory(model, budget)``:
-``full`` (a plain ``DynamicCache``, stock attention) and ``snapkv`` (uniform SnapKV plan); ``--router DIR`` adds
-the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals).
+``full`` (a plain ``DynamicCache``, stock attention), ``snapkv`` (uniform SnapKV plan) and ``adakv`` (AdaKV's
+head-wise budgets over SnapKV scores, arXiv:2407.11550: each layer's ``G * B`` shared among its KV heads from the
+layer's own statistics, ``layerwise.adakv_planner``, so every layer keeps its whole prefill until the last one has
+run); ``--router DIR`` adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing
+the router's signals).
 
 Every (method, budget, repeat) runs in a fresh subprocess (repeats interleaved, method order rotated), which
 loads the model, warms up on a short prompt, then runs one measured ``generate``. A streamer timestamps the
@@ -12,6 +15,8 @@ prompt (right before the prefill) and each new token, so, inside the real ``gene
 - prefill (+ compression) time = first new token - prompt;
 - decode tokens/s = (new tokens - 1) / (last token - first token);
 - KV bytes = bytes of key/value tensors held by the cache right after the prefill (at the first new token);
+  padding = the share of them that no attention ever sees (``cache.padding_bytes``: ``adakv`` pads each layer's
+  heads to its longest);
 - peak RSS = the process's ``VmHWM`` during the measured ``generate``: the high-water mark is reset through
   ``/proc/self/clear_refs`` (``5``) after loading and warming up, because ``ru_maxrss`` (also reported) is a
   lifetime peak that model loading can dominate. Resident memory is what a user pays for, allocator caching
@@ -48,8 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulator_speed import real_text_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from polykv_learn.cache import cache_bytes  # noqa: E402
+from polykv_learn.cache import cache_bytes, padding_bytes  # noqa: E402
 from polykv_learn.deploy import make_cache  # noqa: E402
+from polykv_learn.layerwise import adakv_planner  # noqa: E402
 from polykv_learn.models import load_model, load_tokenizer  # noqa: E402
 from polykv_learn.plan import Plan  # noqa: E402
 
@@ -63,6 +69,7 @@ def methods(router: str | None = None) -> dict[str, CacheFactory]:
         "snapkv": lambda model, budget: make_cache(
             model, Plan.uniform("snapkv", budget, model.config.num_hidden_layers)
         ),
+        "adakv": lambda model, budget: make_cache(model, planner=adakv_planner("snapkv", budget)),
     }
     if router is not None:
         table["polykv"] = router_factory(router)
@@ -111,13 +118,13 @@ class _Clock:
     """A ``generate`` streamer: timestamps each put; the KV bytes right after the prefill (second put)."""
 
     def __init__(self, cache: Any):
-        self.cache, self.times, self.cpu_times, self.kv_bytes = cache, [], [], None
+        self.cache, self.times, self.cpu_times, self.kv_bytes, self.padding_bytes = cache, [], [], None, None
 
     def put(self, value: torch.Tensor) -> None:
         self.times.append(time.perf_counter())
         self.cpu_times.append(time.process_time())
         if len(self.times) == 2:
-            self.kv_bytes = cache_bytes(self.cache)
+            self.kv_bytes, self.padding_bytes = cache_bytes(self.cache), padding_bytes(self.cache)
 
     def end(self) -> None:
         pass
@@ -159,6 +166,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "decode_cpu_s_per_tok": (c[-1] - c[1]) / (len(c) - 2),
         "new_tokens": len(t) - 1,
         "kv_bytes": clock.kv_bytes,
+        "padding_bytes": clock.padding_bytes,
         "rss_before_kib": rss_before,
         "peak_rss_kib": _status_kib("VmHWM") if reset else None,
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -216,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "| method | B | prefill+compress s | ratio (<= 1.10; polykv <= 1.25) | "
         "decode tok/s | ratio (>= 1.2) | KV MiB | "
-        "KV ratio | B/n | peak RSS MiB | ratio (<= 1.05) | peak - baseline MiB | CPU-time ratios: prefill, decode |"
+        "KV ratio | B/n | padding | peak RSS MiB | ratio (<= 1.05) | peak - baseline MiB | "
+        "CPU-time ratios: prefill, decode |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(job: tuple[str, int]) -> str:
         method, budget = job
@@ -235,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{kv / 2**20:.2f}",
             f"{kv / kv_full:.4f}",
             f"{min(budget or n, n) / n:.4f}",
+            f"{med(job, 'padding_bytes') / kv:.2%}",
             f"{peak / 1024:.0f}",
             f"{peak / peak_full:.3f}",
             f"{growth / 1024:.0f}",

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polykv_learn import headwise
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, check_policy_name, get_policy, order_positions
+from polykv_learn.rows import row_stats
 
-__all__ = ["KeepOrders", "LayerwisePlanner"]
+__all__ = ["KeepOrders", "LayerwisePlanner", "adakv_planner"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,39 @@ class LayerwisePlanner:
                 other = ", ".join(sorted(c - set(self.policies)))
                 raise ValueError(f"LayerwisePlanner.candidates gave row {r} {other}, not in its policies")
         return rows
+
+
+def adakv_planner(policy: str, budget: int, alpha: float = headwise.DEFAULT_ALPHA) -> LayerwisePlanner:
+    """AdaKV (arXiv:2407.11550) in a deployed cache: the uniform layer budget ``budget``, each layer's head budgets
+    computed from its own statistics as its prefill ends, row by row (each row alone, cut to its real tokens), so
+    every row gets :meth:`Plan.adakv` of its own statistics and no layer keeps its statistics until the plan."""
+    check_policy_name(policy)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    floor = headwise.adakv_floor(alpha, budget)
+    scorer = get_policy(policy)
+
+    def summarize(stats: LayerStats) -> list[tuple[int, ...] | None]:  # per row: head budgets, None = keep all
+        rows = [row_stats(stats, r) for r in range(stats.valid.shape[0])]
+        return [
+            None
+            if rs.context_length <= budget
+            else tuple(headwise.head_counts(*headwise.ordered_keys(scorer, rs), budget, floor))
+            for rs in rows
+        ]
+
+    def plan(summaries: list[list[tuple[int, ...] | None]]) -> list[Plan]:
+        uniform = Plan.uniform(policy, budget, len(summaries))
+        rows = zip(*summaries, strict=True)  # per row: every layer's head budgets
+        return [uniform if heads[0] is None else uniform.with_head_budgets(heads) for heads in rows]
+
+    return LayerwisePlanner(
+        summarize,
+        plan,
+        (policy,),
+        summarize_reads_accumulated_attn=scorer.needs_accumulated_attn,
+        summarize_reads_reconstruct_attn=scorer.needs_reconstruct_attn,
+    )
 
 
 def _index_dtype(n: int) -> torch.dtype:

@@ -16,6 +16,13 @@ name                   plan
                        ``(layer, KV head, position)`` scores, each layer's divided by its largest, sinks first;
                        a layer's budget is its share of that top-k over its ``G`` heads (rounded, exact total);
                        needs the reconstruction pass
+``adakv``              AdaKV (arXiv:2407.11550) with SnapKV scores: the uniform layer budget ``B``, each layer's
+                       ``G*B`` shared among its KV heads by one top over their scores, at least ``0.2 B`` per head
+                       (:meth:`~polykv_learn.plan.Plan.adakv`); the deployed cache pads a layer's heads to its
+                       longest (``kv_bytes`` counts that padding)
+``adakv-global``       AdaKV across layers with SnapKV scores: one top-``L*G*B`` over the layers' max-normalised
+                       scores with the same floor per head; layer budgets from its counts (rounded, exact total),
+                       then AdaKV within each layer (:meth:`~polykv_learn.plan.Plan.adakv_global`)
 ``polykv``             the learned router + allocator (``--router DIR``), adaptive: the plan is decided from the
                        features of this very prefill (:meth:`PolyKV.plan_for_stats`)
 ``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
@@ -46,10 +53,12 @@ from torch import Tensor
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.plan import Plan, round_preserving_sum
 from polykv_learn.policies import POLICIES, LayerStats, get_policy, policy_names
+from polykv_learn.rows import row_stats
 from polykv_learn.search import SearchResult, search_plan
 from polykv_learn.simulator import ContextCapture, Simulator
 
 __all__ = [
+    "ADAKV_POLICY",
     "BASELINE_POLICY",
     "KVZIP_POLICY",
     "GoldProbe",
@@ -71,6 +80,8 @@ __all__ = [
 BASELINE_POLICY = "snapkv"
 #: KVzip's scorer, whose scores ``kvzip-global`` ranks across layers
 KVZIP_POLICY = "kvzip"
+#: the scorer whose scores ``adakv`` and ``adakv-global`` share among KV heads (AdaKV's own pairing)
+ADAKV_POLICY = "snapkv"
 #: the methods a trained artifact provides (gap recovery is reported for these)
 LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
 #: why ``oracle`` exists nowhere but in the evaluation
@@ -208,6 +219,14 @@ def _kvzip_global(sample: MethodInput, budget: int) -> Plan:
     return Plan.from_lists([KVZIP_POLICY] * sample.num_layers, budgets)
 
 
+def _adakv(sample: MethodInput, budget: int) -> Plan:
+    return Plan.adakv(ADAKV_POLICY, budget, [row_stats(s, 0) for s in sample.stats])
+
+
+def _adakv_global(sample: MethodInput, budget: int) -> Plan:
+    return Plan.adakv_global(ADAKV_POLICY, budget, [row_stats(s, 0) for s in sample.stats])
+
+
 def _adaptive(polykv: PolyKV) -> PlanFn:
     def plan(sample: MethodInput, budget: int) -> Plan:
         return polykv.plan_for_stats(sample.stats, budget)
@@ -299,6 +318,10 @@ def available_methods(
     methods["cake"] = Method("cake", "allocation", "CAKE entropy x variance allocation, SnapKV scores", _cake)
     about = "KVzip global top-k over layers, KVzip scores"
     methods["kvzip-global"] = Method("kvzip-global", "allocation", about, _kvzip_global)
+    about = "AdaKV head-wise allocation within each layer, SnapKV scores"
+    methods["adakv"] = Method("adakv", "allocation", about, _adakv)
+    about = "AdaKV head-wise allocation across layers, SnapKV scores"
+    methods["adakv-global"] = Method("adakv-global", "allocation", about, _adakv_global)
     if router is not None:
         methods["polykv"] = Method("polykv", "learned", "learned router + allocator, adaptive", _adaptive(router))
         methods["polykv-static"] = Method(
@@ -325,6 +348,8 @@ def all_method_names() -> list[str]:
         "pyramid",
         "cake",
         "kvzip-global",
+        "adakv",
+        "adakv-global",
         *LEARNED_METHODS,
         "oracle",
     ]

@@ -15,6 +15,8 @@ from polykv_learn.eval.results import MEANINGFUL_FULL_SCORE
 
 __all__ = ["RESULT_FILES", "plot_plan_map", "plot_score_vs_budget", "results_markdown", "write_outputs"]
 
+#: the layer/head-allocation baselines (dotted in the score-vs-budget plot)
+ALLOCATION_BASELINES = ("pyramid", "cake", "kvzip-global", "adakv", "adakv-global")
 RESULT_FILES = ("results.json", "results.md", "score_vs_budget.png", "plan_map.png")
 
 
@@ -127,7 +129,7 @@ def plot_score_vs_budget(results: dict[str, Any], path: Path) -> None:
         if m == "full":
             ax.axhline(ys[0], color="black", linestyle="--", label="full")
             continue
-        style = "-" if m in results["learned_methods"] else ":" if m in ("pyramid", "cake", "kvzip-global") else "-."
+        style = "-" if m in results["learned_methods"] else ":" if m in ALLOCATION_BASELINES else "-."
         width = 2.5 if m in results["learned_methods"] else 1.2
         ax.plot(budgets, ys, style, marker="o", linewidth=width, label=m)
     ax.set_xscale("log", base=2)

@@ -224,6 +224,8 @@ methods (--methods; default: every available one except the `random` control and
   pyramid              PyramidKV linear layer schedule, SnapKV scores
   cake                 CAKE entropy x variance layer allocation, SnapKV scores
   kvzip-global         KVzip's global top-k allocation across layers, KVzip scores
+  adakv                AdaKV head-wise budgets within each layer (uniform B), SnapKV scores
+  adakv-global         AdaKV head-wise budgets from one top-k across layers and heads, SnapKV scores
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
   polykv-static        the same artifact's static plan (one plan per budget)
   polykv-gbdt          the GBDT router of --gbdt_router, adaptive

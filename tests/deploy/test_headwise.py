@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from polykv_learn import adapter
 from polykv_learn.cache import cache_bytes, padding_bytes, row_stats
 from polykv_learn.deploy import compress, make_cache
+from polykv_learn.layerwise import adakv_planner
 from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
 from polykv_learn.policies import get_policy
@@ -186,6 +187,27 @@ def test_headwise_left_padded_batch_equals_one_by_one(tiny_models, eager_models,
         assert slots == max(max(h) for h in heads) and layer.keys.shape[2] == slots + 4
         for r, row in enumerate(heads):
             assert layer.context_visible[r].sum(dim=-1).tolist() == list(row)
+
+
+def test_adakv_planner_summarises_each_layer_and_plans_as_plan_adakv(tiny_models):
+    """The deployable AdaKV cache (a LayerwisePlanner: each layer's head budgets at the end of its own prefill, its
+    statistics dropped then) applies to every row Plan.adakv of the row's own statistics."""
+    model = tiny_models["tiny-llama"]
+    ids, mask = left_pad([random_ids(150, seed=24), random_ids(70, seed=25), random_ids(20, seed=26)])
+    outputs, plans = [], []
+    for planner in (adakv_planner("snapkv", 24), adakv_rows(24)):
+        cache = make_cache(model, planner=planner)
+        outputs.append(
+            model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD, cache=cache)
+        )
+        plans.append(cache.applied_plans)
+    assert torch.equal(outputs[0], outputs[1]) and plans[0] == plans[1]
+    assert plans[0][2] == Plan.uniform("snapkv", 24, 4)  # 20 tokens: kept whole, no head budgets
+    assert plans[0][0].head_budgets is not None
+    with pytest.raises(ValueError, match="budget must be a positive integer, got 0"):
+        adakv_planner("snapkv", 0)
+    with pytest.raises(ValueError, match="unknown policy 'adakv'"):
+        adakv_planner("adakv", 8)
 
 
 def test_a_plan_for_other_kv_heads_is_refused(tiny_models):

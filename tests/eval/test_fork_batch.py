@@ -15,13 +15,16 @@ N = 96  # context tokens
 
 
 def plans_for(layers):
-    """Plans of different sizes and shapes, one keeping every position of some layers."""
+    """Plans of different sizes and shapes, one keeping every position of some layers, one with head budgets
+    (tiny-llama's 2 KV heads: one head keeps 36 or all, the other 4 or none)."""
     policies = ["snapkv" if i % 2 else "streaming" for i in range(layers)]
     mixed = Plan.from_lists(policies, [N if i == 0 else 12 for i in range(layers)])
+    heads = Plan.uniform("tova", 20, layers).with_head_budgets([(36, 4) if i % 2 else (40, 0) for i in range(layers)])
     return [
         Plan.uniform("snapkv", 16, layers),
         Plan.uniform("streaming", 40, layers),
         Plan.uniform("h2o", 8, layers),
+        heads,
         mixed,
         Plan.uniform("knorm", 64, layers),
     ]
@@ -75,7 +78,7 @@ def test_batch_equals_each_fork_alone_as_rows_leave(setup, group_size, reserve):
         assert batch.rows == len(live) == out.shape[0]
         for i, r in enumerate(live):
             torch.testing.assert_close(out[i], alone[r][step + 1], rtol=1e-4, atol=1e-4)
-    assert live == [2, 3]
+    assert live == [2, 3, 5]
 
 
 @torch.no_grad()

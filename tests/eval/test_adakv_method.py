@@ -1,0 +1,64 @@
+"""The adakv / adakv-global evaluation baselines (AdaKV, arXiv:2407.11550, with SnapKV scores): exact totals per
+layer and per head, the plans of Plan.adakv / Plan.adakv_global, and head-wise forks through the evaluator."""
+
+import pytest
+from eval_helpers import make_samples
+from policy_helpers import random_layer_stats
+
+from polykv_learn.capture import CaptureOptions
+from polykv_learn.eval.evaluator import EvalSettings, Evaluator
+from polykv_learn.eval.methods import MethodInput, available_methods, default_method_names, resolve_methods
+from polykv_learn.models import load_model
+from polykv_learn.plan import Plan
+
+
+def layers(num_layers=4, n=60, seed=0):
+    return [random_layer_stats(batch=1, pad=0, n=n, seed=seed + i, layer_idx=i) for i in range(num_layers)]
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16, 33, 59])
+def test_adakv_methods_keep_the_exact_totals(budget):
+    stats = layers()
+    methods = available_methods()
+    for name, build in (("adakv", Plan.adakv), ("adakv-global", Plan.adakv_global)):
+        plan = methods[name].plan(MethodInput(stats), budget)
+        assert plan == build("snapkv", budget, stats)
+        assert plan.policies == ("snapkv",) * 4 and plan.total_budget == 4 * budget
+        assert all(sum(h) == 3 * b for h, b in zip(plan.head_budgets, plan.budgets, strict=True))
+        assert all(min(h) >= int(0.2 * budget) and max(h) <= 60 for h in plan.head_budgets)
+        assert plan.kept_per_head(60) == budget
+    assert methods["adakv"].plan(MethodInput(stats), budget).budgets == (budget,) * 4
+
+
+def test_adakv_methods_keep_a_short_context_and_are_defaults():
+    stats = layers(n=30)
+    available = available_methods()
+    for name in ("adakv", "adakv-global"):
+        assert available[name].plan(MethodInput(stats), 30) == Plan.uniform("snapkv", 30, 4)
+        assert available[name].kind == "allocation" and name in default_method_names(available)
+
+
+def test_headwise_forks_batched_equal_one_at_a_time():
+    """The evaluator's fork batch holds head-wise forks (each head padded behind its mask) and gives every row what
+    its fork gives alone; records count the kept positions per head and the padded bytes."""
+    model, tok = load_model("tiny-llama")
+    sample = {**make_samples(1)[0], "max_new_tokens": 6}
+    capture = CaptureOptions(window=16, future=16, accumulate=True)
+    methods = resolve_methods(["snapkv", "adakv", "adakv-global"], available_methods())
+
+    def run(batch_size, group_size):
+        settings = EvalSettings(budgets=(24, 64), batch_size=batch_size, group_size=group_size)
+        return Evaluator(model, tok, methods, settings, capture).evaluate_sample(sample)
+
+    batched, single = run(64, 8), run(1, 1)
+    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
+    for a, b in zip(batched.records, single.records, strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
+        assert a["kv_bytes"] == b["kv_bytes"]
+    adakv = [r for r in batched.records if r["method"] == "adakv"]
+    assert {r["kept"] for r in adakv} == {24, 64}
+    plan = batched.plans["adakv"][24]
+    assert any(len(set(h)) > 1 for h in plan.head_budgets), "the allocation must be uneven somewhere"
+    snap = next(r for r in batched.records if r["method"] == "snapkv" and r["budget"] == 24)
+    row = next(r for r in adakv if r["budget"] == 24)
+    assert row["kv_bytes"] > snap["kv_bytes"]  # the same kept positions, plus each layer's padding
