@@ -19,7 +19,9 @@ Three ways to decide what to keep:
 Batches (left padding only). Each row is compressed as if it were alone: its keep set is chosen from its own
 statistics cut to its real tokens (:func:`row_stats`), and a budget at or above the row's own length keeps the
 whole row. A layer then holds every row padded to the row that keeps the most positions there: a row's kept keys
-sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``).
+sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``). A
+plan's head budgets (AdaKV-style, one budget per KV head) are held the same way: every KV head of a layer padded to
+the head that keeps the most (:mod:`polykv_learn.layout`; :func:`padding_bytes` counts those slots).
 
 One prefill per cache: ``generate`` refuses a cache that has already been prefilled (make a new one per call);
 a direct ``model(...)`` forward after the prefill continues the sequence.
