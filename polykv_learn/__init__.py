@@ -1,6 +1,6 @@
 """polykv-learn: learn per-layer KV-cache eviction policies and budgets, deploy them in Hugging Face generate."""
 
-from polykv_learn.cache import CompressedCache, cache_bytes
+from polykv_learn.cache import CompressedCache, cache_bytes, padding_bytes
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
@@ -18,5 +18,6 @@ __all__ = [
     "cache_bytes",
     "get_policy",
     "load_model",
+    "padding_bytes",
     "policy_names",
 ]
