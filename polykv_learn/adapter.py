@@ -30,7 +30,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from polykv_learn import onednn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 BASE_ATTENTION = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
 
 
@@ -72,11 +72,32 @@ def model_dims(model: PreTrainedModel) -> ModelDims:
     )
 
 
-def rope_cos_sin(model: PreTrainedModel, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """RoPE cos/sin ``(batch, len, head_dim)`` of the model for ``position_ids`` ``(batch, len)``."""
+def layer_types(model: PreTrainedModel) -> list[str]:
+    """Each layer's attention type from the config (``full_attention`` or ``sliding_attention``); models
+    without ``layer_types`` (Llama) attend fully everywhere."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    return list(types) if types is not None else ["full_attention"] * cfg.num_hidden_layers
+
+
+def sliding_windows(model: PreTrainedModel) -> list[int | None]:
+    """Per layer the attention window ``W`` of a sliding-window layer (a query sees itself and the ``W - 1``
+    keys before it, transformers' ``sliding_window_overlay``), None for a full-attention layer."""
+    window = getattr(model.config, "sliding_window", None)
+    return [window if t == "sliding_attention" and window is not None else None for t in layer_types(model)]
+
+
+def rope_cos_sin(
+    model: PreTrainedModel, position_ids: Tensor, dtype: torch.dtype, layer_idx: int = 0
+) -> tuple[Tensor, Tensor]:
+    """RoPE cos/sin ``(batch, len, head_dim)`` of layer ``layer_idx`` for ``position_ids`` ``(batch, len)`` (Gemma3
+    rotates its sliding and its full layers with different bases)."""
     rotary = model.model.rotary_emb
     probe = torch.empty(1, dtype=dtype, device=position_ids.device)
-    cos, sin = rotary(probe, position_ids)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        cos, sin = rotary(probe, position_ids, layer_types(model)[layer_idx])
+    else:
+        cos, sin = rotary(probe, position_ids)
     return cos.to(dtype), sin.to(dtype)
 
 
@@ -176,6 +197,11 @@ class AttentionCall:
     def position_ids(self) -> Tensor | None:
         return self.kwargs.get("position_ids")
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The layer's window ``W`` if it is a sliding-window layer (Gemma3 passes it to the attention), else None."""
+        return self.kwargs.get("sliding_window")
+
     def visible(self, kv_length: int) -> Tensor:
         """Boolean visibility ``(b, q, kv_length)`` of the (logical) keys from the mask transformers built."""
         b, _, q, _ = self.query.shape
@@ -240,6 +266,8 @@ def _make_attention(base: str) -> Callable[..., tuple[Tensor, None]]:
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         scaling = module.scaling if scaling is None else scaling
+        if kwargs.get("softcap") is not None:  # Gemma2-style logit capping: neither base function applies it
+            raise ValueError("attention logit softcapping is not supported (sdpa and eager here attend uncapped)")
         handler = _take_announcement(module.layer_idx)
         call = AttentionCall(module, query, key, value, attention_mask, scaling, base, kwargs)
         if handler is None:

@@ -70,6 +70,10 @@ class CompressedLayer(DynamicLayer):
         self.logical_length = 0  # positions seen (context + generated), evicted ones included
         self.context_length = 0  # logical length of the prefill (padded length in a batch)
         self.context_visible: Tensor | None = None  # (batch, G, slots) bool: the slot holds a kept real key
+        # a sliding-window layer: its window W and each kept slot's logical index (batch, G, slots), by which later
+        # queries see the slot only while it is in their window
+        self.sliding_window: int | None = None
+        self.context_index: Tensor | None = None
         self.stats: LayerStats | None = None
         # a LayerwisePlanner's cache, between the layer's prefill and the compression (the statistics are gone)
         self.summary: Any = None  # what the planner's summarize returned for this layer
@@ -101,21 +105,28 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.logical_length = self.context_length = 0
         self.context_visible = self.stats = self.summary = self.orders = self.pending = None
+        self.sliding_window = self.context_index = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.context_visible is not None:
             self.context_visible = self.context_visible.index_select(0, beam_idx.to(self.context_visible.device))
+        if self.context_index is not None:
+            self.context_index = self.context_index.index_select(0, beam_idx.to(self.context_index.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.context_visible is not None:
             self.context_visible = self.context_visible.repeat_interleave(repeats, dim=0)
+        if self.context_index is not None:
+            self.context_index = self.context_index.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: Tensor) -> None:
         super().batch_select_indices(indices)
         if self.context_visible is not None:
             self.context_visible = self.context_visible[indices]
+        if self.context_index is not None:
+            self.context_index = self.context_index[indices]
 
     # --- attention ----------------------------------------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall) -> Tensor:
@@ -134,6 +145,10 @@ class CompressedLayer(DynamicLayer):
         g = self.keys.shape[1]
         new_visible = visible_logical[:, None, :, self.context_length :].expand(b, g, q_len, -1)
         ctx_visible = self.context_visible[:, :, None, :].expand(b, g, q_len, -1)
+        if self.context_index is not None:  # sliding window: a kept key is seen while transformers' mask shows it
+            slots = self.context_index.shape[-1]
+            in_mask = visible_logical[:, None, :, : self.context_length].expand(b, g, q_len, -1)
+            ctx_visible = ctx_visible & in_mask.gather(3, self.context_index[:, :, None, :].expand(b, g, q_len, slots))
         visible = torch.cat([ctx_visible, new_visible], dim=-1).repeat_interleave(h // g, dim=1)  # (b, H, q, kv)
         return call.run_base(call.query, call.key, call.value, visible)
 
@@ -160,6 +175,8 @@ class CompressedLayer(DynamicLayer):
             n_real = rs.context_length if rs is not None else orders.lengths[r]
             pad = n - n_real
             heads = tuple(budgets[r]) if isinstance(budgets[r], Sequence) else (budgets[r],) * g
+            if self.sliding_window is not None:  # no later token sees more than the last W - 1 positions
+                heads = tuple(min(h, self.sliding_window - 1) for h in heads)
             if min(heads) < n_real:
                 order = (
                     order_positions(get_policy(policies[r]), rs)[0] if rs is not None else orders.order(r, policies[r])
@@ -179,6 +196,8 @@ class CompressedLayer(DynamicLayer):
             self.keys.masked_fill_(~visible[..., None], 0)
             self.values.masked_fill_(~visible[..., None], 0)
         self.context_visible = visible
+        if self.sliding_window is not None:
+            self.context_index = index
         self._drop_statistics()
 
     def _drop_statistics(self) -> None:
@@ -308,6 +327,7 @@ class CompressedCache(Cache):
             self.applied_plans = [self.applied_plans[i] for i in beam_idx.tolist()]
 
     def on_prefill(self, layer: CompressedLayer, call: adapter.AttentionCall) -> None:
+        layer.sliding_window = call.sliding_window
         n = call.key.shape[2]
         b = call.key.shape[0]
         valid = _real_keys(call, n)  # (b, n)
@@ -334,9 +354,10 @@ class CompressedCache(Cache):
             valid,
             positions,
             call.scaling,
-            lambda pos: adapter.rope_cos_sin(self.model, pos, call.query.dtype),
+            lambda pos: adapter.rope_cos_sin(self.model, pos, call.query.dtype, layer.layer_idx),
             dataclasses.replace(options, accumulate=False) if lazy else options,
             layer.layer_idx,
+            call.sliding_window,
         )
         last = layer.layer_idx == len(self.layers) - 1
         if self.plan is not None and not options.reconstruct:
@@ -402,6 +423,8 @@ class CompressedCache(Cache):
         for i, layer in enumerate(self.layers):  # before any eviction: every order the plan needs is there
             if layer.orders is not None:
                 smallest = [min(p.layer_head_budgets(i, g)) for p in plans]  # a row is evicted if one head is
+                if layer.sliding_window is not None:  # a sliding layer keeps at most its window
+                    smallest = [min(b, layer.sliding_window - 1) for b in smallest]
                 layer.orders.check([p.policies[i] for p in plans], smallest, i)
         for i, layer in enumerate(self.layers):
             budgets = [p.budgets[i] if p.head_budgets is None else p.head_budgets[i] for p in plans]

@@ -66,25 +66,33 @@ def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:
     return torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing (padding) attends nowhere
 
 
-def window_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float) -> Tensor:
+def window_attention(
+    queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, sliding_window: int | None = None
+) -> Tensor:
     """Softmax attention of the last ``w`` queries over the context: queries (b, H, w, d), keys (b, G, n, d),
-    valid (b, n) -> (b, H, w, n), causal within the context, padding masked, float32. In place where it can be:
-    one temporary of the output's size."""
+    valid (b, n) -> (b, H, w, n), causal within the context, padding masked, float32; ``sliding_window`` W: each
+    query sees only the keys less than W positions before it (the model's own sliding mask). In place where it can
+    be: one temporary of the output's size."""
     b, h, w, d = queries.shape
     g, n = keys.shape[1], keys.shape[2]
     q = queries.float().reshape(b, g, h // g, w, d)
     scores = torch.einsum("bgrwd,bgnd->bgrwn", q, keys.float()).mul_(scaling)  # (b, G, H/G, w, n)
     q_index = torch.arange(n - w, n, device=keys.device)
     causal = torch.arange(n, device=keys.device)[None, :] <= q_index[:, None]  # (w, n)
+    if sliding_window is not None:
+        causal &= torch.arange(n, device=keys.device)[None, :] > q_index[:, None] - sliding_window
     visible = causal[None, None, None] & valid[:, None, None, None, :]
     probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
     del scores
     return probs.nan_to_num_(nan=0.0).reshape(b, h, w, n)  # a query that sees nothing (padding) attends nowhere
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, chunk: int) -> Tensor:
+def accumulated_attention(
+    queries: Tensor, keys: Tensor, valid: Tensor, scaling: float, chunk: int, sliding_window: int | None = None
+) -> Tensor:
     """H2O statistics: attention of every valid prefill query summed per key, computed in query chunks.
-    queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32.
+    queries (b, H, n, d), keys (b, G, n, d), valid (b, n) -> (b, H, n) float32; ``sliding_window`` W: each query
+    sees only the keys less than W positions before it.
 
     Per sequence and KV head, a chunk's scores are one matrix product of its H/G query heads' queries with the
     keys (:func:`polykv_learn.onednn.linear`: oneDNN on CPU, faster than the batched ``matmul``; see
@@ -111,15 +119,22 @@ def accumulated_attention(queries: Tensor, keys: Tensor, valid: Tensor, scaling:
                 c = stop - start
                 # causal: queries start..stop-1 see keys 0..stop-1 only; later keys are never computed (half the work)
                 block = torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1)  # (c, c) future keys
+                if sliding_window is not None:  # keys W or more positions before a query: out of its window
+                    q_idx = torch.arange(start, stop, device=keys.device)[:, None]
+                    far = torch.arange(stop, device=keys.device)[None, :] <= q_idx - sliding_window  # (c, stop)
                 q = q_all[i, j, :, start:stop].reshape(r * c, d)
                 scores = onednn.linear(q, k[i, j, :stop]).mul_(scaling).view(r, c, stop)  # (H/G, c, stop)
                 if all_valid:
                     scores[:, :, start:].masked_fill_(block, float("-inf"))
+                    if sliding_window is not None:
+                        scores.masked_fill_(far, float("-inf"))
                     probs = torch.softmax(scores, dim=-1)
                 else:
                     q_valid = valid[i, start:stop]  # (c,)
                     causal = torch.zeros(c, stop, device=keys.device)
                     causal[:, start:].masked_fill_(block, float("-inf"))  # (c, stop)
+                    if sliding_window is not None:
+                        causal.masked_fill_(far, float("-inf"))
                     # a padding query sees nothing; give it a finite row (it is weighted by 0 below), not NaNs
                     bias = torch.where(q_valid[:, None], causal + key_bias[i, None, :stop], torch.zeros(()))
                     probs = torch.softmax(scores.add_(bias), dim=-1).mul_(q_valid[None, :, None])
@@ -142,8 +157,11 @@ def compute_layer_stats(
     rope: RopeFn,
     options: CaptureOptions,
     layer_idx: int,
+    sliding_window: int | None = None,
 ) -> LayerStats:
-    """queries (b, H, n, d) post-RoPE, keys/values (b, G, n, d), valid/positions (b, n) -> LayerStats."""
+    """queries (b, H, n, d) post-RoPE, keys/values (b, G, n, d), valid/positions (b, n) -> LayerStats.
+    ``sliding_window``: the layer's window W (a sliding-window layer), None for full attention: the attention
+    statistics then follow the model's sliding mask."""
     n = keys.shape[2]
     w = min(options.window, n)  # a context shorter than the window uses all of it as the window
     window_q = queries[:, :, n - w :].clone()  # a copy: a view would keep every prefill query alive
@@ -155,7 +173,7 @@ def compute_layer_stats(
         keys=keys,
         values=values,
         window_queries=window_q.detach(),  # (b, H, w, d)
-        window_attn=window_attention(window_q, keys, valid, scaling),
+        window_attn=window_attention(window_q, keys, valid, scaling, sliding_window),
         valid=valid,
         positions=positions,
         scaling=scaling,
@@ -163,10 +181,11 @@ def compute_layer_stats(
         window_sin=window_sin,
         future_cos=future_cos,
         future_sin=future_sin,
-        accumulated_attn=accumulated_attention(queries, keys, valid, scaling, options.chunk)
+        accumulated_attn=accumulated_attention(queries, keys, valid, scaling, options.chunk, sliding_window)
         if options.accumulate
         else None,
         layer_idx=layer_idx,
+        sliding_window=sliding_window,
     )
 
 
@@ -182,5 +201,6 @@ def with_accumulated_attention(stats: LayerStats, queries: Tensor, chunk: int) -
     """``stats`` (captured without it) with the accumulated attention of the same prefill: what
     :func:`compute_layer_stats` computes with ``accumulate`` set, for the same post-RoPE ``queries`` (b, H, n, d).
     A new ``LayerStats`` (nothing derived from the old one is reused)."""
-    acc = accumulated_attention(queries, stats.keys, stats.valid, stats.scaling, chunk)  # (b, H, n)
+    # (b, H, n)
+    acc = accumulated_attention(queries, stats.keys, stats.valid, stats.scaling, chunk, stats.sliding_window)
     return replace(stats, accumulated_attn=acc)

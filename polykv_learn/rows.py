@@ -60,4 +60,5 @@ def _cut_row(stats: LayerStats, row: int) -> LayerStats:
         accumulated_attn=None if acc is None else acc[r, :, pad:],  # (1, H, n_real): padding queries added 0
         reconstruct_attn=None if rec is None else rec[r, :, pad:],  # (1, G, n_real)
         layer_idx=stats.layer_idx,
+        sliding_window=stats.sliding_window,
     )

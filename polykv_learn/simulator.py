@@ -23,7 +23,7 @@ from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.kernels import context_attention
-from polykv_learn.kernels.reference import causal_attention_with_lse, merge_attention
+from polykv_learn.kernels.reference import causal_attention_with_lse, context_attention_reference, merge_attention
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_ranks
 
@@ -55,11 +55,16 @@ class ContextCapture:
 
     def keep_mask(self, layer: int, policy: str, budget: int | Sequence[int]) -> Tensor:
         """(G, n) bool: the keep set of ``policy`` with ``budget`` at ``layer`` (all if budget >= n); ``budget``:
-        one for every KV head, or one per KV head (head-wise budgets: a head keeps its first ``b_h`` positions)."""
+        one for every KV head, or one per KV head (head-wise budgets: a head keeps its first ``b_h`` positions). A
+        sliding layer keeps only positions in its window (its first ``W - 1`` ranks), as the real cache does."""
         ranks = self.ranks(layer, policy)  # (G, n)
         if isinstance(budget, Sequence):
-            return ranks < torch.tensor(budget, device=ranks.device)[:, None]
-        return ranks < budget
+            keep = ranks < torch.tensor(budget, device=ranks.device)[:, None]
+        else:
+            keep = ranks < budget
+        if self.stats[layer].sliding_window is not None:
+            keep &= self.stats[layer].in_window.to(keep.device)[None, :]
+        return keep
 
 
 @dataclass
@@ -90,8 +95,16 @@ class _ProbeLayer(DynamicLayer):
 
     def attend(self, call: adapter.AttentionCall) -> Tensor:
         q = call.query  # (P, H, m, d)
-        out_c, lse_c = context_attention(q, self.context_keys, self.context_values, self.bias, call.scaling)
-        out_p, lse_p = causal_attention_with_lse(q, call.key, call.value, call.scaling)
+        window = call.sliding_window
+        if window is None:
+            out_c, lse_c = context_attention(q, self.context_keys, self.context_values, self.bias, call.scaling)
+        else:  # a sliding layer: probe query i sees context key j only while j > n + i - W (torch reference)
+            m, n = q.shape[2], self.length
+            far = torch.arange(n, device=q.device)[None, :] <= torch.arange(n, n + m, device=q.device)[:, None] - window
+            band = torch.zeros(m, n, dtype=self.bias.dtype, device=q.device).masked_fill(far, float("-inf"))
+            bias = self.bias[:, :, None, :] + band  # (P, G, m, n)
+            out_c, lse_c = context_attention_reference(q, self.context_keys, self.context_values, bias, call.scaling)
+        out_p, lse_p = causal_attention_with_lse(q, call.key, call.value, call.scaling, window)
         return merge_attention(out_c, lse_c, out_p, lse_p).transpose(1, 2)  # (P, m, H, d)
 
 

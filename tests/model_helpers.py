@@ -3,7 +3,7 @@ several conftest modules, and ``from conftest import`` gets whichever it loaded 
 
 import torch
 
-TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
+TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral", "tiny-gemma3")
 
 
 def model_for(name: str, attn: str, tiny_models: dict, eager_models: dict):

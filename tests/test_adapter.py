@@ -37,12 +37,43 @@ def test_rope_cos_sin_is_the_models_own_rotation(tiny_models, name):
     model = tiny_models[name]
     positions = torch.tensor([[0, 1, 5, 17, 300]])
     cos, sin = adapter.rope_cos_sin(model, positions, torch.float32)
-    ref_cos, ref_sin = model.model.rotary_emb(torch.empty(1), positions)
+    layer_type = () if name != "tiny-gemma3" else ("sliding_attention",)  # Gemma3's rotary takes the layer's type
+    ref_cos, ref_sin = model.model.rotary_emb(torch.empty(1), positions, *layer_type)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
     d = adapter.model_dims(model).head_dim
     q = torch.randn(1, 2, 5, d)
     rotated, _ = apply_rotary_pos_emb(q, q, cos, sin)
     assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation keeps norms
+
+
+def test_gemma3_layers_rotate_with_their_own_base(tiny_models):
+    """Un-rotating a layer's captured window queries with its ``rope_cos_sin`` gives back what its q-norm produced
+    (Gemma3 normalises q and k before RoPE, with base 1e4 on sliding layers and 1e6 on the full one)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from polykv_learn.simulator import Simulator
+
+    model = tiny_models["tiny-gemma3"]
+    assert adapter.sliding_windows(model) == [16, 16, 16, None]
+    normed = {}
+    hooks = [
+        layer.self_attn.q_norm.register_forward_hook(lambda mod, args, out, i=i: normed.__setitem__(i, out))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        capture = Simulator(model).capture(random_ids(40, seed=5, vocab=model.config.vocab_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i, stats in enumerate(capture.stats):
+        q = stats.window_queries  # (1, H, w, d) post-RoPE
+        cos, sin = stats.window_cos[:, None], stats.window_sin[:, None]  # (1, 1, w, d)
+        unrotated = q * cos - rotate_half(q) * sin  # the inverse rotation
+        assert torch.allclose(unrotated, normed[i][:, :, -q.shape[2] :], atol=1e-5), f"layer {i}"
+        assert stats.sliding_window == adapter.sliding_windows(model)[i]
+    local, _ = adapter.rope_cos_sin(model, torch.tensor([[7]]), torch.float32, layer_idx=0)
+    global_, _ = adapter.rope_cos_sin(model, torch.tensor([[7]]), torch.float32, layer_idx=3)
+    assert not torch.allclose(local, global_), "the sliding and the full layers must use different bases"
 
 
 def test_forward_uses_this_versions_cache_kwarg(tiny_models):

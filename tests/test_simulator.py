@@ -40,9 +40,10 @@ def test_simulator_equals_real_compressed_cache_tiny(tiny_models, name):
         ref, cache = real_compressed_logits(model, context, probe, plan)
         diff = (result.logits[i] - ref).abs().max().item()
         assert diff <= TOL, f"{name} {plan.policies[0]}: max abs diff {diff}"
-        # the real cache is physically smaller: exactly b_l keys per layer (+ the probe)
+        # the real cache is physically smaller: exactly b_l keys per layer (a sliding layer at most W - 1; + the probe)
         dims = adapter.model_dims(model)
-        expected = sum((b + 12) * dims.num_kv_heads * dims.head_dim * 2 * 4 for b in plan.budgets)
+        held = plan.effective_budgets(200, adapter.sliding_windows(model))
+        expected = sum((b + 12) * dims.num_kv_heads * dims.head_dim * 2 * 4 for b in held)
         assert cache_bytes(cache) == expected
     assert torch.all(result.kl > 1e-4), "evicting 3/4 of a random context must change the probe distribution"
 
@@ -89,9 +90,10 @@ def test_kvzip_and_keydiff_plans_simulate_exactly(tiny_models, eager_models, nam
         assert diff <= TOL, f"{name} {attn} {plan.policies}: max abs diff {diff}"
     assert torch.all(result.kl > 1e-4)
     capture = Simulator(model).capture(context, reconstruct=True)
-    kvzip = capture.keep_mask(0, "kvzip", 20)
-    assert not torch.equal(kvzip, capture.keep_mask(0, "keydiff", 20)), "the two policies must keep differently"
-    assert not torch.equal(kvzip, capture.keep_mask(0, "snapkv", 20))
+    full = adapter.sliding_windows(model).index(None)  # a full-attention layer (a window of 16 keeps all at 20)
+    kvzip = capture.keep_mask(full, "kvzip", 20)
+    assert not torch.equal(kvzip, capture.keep_mask(full, "keydiff", 20)), "the two policies must keep differently"
+    assert not torch.equal(kvzip, capture.keep_mask(full, "snapkv", 20))
 
 
 def test_kl_is_zero_for_identical_and_positive_otherwise():

@@ -9,7 +9,8 @@ from torch import Tensor
 def context_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """Probe queries x shared context keys with an additive key bias. Returns ``(out, lse)``.
 
-    q: (P, H, m, d); k, v: (G, n, d); bias: (P, G, n) -> out (P, H, m, d), lse (P, H, m) float32.
+    q: (P, H, m, d); k, v: (G, n, d); bias: (P, G, n), or (P, G, m, n) for a bias per query (a sliding window)
+    -> out (P, H, m, d), lse (P, H, m) float32.
     Computed in float32 (float64 stays float64); fully masked rows give out = 0, lse = -inf.
     """
     p, h, m, d = q.shape
@@ -17,7 +18,8 @@ def context_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, s
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.to(acc).reshape(p, g, h // g, m, d)  # (P, G, H/G, m, d)
     scores = torch.einsum("pgrmd,gnd->pgrmn", qg, k.to(acc)) * scaling  # (P, G, H/G, m, n)
-    scores = scores + bias.to(acc)[:, :, None, None, :]
+    per_query = bias.to(acc)[:, :, None, :, :] if bias.ndim == 4 else bias.to(acc)[:, :, None, None, :]
+    scores = scores + per_query
     top = scores.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
     exps = torch.exp(scores - top)  # fully masked rows: all zeros
@@ -30,14 +32,19 @@ def context_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, s
     return out.reshape(p, h, m, d).to(q.dtype), lse.reshape(p, h, m).to(torch.float32 if acc != torch.float64 else acc)
 
 
-def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """Causal self-attention of the probe block: q (P, H, m, d), k/v (P, G, m, d) -> out (P, H, m, d), lse (P, H, m)."""
+def causal_attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, scaling: float, sliding_window: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Causal self-attention of the probe block: q (P, H, m, d), k/v (P, G, m, d) -> out (P, H, m, d), lse (P, H, m);
+    ``sliding_window`` W: a query sees only the keys less than W positions before it."""
     p, h, m, d = q.shape
     g = k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.to(acc).reshape(p, g, h // g, m, d)
     scores = torch.einsum("pgrid,pgjd->pgrij", qg, k.to(acc)) * scaling  # (P, G, H/G, m, m)
     causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+    if sliding_window is not None:
+        causal = causal.triu(1 - sliding_window)
     scores = scores.masked_fill(~causal, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # never -inf: the diagonal is always visible
     out = torch.einsum("pgrij,pgjd->pgrid", torch.exp(scores - lse[..., None]), v.to(acc))

@@ -40,6 +40,8 @@ class LayerStats:
     # (batch, G, n) KVzip: max attention of the context-reconstruction pass's queries on each position
     reconstruct_attn: Tensor | None = None
     layer_idx: int = 0
+    # the layer's attention window W (a sliding-window layer: a query sees the W - 1 keys before it), None: full
+    sliding_window: int | None = None
     # results derived from these statistics (see memo); statistics are never modified, so they stay valid
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -58,6 +60,16 @@ class LayerStats:
     @property
     def window_size(self) -> int:
         return self.window_queries.shape[2]
+
+    @property
+    def in_window(self) -> Tensor:
+        """``(n,)`` bool: the context positions a later token can still see, the last ``W - 1`` of a sliding layer
+        (every position of a full-attention layer)."""
+        n = self.context_length
+        index = torch.arange(n, device=self.valid.device)
+        if self.sliding_window is None:
+            return torch.ones(n, dtype=torch.bool, device=self.valid.device)
+        return index >= n + 1 - self.sliding_window
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, computed once per ``key`` for these statistics: one prefill evaluated at many budgets
@@ -110,10 +122,13 @@ def _order_positions(policy: Policy, stats: LayerStats) -> Tensor:
     protected = policy.protected(stats)
     protected = torch.zeros(b, n, dtype=torch.bool, device=scores.device) if protected is None else protected
     valid = stats.valid.to(scores.device)
+    # a sliding layer's positions out of its window come after every position in it (no later token sees them)
+    candidate = valid & stats.in_window.to(scores.device)[None, :]
     # Sort by the least significant key first; stable sorts keep earlier orderings on ties.
     order = torch.arange(n - 1, -1, -1, device=scores.device).expand(b, g, n)  # recent first on ties
     order = order.gather(-1, scores.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
-    for key in (protected & valid, valid):  # protected before unprotected, then valid before padding
+    keys = (protected & candidate, candidate, valid) if stats.sliding_window is not None else (protected & valid, valid)
+    for key in keys:  # protected before unprotected, in the window before out of it, then valid before padding
         k = key[:, None, :].expand(b, g, n).gather(-1, order).to(torch.int8)
         order = order.gather(-1, k.argsort(dim=-1, descending=True, stable=True))
     return order

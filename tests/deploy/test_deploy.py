@@ -112,22 +112,27 @@ def test_cache_bytes_after_prefill_are_exact(name, dtype):
     per_position = dims.num_kv_heads * dims.head_dim * 2 * dtype.itemsize  # K and V of one position, one layer
     prompt = random_ids(150, seed=23)
     plan = Plan.from_lists(["snapkv", "h2o", "streaming", "expected_attention"], [10, 37, 64, 149])
+    windows = adapter.sliding_windows(model)  # a sliding layer (tiny-gemma3) holds at most its window W - 1
+    held = plan.effective_budgets(150, windows)
+    assert held == plan.budgets or name == "tiny-gemma3"
     cache = make_cache(model, plan)
     with torch.no_grad():
         adapter.forward(model, prompt, cache)
-    assert cache_bytes(cache) == sum(plan.budgets) * per_position
-    # keep-all plan: exactly a full cache
-    keep_all = make_cache(model, Plan.uniform("tova", 150, dims.num_layers))
+    assert cache_bytes(cache) == sum(held) * per_position
+    # keep-all plan: exactly a full cache (transformers' own keeps W - 1 positions of a sliding layer too)
+    keep_all_plan = Plan.uniform("tova", 150, dims.num_layers)
+    keep_all = make_cache(model, keep_all_plan)
     full = DynamicCache(config=model.config)
     with torch.no_grad():
         adapter.forward(model, prompt, keep_all)
         adapter.forward(model, prompt, full)
-    assert cache_bytes(keep_all) == cache_bytes(full) == dims.num_layers * 150 * per_position
+    expected_full = sum(keep_all_plan.effective_budgets(150, windows)) * per_position
+    assert cache_bytes(keep_all) == cache_bytes(full) == expected_full
     # after generating k tokens, each layer holds b_l + k - 1 positions (the last token is never fed back)
     k = 6
     cache = make_cache(model, plan)
     greedy_generate(model, prompt, new_tokens=k, cache=cache)
-    assert cache_bytes(cache) == sum(b + k - 1 for b in plan.budgets) * per_position
+    assert cache_bytes(cache) == sum(b + k - 1 for b in held) * per_position
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
