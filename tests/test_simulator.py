@@ -152,6 +152,34 @@ def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
     assert worst <= TOL, f"max abs diff {worst}"
 
 
+@pytest.mark.slow
+def test_simulator_equals_real_compressed_cache_gemma3(gemma3):
+    """Gemma3-270M: 15 of its 18 layers slide over 512 positions, so a 600-token context already leaves some of
+    every sliding layer's positions out of its window; the simulator still equals the real cache."""
+    model, tokenizer = gemma3
+    assert tokenizer.chat_template is None, "Gemma3-270M is a base model"
+    windows = adapter.sliding_windows(model)
+    assert windows.count(512) == 15 and windows[5::6] == [None] * 3
+    text = " ".join(f"Item {i} is stored in box {i * 7 % 101}." for i in range(120))
+    context = tokenizer(text, return_tensors="pt").input_ids[:, :600]
+    probe = tokenizer(" The item in box 14 is item", return_tensors="pt", add_special_tokens=False).input_ids
+    layers = model.config.num_hidden_layers
+    plans = [Plan.uniform(p, 128, layers) for p in policy_names()] + [mixed_plan(layers, 600)]
+    plans.append(Plan.uniform("streaming", 560, layers))  # more than a sliding window holds: those hold W - 1
+    plans.append(Plan.uniform("streaming", 10_000, layers))  # keeps everything
+    result = Simulator(model).evaluate(context, probe, plans)
+    worst = 0.0
+    for i, plan in enumerate(plans):
+        ref, cache = real_compressed_logits(model, context, probe, plan)
+        worst = max(worst, (result.logits[i] - ref).abs().max().item())
+        held = plan.effective_budgets(600, windows)
+        assert [layer.keys.shape[2] - probe.shape[1] for layer in cache.layers] == held
+    with torch.no_grad():
+        full = model(torch.cat([context, probe], dim=1)).logits[0, 600:].float()
+    assert (result.logits[-1] - full).abs().max().item() <= TOL
+    assert worst <= TOL, f"max abs diff {worst}"
+
+
 def test_triton_backend_gives_the_same_simulation(tiny_models, monkeypatch):
     """POLYKV_BACKEND=triton (the interpreter on CPU) and torch give the same KL (<= 1e-5 relative)."""
     model = tiny_models["tiny-llama"]

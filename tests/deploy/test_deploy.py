@@ -114,7 +114,7 @@ def test_cache_bytes_after_prefill_are_exact(name, dtype):
     plan = Plan.from_lists(["snapkv", "h2o", "streaming", "expected_attention"], [10, 37, 64, 149])
     windows = adapter.sliding_windows(model)  # a sliding layer (tiny-gemma3) holds at most its window W - 1
     held = plan.effective_budgets(150, windows)
-    assert held == plan.budgets or name == "tiny-gemma3"
+    assert held == list(plan.budgets) or name == "tiny-gemma3"
     cache = make_cache(model, plan)
     with torch.no_grad():
         adapter.forward(model, prompt, cache)
