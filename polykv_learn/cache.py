@@ -175,16 +175,16 @@ class CompressedLayer(DynamicLayer):
             n_real = rs.context_length if rs is not None else orders.lengths[r]
             pad = n - n_real
             heads = tuple(budgets[r]) if isinstance(budgets[r], Sequence) else (budgets[r],) * g
-            if self.sliding_window is not None:  # no later token sees more than the last W - 1 positions
-                heads = tuple(min(h, self.sliding_window - 1) for h in heads)
-            if min(heads) < n_real:
+            limit = n_real if self.sliding_window is None else min(n_real, self.sliding_window - 1)
+            heads = tuple(min(h, limit) for h in heads)  # a sliding layer: no later token sees more than W - 1
+            if min(heads) < limit:
                 order = (
                     order_positions(get_policy(policies[r]), rs)[0] if rs is not None else orders.order(r, policies[r])
                 )
                 keeps.append([keep + pad for keep in head_keep_indices(order, heads)])  # G x (kept_h,)
                 whole = False
-            else:  # the whole row (its real tokens)
-                keeps.append([torch.arange(pad, n, device=self.keys.device)] * g)
+            else:  # the whole row (its real tokens), or all of a sliding layer's window: no order needed
+                keeps.append([torch.arange(n - limit, n, device=self.keys.device)] * g)
         index, visible = packed_layout(keeps, self.keys.device)  # (b, G, slots) x2
         if whole and index.shape[-1] == n:  # every row keeps all of itself and no slot can go: the layout stays
             self._drop_statistics()
@@ -423,8 +423,6 @@ class CompressedCache(Cache):
         for i, layer in enumerate(self.layers):  # before any eviction: every order the plan needs is there
             if layer.orders is not None:
                 smallest = [min(p.layer_head_budgets(i, g)) for p in plans]  # a row is evicted if one head is
-                if layer.sliding_window is not None:  # a sliding layer keeps at most its window
-                    smallest = [min(b, layer.sliding_window - 1) for b in smallest]
                 layer.orders.check([p.policies[i] for p in plans], smallest, i)
         for i, layer in enumerate(self.layers):
             budgets = [p.budgets[i] if p.head_budgets is None else p.head_budgets[i] for p in plans]
@@ -437,9 +435,12 @@ def _real_keys(call: adapter.AttentionCall, n: int) -> Tensor:
     """``(b, n)`` bool: the prefill keys the last query sees, the real (non-padding) ones. Without a mask
     (transformers skipped it: plain causal, ``AttentionCall.visible``) every key, without building the ``n x n``
     visibility; else the last row of the visibility, copied (a view would keep the whole mask alive in every layer's
-    statistics)."""
+    statistics). A sliding layer's last query sees only its window: there each key's own query tells (the diagonal,
+    True unless the position is padding)."""
     if call.mask is None:
         return torch.ones(call.key.shape[0], n, dtype=torch.bool, device=call.key.device)
+    if call.sliding_window is not None:
+        return call.visible(n).diagonal(dim1=1, dim2=2).clone()
     return call.visible(n)[:, -1, :].clone()
 
 

@@ -106,8 +106,18 @@ class _RepeatLayer(DynamicLayer):
         start = t - c
         device = q.device
         ctx_bias = torch.zeros(b, n, dtype=dtype, device=device).masked_fill(~self.context_valid, float("-inf"))
+        ctx_bias = ctx_bias[:, None, None, :]  # (b, 1, 1, n)
         causal = torch.arange(t, device=device)[None, :] <= torch.arange(start, t, device=device)[:, None]  # (c, t)
         seen = causal[None] & self.repeat_valid[:, None, :t]  # (b, c, t)
+        window = call.sliding_window
+        if window is not None:  # a sliding layer: a query sees only the keys less than W positions before it,
+            # counted in each row's own positions (its padding sits inside the pass), so a row scores as alone
+            ctx_pos = self.context_valid.cumsum(-1) - 1  # (b, n)
+            rep_pos = self.context_valid.sum(-1, keepdim=True) + self.repeat_valid.cumsum(-1) - 1  # (b, p + n)
+            q_pos = rep_pos[:, start:t, None]  # (b, c, 1)
+            seen &= rep_pos[:, None, :t] > q_pos - window
+            far = ctx_pos[:, None, :] <= q_pos - window  # (b, c, n) context keys out of the query's view
+            ctx_bias = ctx_bias.masked_fill(far[:, None], float("-inf"))  # (b, 1, c, n)
         rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill(~seen, float("-inf"))
         q_real = self.repeat_valid[:, start:t].to(dtype)  # (b, c): padding queries count in no maximum
         out = torch.empty(b, c, h, d, dtype=q.dtype, device=device)
@@ -115,9 +125,11 @@ class _RepeatLayer(DynamicLayer):
             qj = q[:, j * r : (j + 1) * r].to(dtype)  # (b, H/G, c, d)
             kc = self.context_keys[:, j, None].to(dtype)  # (b, 1, n, d)
             kr = call.key[:, j, None].to(dtype)  # (b, 1, t, d)
-            s_ctx = (qj @ kc.transpose(-1, -2)).mul_(call.scaling).add_(ctx_bias[:, None, None, :])  # (b, H/G, c, n)
+            s_ctx = (qj @ kc.transpose(-1, -2)).mul_(call.scaling).add_(ctx_bias)  # (b, H/G, c, n)
             s_rep = (qj @ kr.transpose(-1, -2)).mul_(call.scaling).add_(rep_bias[:, None])  # (b, H/G, c, t)
             probs = torch.softmax(torch.cat([s_ctx, s_rep], dim=-1), dim=-1)  # (b, H/G, c, n + t)
+            if window is not None:  # a padding query may see nothing in its window: it attends nowhere
+                probs.nan_to_num_(nan=0.0)
             del s_ctx, s_rep
             p_ctx = probs[..., :n]  # (b, H/G, c, n)
             seen_max = (p_ctx * q_real[:, None, :, None]).amax(dim=(1, 2))  # (b, n)

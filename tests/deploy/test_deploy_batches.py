@@ -85,13 +85,14 @@ def assert_rows_equal_singles(tokens, logits, singles):
 
 
 def assert_layout(cache, plans, lengths):
-    """Each layer holds every row in max_r min(b_rl, n_r) slots: the row's kept real keys at the end, zero padding
-    slots before them, never visible; cache_bytes is exactly those allocated tensors."""
+    """Each layer holds every row in max_r min(b_rl, n_r) slots (a sliding layer: at most W - 1): the row's kept real
+    keys at the end, zero padding slots before them, never visible; cache_bytes is exactly those allocated tensors."""
     dims = adapter.model_dims(cache.model)
+    windows = adapter.sliding_windows(cache.model)
     n_pad = max(lengths)
     total = 0
     for i, layer in enumerate(cache.layers):
-        kept = [min(p.budgets[i], n) for p, n in zip(plans, lengths, strict=True)]
+        kept = [p.effective_budgets(n, windows)[i] for p, n in zip(plans, lengths, strict=True)]
         slots = max(kept)
         assert layer.keys.shape == (len(plans), dims.num_kv_heads, slots + layer.logical_length - n_pad, dims.head_dim)
         if layer.context_visible is None:  # only when nothing could go: every row whole, no padding slot to drop
