@@ -208,12 +208,12 @@ def read_prompt(path: str | Path) -> str:
 def _model_positions(name: str, polykv: PolyKV) -> int:
     """``max_position_embeddings`` of the model ``name``, without loading it: the router's fingerprint for the
     model it was trained for, otherwise the model's config. Refuses a name that is no model."""
-    from polykv_learn.models import SMOLLM2, TINY_CONFIGS, smollm2_dir
+    from polykv_learn.models import KNOWN_MODELS, TINY_CONFIGS
 
-    if name != SMOLLM2 and name not in TINY_CONFIGS and not (Path(name) / "config.json").is_file():
+    if name not in KNOWN_MODELS and name not in TINY_CONFIGS and not (Path(name) / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {name!r} is neither a known model ({SMOLLM2}, {', '.join(TINY_CONFIGS)}) nor a local Hugging "
-            "Face model directory with a config.json"
+            f"model {name!r} is neither a known model ({', '.join([*KNOWN_MODELS, *TINY_CONFIGS])}) nor a local "
+            "Hugging Face model directory with a config.json"
         )
     if name == polykv.model_fingerprint["name"]:
         return int(polykv.model_fingerprint["max_positions"])
@@ -221,7 +221,7 @@ def _model_positions(name: str, polykv: PolyKV) -> int:
         return int(TINY_CONFIGS[name]().max_position_embeddings)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(smollm2_dir() if name == SMOLLM2 else name)
+    config = AutoConfig.from_pretrained(KNOWN_MODELS[name]() if name in KNOWN_MODELS else name)
     return int(config.max_position_embeddings)
 
 

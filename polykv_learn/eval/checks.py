@@ -59,15 +59,15 @@ def check_out_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
 
 def model_config(name_or_path: str) -> PretrainedConfig:
     """The configuration of a model :func:`polykv_learn.models.load_model` can load, without its weights."""
-    from polykv_learn.models import SMOLLM2, TINY_CONFIGS, smollm2_dir
+    from polykv_learn.models import KNOWN_MODELS, TINY_CONFIGS
 
     if name_or_path in TINY_CONFIGS:
         return TINY_CONFIGS[name_or_path]()
-    path = smollm2_dir() if name_or_path == SMOLLM2 else Path(name_or_path)
+    path = KNOWN_MODELS[name_or_path]() if name_or_path in KNOWN_MODELS else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"--model {name_or_path!r} is neither a known model ({SMOLLM2}, {', '.join(TINY_CONFIGS)}) nor a local "
-            "Hugging Face model folder with a config.json"
+            f"--model {name_or_path!r} is neither a known model ({', '.join([*KNOWN_MODELS, *TINY_CONFIGS])}) nor a "
+            "local Hugging Face model folder with a config.json"
         )
     return AutoConfig.from_pretrained(path)
 

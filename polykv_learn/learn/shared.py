@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from polykv_learn.adapter import SUPPORTED_MODEL_TYPES
-from polykv_learn.models import SMOLLM2, TINY_CONFIGS, load_model, load_tokenizer, polykv_home, smollm2_gguf_dir
+from polykv_learn.models import KNOWN_MODELS, TINY_CONFIGS, WEIGHTS_INSTALLED, load_model, load_tokenizer, polykv_home
 
 
 @lru_cache(maxsize=2)
@@ -30,20 +30,20 @@ def model_config(name: str) -> PretrainedConfig | None:
     its one-time conversion (only the conversion reads its configuration). Raises what ``load_model`` would for a
     name that is no model (``FileNotFoundError``) or an unsupported architecture (``ValueError``)."""
     if not isinstance(name, str) or not name:
-        known = ", ".join([SMOLLM2, *TINY_CONFIGS])
+        known = ", ".join([*KNOWN_MODELS, *TINY_CONFIGS])
         raise ValueError(f"model_name must be one of {known} or a local model folder, got {name!r}")
     if name in TINY_CONFIGS:
         return TINY_CONFIGS[name]()
-    if name == SMOLLM2:
-        path = polykv_home() / "models" / SMOLLM2
+    if name in KNOWN_MODELS:
+        path = polykv_home() / "models" / name
         if not (path / "config.json").exists():
-            smollm2_gguf_dir()  # raises when the weights are not installed at all
+            WEIGHTS_INSTALLED[name]()  # raises when the weights are not installed at all
             return None
     else:
         path = Path(name)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"model_name {name!r} is neither a known model ({SMOLLM2}, {', '.join(TINY_CONFIGS)}) "
+            f"model_name {name!r} is neither a known model ({', '.join([*KNOWN_MODELS, *TINY_CONFIGS])}) "
             "nor a local Hugging Face model directory with a config.json"
         )
     config = AutoConfig.from_pretrained(path)
