@@ -50,9 +50,3 @@ def no_model(monkeypatch):
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct (converted once to safetensors)."""
     return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def gemma3():
-    """(model, tokenizer) of the real Gemma3-270M (a base model; converted once to safetensors)."""
-    return load_model("gemma3-270m")

@@ -153,10 +153,15 @@ def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
 
 
 @pytest.mark.slow
-def test_simulator_equals_real_compressed_cache_gemma3(gemma3):
+def test_simulator_equals_real_compressed_cache_gemma3():
     """Gemma3-270M: 15 of its 18 layers slide over 512 positions, so a 600-token context already leaves some of
-    every sliding layer's positions out of its window; the simulator still equals the real cache."""
-    model, tokenizer = gemma3
+    every sliding layer's positions out of its window; the simulator still equals the real cache. In float64: the
+    keep sets are the same in both paths, but in float32 this model amplifies the different rounding of the two
+    attention paths (the real cache's sdpa, the simulator's split context/probe attention) beyond 1e-4 for some keep
+    sets, which would hide whether the paths compute the same function."""
+    from polykv_learn.models import load_model
+
+    model, tokenizer = load_model("gemma3-270m", dtype=torch.float64)
     assert tokenizer.chat_template is None, "Gemma3-270M is a base model"
     windows = adapter.sliding_windows(model)
     assert windows.count(512) == 15 and windows[5::6] == [None] * 3
