@@ -50,6 +50,12 @@ def prefix_groups(biases: Sequence[Tensor]) -> list[LayerGroups]:
     return groups
 
 
+def representative_biases(biases: Sequence[Tensor], groups: Sequence[LayerGroups]) -> list[Tensor]:
+    """What each layer's cache must hold under :func:`shared_prefix_layers`: the representatives' biases
+    ``(U_l, G, n)`` where layer ``l`` is shared, the plans' own ``(P, G, n)`` elsewhere (that layer runs every plan)."""
+    return [b.index_select(0, g.rep) if g.shared else b for b, g in zip(biases, groups, strict=True)]
+
+
 def _select_rows(value: object, rep: Tensor, num_plans: int) -> object:
     """``value`` with its batch rows ``rep`` when it is a batch-first tensor of ``num_plans`` rows (or a tuple of
     them: RoPE's cos/sin); anything else unchanged."""
@@ -63,8 +69,8 @@ def _select_rows(value: object, rep: Tensor, num_plans: int) -> object:
 @contextmanager
 def shared_prefix_layers(layers: Sequence[nn.Module], groups: Sequence[LayerGroups]) -> Iterator[None]:
     """While active, decoder layer ``l`` runs on ``groups[l].rep`` only and its output is copied back to every plan
-    of each group; layers without shared prefixes are left alone. The layer's cache must hold the biases of the
-    representatives (``bias[groups[l].rep]``)."""
+    of each group; layers without shared prefixes are left alone. Each layer's cache must hold
+    :func:`representative_biases`."""
     if len(layers) != len(groups):
         raise ValueError(f"need one group set per decoder layer ({len(layers)}), got {len(groups)}")
     handles = []

@@ -27,7 +27,7 @@ from polykv_learn.kernels import context_attention
 from polykv_learn.kernels.reference import causal_attention_with_lse, merge_attention
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_ranks
-from polykv_learn.prefix_reuse import prefix_groups, shared_prefix_layers
+from polykv_learn.prefix_reuse import prefix_groups, representative_biases, shared_prefix_layers
 
 
 @dataclass
@@ -168,8 +168,8 @@ class Simulator:
         if groups and not any(g.shared for g in groups):
             groups = []
         positions = torch.arange(n, n + m, device=probe_ids.device)[None, :].expand(num_plans, m)
-        if groups:  # each layer's cache holds the biases of its groups' representatives
-            biases = [b.index_select(0, g.rep) for b, g in zip(biases, groups, strict=True)]
+        if groups:  # a shared layer's cache holds its groups' representatives' biases
+            biases = representative_biases(biases, groups)
         cache = _ProbeCache(capture, biases)
         sharing = shared_prefix_layers(adapter.decoder_layers(self.model), groups) if groups else nullcontext()
         with adapter.polykv_attention(self.model), sharing:

@@ -25,6 +25,24 @@ def sweep_plans(num_layers: int, n: int) -> list[Plan]:
     return plans
 
 
+def test_unshared_top_layer_keeps_every_plan_in_place(tiny_models):
+    """Shared lower layers, then a layer where every plan differs (no reuse there): the plans keep their rows."""
+    model = tiny_models["tiny-llama"]
+    layers = model.config.num_hidden_layers
+    sim = Simulator(model)
+    capture = sim.capture(random_ids(80, seed=23))
+    probe = random_ids(6, seed=24)
+    plans = [Plan.from_lists(["knorm"] * layers, [80] * (layers - 1) + [b]) for b in (8, 30, 80, 50)]
+    plans += [Plan.from_lists(["snapkv"] * layers, [20] + [80] * (layers - 1))]
+    biases = sim.hard_biases(capture, plans)
+    groups = prefix_groups(biases)
+    assert groups[-1].rep.numel() == len(plans) and not torch.equal(groups[-1].rep, torch.arange(len(plans)))
+    with torch.no_grad():
+        reused = sim.probe_logits(capture, probe, biases, reuse=True)
+        plain = sim.probe_logits(capture, probe, biases, reuse=False)
+    assert (reused - plain).abs().max().item() <= 1e-5
+
+
 def test_prefix_groups_equal_brute_force():
     gen = torch.Generator().manual_seed(0)
     choices = torch.randn(3, 2, 5, generator=gen)  # three possible biases per layer
