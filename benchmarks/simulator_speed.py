@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # probe-only marginal cost (one shared capture)
-    accumulate = any(get_policy(p).needs_accumulated_attn for plan in many for p in plan.policies)
-    capture = sim.capture(context, accumulate=accumulate)
+    used = [get_policy(p) for p in {p for plan in many for p in plan.policies}]
+    accumulate = any(p.needs_accumulated_attn for p in used)
+    capture = sim.capture(context, accumulate=accumulate, reconstruct=any(p.needs_reconstruct_attn for p in used))
     p_few, p_many = [], []
     with torch.no_grad():
         for _ in range(args.repeats):

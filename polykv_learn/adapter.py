@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
@@ -117,6 +117,14 @@ def forward_decoder(model: PreTrainedModel, input_ids: Tensor, cache: Any, **kwa
     """The decoder stack alone (``model.model``: no LM head, no logits) with ``cache``, for passes whose attention
     is all that matters (KVzip's reconstruction pass)."""
     return model.model(input_ids=input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
+
+
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The decoder layers of ``model``'s stack, in order (``model.model.layers``, the ones the forward runs)."""
+    layers = getattr(model.model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layer list at model.model.layers")
+    return list(layers)[: model.config.num_hidden_layers]
 
 
 # --- the token ids of the running forward ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ polykv-learn prepare-data --out data/polykv             # offline corpus + evalu
 polykv-learn fit --config configs/smollm2-135m.yaml     # Lightning CLI: every field overridable
 polykv-learn generate --router checkpoints/smollm2-135m --budget 128 --prompt-file prompt.txt
 polykv-learn evaluate --router checkpoints/smollm2-135m --out results/   # see `evaluate --help`
+polykv-learn calibrate --config calib.yaml   # sensitivity curves, per-layer policies and budgets (JSON)
 
 Expected errors (bad arguments, missing or corrupt files) print one line, `polykv-learn <command>: error: ...`,
 and exit with status 2; add --debug anywhere (or set POLYKV_DEBUG=1) to see the traceback instead.
@@ -38,6 +39,13 @@ def _fit(argv: Sequence[str]) -> None:
     from polykv_learn.learn.fitcli import run_fit
 
     run_fit(list(argv))
+
+
+def _calibrate(argv: Sequence[str]) -> None:
+    from polykv_learn.calibrate_cli import run_calibrate
+
+    report = run_calibrate(argv)
+    print(f"wrote {report['config']['out']}: budgets for B = {', '.join(report['plans'])}")
 
 
 def _prepare_data(argv: Sequence[str]) -> None:
@@ -251,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "prepare-data": _prepare_data,
         "generate": _generate,
         "evaluate": evaluate_main,
+        "calibrate": _calibrate,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)

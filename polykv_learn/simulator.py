@@ -11,6 +11,7 @@ plans as one batch of probes sharing the context K/V; the keep sets enter as an 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +27,7 @@ from polykv_learn.kernels import context_attention
 from polykv_learn.kernels.reference import causal_attention_with_lse, context_attention_reference, merge_attention
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, keep_ranks
+from polykv_learn.prefix_reuse import prefix_groups, representative_biases, shared_prefix_layers
 
 
 @dataclass
@@ -162,15 +164,28 @@ class Simulator:
         return biases
 
     # --- probe pass --------------------------------------------------------------------------------------------
-    def probe_logits(self, capture: ContextCapture, probe_ids: Tensor, biases: Sequence[Tensor]) -> Tensor:
-        """Logits ``(P, m, vocab)`` of the probe under the per-layer key biases ``(P, G, n)`` (differentiable)."""
+    def probe_logits(
+        self, capture: ContextCapture, probe_ids: Tensor, biases: Sequence[Tensor], reuse: bool | None = None
+    ) -> Tensor:
+        """Logits ``(P, m, vocab)`` of the probe under the per-layer key biases ``(P, G, n)`` (differentiable).
+
+        ``reuse`` (None: when no bias needs gradients): plans whose biases agree on layers ``0..l`` share layer
+        ``l``'s computation (:mod:`polykv_learn.prefix_reuse`); the logits are the same as without it."""
         probe_ids = _as_single_sequence(probe_ids, "probe_ids")
         if len(biases) != capture.num_layers:
             raise ValueError(f"need one bias per layer ({capture.num_layers}), got {len(biases)}")
         num_plans, m, n = biases[0].shape[0], probe_ids.shape[1], capture.context_length
+        if reuse is None:
+            reuse = not (torch.is_grad_enabled() and any(b.requires_grad for b in biases))
+        groups = prefix_groups(biases) if reuse and num_plans > 1 else []
+        if groups and not any(g.shared for g in groups):
+            groups = []
         positions = torch.arange(n, n + m, device=probe_ids.device)[None, :].expand(num_plans, m)
+        if groups:  # a shared layer's cache holds its groups' representatives' biases
+            biases = representative_biases(biases, groups)
         cache = _ProbeCache(capture, biases)
-        with adapter.polykv_attention(self.model):
+        sharing = shared_prefix_layers(adapter.decoder_layers(self.model), groups) if groups else nullcontext()
+        with adapter.polykv_attention(self.model), sharing:
             out = adapter.forward(self.model, probe_ids.expand(num_plans, m), cache, position_ids=positions)
         return out.logits.float()  # row j predicts probe token j+1 (token 0 comes from the context alone)
 

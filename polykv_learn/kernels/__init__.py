@@ -9,9 +9,10 @@
 - ``out``: ``(P, H, m, d)`` in q's dtype; ``lse``: ``(P, H, m)`` float32 log-sum-exp of the scaled, biased scores.
   A row whose keys are all masked gives ``out = 0`` and ``lse = -inf``; :func:`merge_attention` handles it.
 
-Backends: ``torch`` (the reference, float64-checkable, the CPU path and the test oracle) and ``triton`` (fused,
-online softmax, blocked over ``n``). ``POLYKV_BACKEND=auto|torch|triton`` picks one; ``auto`` uses Triton for CUDA
-tensors when Triton imports, else torch. The Triton path runs on CPU under ``TRITON_INTERPRET=1``.
+Backends: ``torch`` (the reference, float64-checkable, the CPU path and the test oracle; without autograd and
+with a hard 0 / -inf bias it attends to each plan's kept keys only, :mod:`polykv_learn.kernels.gathered`) and
+``triton`` (fused, online softmax, blocked over ``n``). ``POLYKV_BACKEND=auto|torch|triton`` picks one; ``auto``
+uses Triton for CUDA tensors when Triton imports, else torch. The Triton path runs on CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import torch
 from torch import Tensor
 
+from polykv_learn.kernels import gathered
 from polykv_learn.kernels.reference import context_attention_reference, merge_attention
 
 BACKENDS = ("auto", "torch", "triton")
@@ -51,6 +53,8 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: fl
         from polykv_learn.kernels.triton_attention import triton_context_attention
 
         return triton_context_attention(q, k, v, bias, scaling)
+    if gathered.applies(q, k, v, bias):  # no autograd, hard keep masks: attend to the kept keys only
+        return gathered.gathered_context_attention(q, k, v, bias, scaling)
     return context_attention_reference(q, k, v, bias, scaling)
 
 
