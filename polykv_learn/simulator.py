@@ -64,8 +64,9 @@ class ContextCapture:
             keep = ranks < torch.tensor(budget, device=ranks.device)[:, None]
         else:
             keep = ranks < budget
-        if self.stats[layer].sliding_window is not None:
-            keep &= self.stats[layer].in_window.to(keep.device)[None, :]
+        stats = self.stats[layer] if layer < len(self.stats) else None  # a stored prefill has ranks only
+        if stats is not None and stats.sliding_window is not None:
+            keep &= stats.in_window.to(keep.device)[None, :]
         return keep
 
 

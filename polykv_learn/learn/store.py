@@ -111,6 +111,12 @@ class PrefillStore:
         overlap_policies: Sequence[str],
         budgets: Sequence[int],
     ):
+        layer_types = getattr(simulator.model.config, "layer_types", None) or []
+        if "sliding_attention" in layer_types:  # a stored prefill keeps ranks, not the window of a sliding layer
+            raise ValueError(
+                f"the prefill store does not support sliding-window layers yet ({simulator.model.config.model_type}); "
+                "allowed: models whose layers all attend to the full context (e.g. smollm2-135m)"
+            )
         self.root = Path(root)
         self.simulator = simulator
         self.policies = list(policies)

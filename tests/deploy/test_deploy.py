@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from greedy_helpers import PAD, assert_same_greedy, greedy_generate, simulator_greedy
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
@@ -13,46 +14,9 @@ from polykv_learn.cache import CompressedCache, cache_bytes
 from polykv_learn.deploy import compress, make_cache
 from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
-from polykv_learn.policies import get_policy, policy_names
-from polykv_learn.simulator import Simulator
-
-NEW_TOKENS = 32
-PAD = 2  # pad = eos of SmolLM2 and of the tiny models
-
+from polykv_learn.policies import policy_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def greedy_generate(model, ids, new_tokens=NEW_TOKENS, **kwargs):
-    """Greedy ``generate`` of one prompt (1, n) -> list of new tokens (shorter only if it stopped at EOS)."""
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, **kwargs
-    )
-    return out[0, ids.shape[1] :].tolist()
-
-
-def simulator_greedy(model, ids, plan, new_tokens=NEW_TOKENS):
-    """Greedy decoding on the simulator's masked forward: one prefill, then the growing probe under ``plan``."""
-    sim = Simulator(model)
-    used = [get_policy(p) for p in plan.policies]
-    capture = sim.capture(
-        ids,
-        accumulate=any(p.needs_accumulated_attn for p in used),
-        reconstruct=any(p.needs_reconstruct_attn for p in used),
-    )
-    biases = sim.hard_biases(capture, [plan])
-    tokens = [int(capture.last_logits.argmax())]
-    with torch.no_grad():
-        while len(tokens) < new_tokens:
-            logits = sim.probe_logits(capture, torch.tensor([tokens]), biases)
-            tokens.append(int(logits[0, -1].argmax()))
-    return tokens
-
-
-def assert_same_greedy(generated, expected, eos=PAD):
-    """``generate`` stops at EOS; the simulator does not: compare up to the end of ``generated``."""
-    assert generated == expected[: len(generated)], (generated, expected)
-    assert len(generated) == len(expected) or generated[-1] == eos
 
 
 def tiny_plans(num_layers):

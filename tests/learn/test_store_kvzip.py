@@ -3,6 +3,7 @@ names the repeat prompt, and stores of the earlier policy sets keep their finger
 
 import json
 
+import pytest
 import torch
 from model_helpers import random_ids
 
@@ -43,3 +44,15 @@ def test_a_stored_kvzip_rank_is_the_reconstruction_passs(tmp_path):
             assert torch.equal(loaded.ranks[(layer, policy)], capture.ranks(layer, policy)), (layer, policy)
     assert not torch.equal(loaded.ranks[(0, "kvzip")], loaded.ranks[(0, "snapkv")])
     assert loaded.features.shape[:2] == (2, 4)
+
+
+def test_store_refuses_sliding_window_models():
+    """A stored prefill keeps ranks but not a sliding layer's window, so training on tiny-gemma3 is refused in one
+    line instead of simulating keep sets the real cache would not hold."""
+    from polykv_learn.learn.store import PrefillStore
+    from polykv_learn.models import load_model
+    from polykv_learn.simulator import Simulator
+
+    model = load_model("tiny-gemma3", with_tokenizer=False)[0]
+    with pytest.raises(ValueError, match=r"^the prefill store does not support sliding-window layers yet \(gemma3"):
+        PrefillStore("unused", Simulator(model), ["snapkv"], [], [64])
