@@ -2,7 +2,9 @@
 generate exactly the tokens the simulator predicts)."""
 
 import torch
+from model_helpers import left_pad
 
+from polykv_learn.deploy import compress
 from polykv_learn.policies import get_policy
 from polykv_learn.simulator import Simulator
 
@@ -40,3 +42,15 @@ def assert_same_greedy(generated, expected, eos=PAD):
     """``generate`` stops at EOS; the simulator does not: compare up to the end of ``generated``."""
     assert generated == expected[: len(generated)], (generated, expected)
     assert len(generated) == len(expected) or generated[-1] == eos
+
+
+def assert_batch_equals_singles(model, prompts, new_tokens, **how):
+    """Greedy ``generate`` of a left-padded batch under ``compress(model, **how)`` equals each prompt alone."""
+    with compress(model, **how):
+        singles = [greedy_generate(model, p, new_tokens=new_tokens) for p in prompts]
+        ids, mask = left_pad(prompts)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD)
+    for i, single in enumerate(singles):
+        row = out[i, ids.shape[1] :].tolist()
+        assert row[: len(single)] == single, f"sequence {i}: batch {row} vs alone {single}"
+        assert all(t == PAD for t in row[len(single) :])

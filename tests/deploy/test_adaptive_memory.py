@@ -9,10 +9,9 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from adaptive_helpers import LENGTHS, depth_router, left_padded, prefill
 from artifact_helpers import make_artifact
-from model_helpers import random_ids
 
-from polykv_learn import adapter
 from polykv_learn import cache as cache_module
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.deploy import make_cache
@@ -26,8 +25,6 @@ from polykv_learn.policies import get_policy, keep_indices, policy_names
 ROUTED = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
 #: what a layer's statistics hold beyond its keys/values, positions and validity
 HEAVY = ("window_attn", "accumulated_attn", "window_queries", "window_cos", "window_sin", "future_cos", "future_sin")
-PAD = 2
-LENGTHS = (150, 90, 55)
 #: the policy the depth router below gives layers 0..3 (layer l: x = 5 l / 3, policy round(x) of ROUTED)
 BY_DEPTH = ["streaming", "h2o", "tova", "expected_attention"]
 
@@ -36,32 +33,7 @@ BY_DEPTH = ["streaming", "h2o", "tova", "expected_attention"]
 def polykv(tmp_path_factory, tiny_models):
     """A linear router on the relative depth: logit_k = k x - k^2 / 2 with x = 5 depth, so layer l gets policy
     round(5 l / 3) (margins of 1/6 between the two best logits: no near tie)."""
-    path = make_artifact(tmp_path_factory.mktemp("mem") / "tiny", tiny_models["tiny-llama"], policies=ROUTED)
-    config, tensors = read_artifact(path)
-    depth = torch.zeros(len(config["feature_names"]))
-    depth[config["feature_names"].index("depth")] = 5.0
-    k = torch.arange(len(ROUTED), dtype=torch.float32)
-    tensors = {key: v for key, v in tensors.items() if not key.startswith("router.")}
-    tensors["router.net.0.weight"], tensors["router.net.0.bias"] = k[:, None] * depth[None, :], -(k**2) / 2
-    config = {key: v for key, v in config.items() if key != "format"}
-    config["router"] = {**config["router"], "num_hidden_layers": 0}
-    return PolyKV.from_pretrained(write_artifact(path, config, tensors))
-
-
-def left_padded(lengths=LENGTHS, seed=3):
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, m in enumerate(lengths):
-        ids[i, n - m :] = random_ids(m, seed=seed + m)[0]
-        mask[i, n - m :] = 1
-    return ids, mask
-
-
-def prefill(model, cache, ids, mask):
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate gives a left-padded batch
-    with torch.no_grad():
-        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return depth_router(tmp_path_factory.mktemp("mem") / "tiny", tiny_models["tiny-llama"], ROUTED, 5.0)
 
 
 def test_each_layer_drops_its_statistics_as_soon_as_its_prefill_ends(tiny_models, polykv, monkeypatch):

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from greedy_helpers import PAD, assert_same_greedy, greedy_generate, simulator_greedy
+from greedy_helpers import assert_batch_equals_singles, assert_same_greedy, greedy_generate, simulator_greedy
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
@@ -100,15 +100,6 @@ def test_cache_bytes_after_prefill_are_exact(name, dtype):
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
-def assert_batch_equals_singles(model, prompts, plan, new_tokens):
-    with compress(model, plan):
-        singles = [greedy_generate(model, p, new_tokens=new_tokens) for p in prompts]
-        ids, mask = left_pad(prompts)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD)
-    for i, single in enumerate(singles):
-        row = out[i, ids.shape[1] :].tolist()
-        assert row[: len(single)] == single, f"sequence {i}: batch {row} vs alone {single}"
-        assert all(t == PAD for t in row[len(single) :])
 
 
 # tiny-qwen3 is left out: its QK-norm with untrained weights gives every key the same norm, so knorm's order is
@@ -119,9 +110,9 @@ def test_left_padded_batch_equals_one_by_one(tiny_models, eager_models, name, at
     long, short, tiny = random_ids(150, seed=24), random_ids(100, seed=25), random_ids(20, seed=26)
     for policy in policy_names():  # every policy, the random control included
         plan = Plan.uniform(policy, 40, 4)
-        assert_batch_equals_singles(model, [long, short], plan, new_tokens=12)
+        assert_batch_equals_singles(model, [long, short], 12, plan=plan)
         # a prompt shorter than the observation window (32) next to a longer one, budget below both
-        assert_batch_equals_singles(model, [random_ids(60, seed=27), tiny], Plan.uniform(policy, 12, 4), 8)
+        assert_batch_equals_singles(model, [random_ids(60, seed=27), tiny], 8, plan=Plan.uniform(policy, 12, 4))
     # the padding itself is never kept: after the prefill the short row's kept keys are all real tokens
     ids, mask = left_pad([long, short])
     cache = make_cache(model, Plan.uniform("streaming", 40, 4))
@@ -263,7 +254,7 @@ def test_smollm2_left_padded_batch_equals_one_by_one(smollm2):
     model, tokenizer = smollm2
     plan = smollm2_plan(model.config.num_hidden_layers)
     assert_batch_equals_singles(
-        model, [smollm2_prompt(tokenizer, 300), smollm2_prompt(tokenizer, 180, seed=5)], plan, 16
+        model, [smollm2_prompt(tokenizer, 300), smollm2_prompt(tokenizer, 180, seed=5)], 16, plan=plan
     )
 
 

@@ -4,7 +4,7 @@ decoding on the simulator for the same plan, and the cache holds exactly the byt
 
 import pytest
 import torch
-from greedy_helpers import PAD, assert_same_greedy, greedy_generate, simulator_greedy
+from greedy_helpers import PAD, assert_batch_equals_singles, assert_same_greedy, greedy_generate, simulator_greedy
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache
 
@@ -119,15 +119,6 @@ def test_headwise_cache_bytes_are_the_kept_positions_plus_the_padding(name, dtyp
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
-def assert_batch_equals_singles(model, prompts, new_tokens, **how):
-    with compress(model, **how):
-        singles = [greedy_generate(model, p, new_tokens=new_tokens) for p in prompts]
-        ids, mask = left_pad(prompts)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD)
-    for i, single in enumerate(singles):
-        row = out[i, ids.shape[1] :].tolist()
-        assert row[: len(single)] == single, f"sequence {i}: batch {row} vs alone {single}"
-        assert all(t == PAD for t in row[len(single) :])
 
 
 def adakv_rows(budget):
