@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -175,6 +176,10 @@ def task_samples(
     return out
 
 
+def _progress(message: str, since: float) -> None:
+    print(f"calibrate: {message} ({time.perf_counter() - since:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _plan_dict(plan) -> dict:
     return {"policies": list(plan.policies), "budgets": list(plan.budgets)}
 
@@ -222,11 +227,13 @@ def run_calibrate(argv: Sequence[str]) -> dict:
     at = time.perf_counter()
     calib = prefill_samples(sim, [(c, p) for c, p, _ in samples], config.policies)
     timings["prefill_s"] = time.perf_counter() - at
+    _progress(f"{len(samples)} samples prefilled, n = {n}", started)
     at = time.perf_counter()
     full_curves = None
     if config.baseline in ("full", "both"):
         full_curves = sensitivity_curves(sim, calib, config.policies, config.grid)
     timings["sweep_full_s"] = time.perf_counter() - at
+    _progress("full-baseline sweep done", started)
     per_budget: dict[str, dict] = {}
     plans: dict[int, Plan] = {}
     for budget in config.budgets:
@@ -241,6 +248,7 @@ def run_calibrate(argv: Sequence[str]) -> dict:
             base = Plan.uniform(best, budget, num_layers)
             curves = sensitivity_curves(sim, calib, config.policies, config.grid, base=base)
             timings[f"sweep_uniform_{budget}_s"] = time.perf_counter() - at
+            _progress(f"B={budget}: uniform-baseline ({best}) sweep done", started)
             starts.append(("uniform", calibrated_plan(curves, budget, lower, n)))
             entry["uniform_baseline_curves"] = {"loss": curves.loss.tolist(), "full_loss": curves.full_loss.tolist()}
         losses = calib.mean_loss([plan for _, plan in starts])
@@ -253,6 +261,7 @@ def run_calibrate(argv: Sequence[str]) -> dict:
             config.policies, b_min=lower, rounds=config.refine_rounds,
         )  # fmt: skip
         timings[f"refine_{budget}_s"] = time.perf_counter() - at
+        _progress(f"B={budget}: refined, KL {refined.start_loss:.4f} -> {refined.loss:.4f}", started)
         entry["refined"] = {**_plan_dict(refined.plan), "loss": refined.loss, "start_loss": refined.start_loss,
                             "moves": list(refined.moves)}  # fmt: skip
         per_budget[str(budget)] = entry

@@ -48,8 +48,10 @@ def test_calibrate_writes_an_artifact_copy_with_both_baselines_and_refinement(tm
     model = load_model("tiny-llama", with_tokenizer=False)[0]
     router = make_artifact(tmp_path / "router", model)
     before = (router / "polykv.json").read_text()
-    path, _ = write_inputs(tmp_path, baseline="both", refine_rounds=1, router=str(router),
-                           artifact=str(tmp_path / "calibrated"))  # fmt: skip
+    path, config = write_inputs(tmp_path, baseline="both", refine_rounds=1, router=str(router),
+                                artifact=str(tmp_path / "calibrated"), validation_samples=2)  # fmt: skip
+    config["validation_file"] = config["samples_file"]  # rows without a split field pass as either split
+    path.write_text(json.dumps(config))
     cli.main(["calibrate", "--config", str(path)])
     report = json.loads((tmp_path / "out" / "calib.json").read_text())
     assert (router / "polykv.json").read_text() == before  # the source artifact is untouched
@@ -66,6 +68,12 @@ def test_calibrate_writes_an_artifact_copy_with_both_baselines_and_refinement(tm
         assert list(plan.budgets) == refined["budgets"] and list(plan.policies) == refined["policies"]
         assert sum(plan.budgets) == layers * int(budget) and copy.static_plan(int(budget)) == plan
     assert copy.config["calibrated"]["context_length"] == report["context_length"]
+    table = report["validation"]["kl"]
+    assert (
+        sorted(table, key=int) == ["8", "20"] and copy.config["calibrated"]["calibration"]["validation"]["kl"] == table
+    )
+    for row in table.values():
+        assert set(row) == {"calibrated", "router_static", "snapkv", "knorm"} and min(row.values()) >= 0
     assert copy.router_static_plan(8) == PolyKV.from_pretrained(router).static_plan(8)
 
 
