@@ -64,7 +64,7 @@ def test_format_1_artifact_still_loads_without_calibrated_plans(tiny, tmp_path):
         PolyKV.from_pretrained(directory)
 
 
-def test_bundled_artifact_loads_as_format_1():
+def test_bundled_artifact_static_plan_keeps_the_exact_total():
     polykv = PolyKV.from_pretrained("checkpoints/smollm2-135m")
     assert polykv.config["format"] in ("polykv-learn/1", "polykv-learn/2")
     assert polykv.static_plan(128).total_budget == 30 * 128
