@@ -1,7 +1,8 @@
 """Exact-total budget arithmetic (design §2): the projection of real budgets onto ``sum = total`` within bounds
 (:func:`project_budgets`, differentiable almost everywhere, used by the learned allocator) and the rounding that
-keeps the sum (:func:`round_preserving_sum`, largest remainder, used at deployment). :mod:`polykv_learn.plan`
-re-exports both.
+keeps the sum (:func:`round_preserving_sum`, largest remainder, used at deployment), and the rescaling of an
+integer allocation to another total (:func:`rescale_budgets`, calibrated static plans). :mod:`polykv_learn.plan`
+re-exports the first two.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
-__all__ = ["project_budgets", "round_preserving_sum"]
+__all__ = ["project_budgets", "rescale_budgets", "round_preserving_sum"]
 
 
 def _check_feasible(num_layers: int, total: float, lower: float, upper: float) -> None:
@@ -147,3 +148,22 @@ def round_preserving_sum(
             frac[i] -= step
         remainder = total - sum(base)
     return base
+
+
+def rescale_budgets(budgets: Sequence[int], total: int, lower: int, upper: int) -> list[int]:
+    """Integer ``budgets`` (L,) brought to exactly ``total`` within ``[lower, upper]``, proportionally: the fixed point
+    ``clip(c * b_l, lower, upper)`` with the sum ``total`` (:func:`project_budgets`), rounded by the largest-remainder
+    rule (:func:`round_preserving_sum`), so the order of the layers is kept. Budgets that already sum to ``total``
+    within the bounds are returned unchanged.
+
+    Raises ValueError for a budget that is not a positive integer or a ``total`` outside ``[L * lower, L * upper]``."""
+    values = list(budgets)
+    for i, b in enumerate(values):
+        if isinstance(b, bool) or not isinstance(b, Integral) or b < 1:
+            raise ValueError(f"budgets must be positive integers, got {b!r} at layer {i}")
+    if isinstance(total, bool) or not isinstance(total, Integral):
+        raise ValueError(f"total must be an integer, got {total!r}")
+    _check_feasible(len(values), int(total), int(lower), int(upper))
+    if sum(values) == total and all(lower <= b <= upper for b in values):
+        return [int(b) for b in values]
+    return round_preserving_sum([float(b) for b in values], int(total), int(lower), int(upper))

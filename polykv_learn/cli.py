@@ -4,7 +4,7 @@ polykv-learn prepare-data --out data/polykv             # offline corpus + evalu
 polykv-learn fit --config configs/smollm2-135m.yaml     # Lightning CLI: every field overridable
 polykv-learn generate --router checkpoints/smollm2-135m --budget 128 --prompt-file prompt.txt
 polykv-learn evaluate --router checkpoints/smollm2-135m --out results/   # see `evaluate --help`
-polykv-learn calibrate --config calib.yaml   # sensitivity curves, per-layer policies and budgets (JSON)
+polykv-learn calibrate --config configs/calibrate-smollm2.yaml   # calibrated static plans (JSON, artifact copy)
 
 Expected errors (bad arguments, missing or corrupt files) print one line, `polykv-learn <command>: error: ...`,
 and exit with status 2; add --debug anywhere (or set POLYKV_DEBUG=1) to see the traceback instead.
@@ -45,7 +45,9 @@ def _calibrate(argv: Sequence[str]) -> None:
     from polykv_learn.calibrate_cli import run_calibrate
 
     report = run_calibrate(argv)
-    print(f"wrote {report['config']['out']}: budgets for B = {', '.join(report['plans'])}")
+    artifact = report["config"]["artifact"]
+    into = f" and the artifact {artifact}" if artifact else ""
+    print(f"wrote {report['config']['out']}{into}: static plans for B = {', '.join(report['plans'])}")
 
 
 def _prepare_data(argv: Sequence[str]) -> None:

@@ -3,9 +3,12 @@
 import json
 
 import pytest
+from artifact_helpers import make_artifact
 
 from polykv_learn import cli
 from polykv_learn.data.jsonl import write_jsonl
+from polykv_learn.deploy.polykv import PolyKV
+from polykv_learn.models import load_model
 
 
 def write_inputs(tmp_path, **overrides):
@@ -17,8 +20,8 @@ def write_inputs(tmp_path, **overrides):
     write_jsonl(samples, tmp_path / "calib.jsonl")
     config = {
         "model": "tiny-llama", "samples_file": str(tmp_path / "calib.jsonl"), "max_samples": 2,
-        "context_tokens": 60, "probe_tokens": 6, "policies": ["snapkv", "knorm"], "grid": [4, 16, 32],
-        "budgets": [8, 20], "b_min": 2, "out": str(tmp_path / "out" / "calib.json"),
+        "context_tokens": 150, "probe_tokens": 6, "policies": ["snapkv", "knorm"], "grid": [4, 16, 32],
+        "budgets": [8, 20], "b_min": 2, "out": str(tmp_path / "out" / "calib.json"), "tasks": [],
     }  # fmt: skip
     config.update(overrides)
     (tmp_path / "calib.yaml").write_text(json.dumps(config))  # JSON is YAML
@@ -34,10 +37,44 @@ def test_calibrate_writes_curves_and_exact_budgets(tmp_path, capsys):
     assert len(report["loss"]) == layers and len(report["loss"][0]) == 2 and len(report["loss"][0][0]) == 3
     assert set(report["layer_policies"]) <= {"snapkv", "knorm"}
     assert sorted(report["plans"], key=int) == ["8", "20", "30"]
-    for budget, budgets in report["plans"].items():
+    for budget, plan in report["plans"].items():
+        budgets = plan["budgets"]
         assert len(budgets) == layers and sum(budgets) == layers * int(budget)
-        assert all(2 <= b <= n for b in budgets)
+        assert all(2 <= b <= n for b in budgets) and plan["policies"] == report["layer_policies"]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_calibrate_writes_an_artifact_copy_with_both_baselines_and_refinement(tmp_path):
+    model = load_model("tiny-llama", with_tokenizer=False)[0]
+    router = make_artifact(tmp_path / "router", model)
+    before = (router / "polykv.json").read_text()
+    path, config = write_inputs(tmp_path, baseline="both", refine_rounds=1, router=str(router),
+                                artifact=str(tmp_path / "calibrated"), validation_samples=2)  # fmt: skip
+    config["validation_file"] = config["samples_file"]  # rows without a split field pass as either split
+    path.write_text(json.dumps(config))
+    cli.main(["calibrate", "--config", str(path)])
+    report = json.loads((tmp_path / "out" / "calib.json").read_text())
+    assert (router / "polykv.json").read_text() == before  # the source artifact is untouched
+    copy = PolyKV.from_pretrained(tmp_path / "calibrated")
+    layers = model.config.num_hidden_layers
+    assert sorted(copy.calibrated_plans) == [8, 20]
+    for budget, entry in report["budgets"].items():
+        assert set(entry["allocated"]) == {"full", "uniform"}
+        refined = entry["refined"]
+        starts = [a["loss"] for a in entry["allocated"].values()] + [min(entry["uniform"].values())]
+        assert refined["start_loss"] == pytest.approx(min(starts), abs=1e-12)
+        assert refined["loss"] <= refined["start_loss"] and len(refined["moves"]) <= 1
+        plan = copy.calibrated_plans[int(budget)]
+        assert list(plan.budgets) == refined["budgets"] and list(plan.policies) == refined["policies"]
+        assert sum(plan.budgets) == layers * int(budget) and copy.static_plan(int(budget)) == plan
+    assert copy.config["calibrated"]["context_length"] == report["context_length"]
+    table = report["validation"]["kl"]
+    assert (
+        sorted(table, key=int) == ["8", "20"] and copy.config["calibrated"]["calibration"]["validation"]["kl"] == table
+    )
+    for row in table.values():
+        assert set(row) == {"calibrated", "router_static", "snapkv", "knorm"} and min(row.values()) >= 0
+    assert copy.router_static_plan(8) == PolyKV.from_pretrained(router).static_plan(8)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +83,13 @@ def test_calibrate_writes_curves_and_exact_budgets(tmp_path, capsys):
         ({"policies": ["nope"]}, "unknown: nope"),
         ({"grid": [0, 4]}, "must be positive"),
         ({"budgets": [500]}, "outside"),
+        ({"baseline": "median"}, "baseline must be one of full, uniform, both, got 'median'"),
+        ({"refine_rounds": -1}, "refine_rounds must be >= 0, got -1"),
+        ({"protocols": ["chat"]}, "protocols must be a non-empty list of query_agnostic, query_aware"),
+        ({"artifact": "x"}, "artifact (the folder to write) and router (the artifact it copies) go together"),
+        ({"tasks": ["passkey"]}, "no train samples of task types passkey"),
+        ({"validation_file": "nope.jsonl"}, "validation_file 'nope.jsonl': no such file"),
+        ({"min_context_tokens": 200}, "min_context_tokens 200 exceeds context_tokens"),
     ],
 )
 def test_calibrate_bad_config_is_one_line(tmp_path, capsys, override, message):
@@ -55,3 +99,18 @@ def test_calibrate_bad_config_is_one_line(tmp_path, capsys, override, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("polykv-learn calibrate: error:") and message in err and "\n" not in err
+
+
+def test_calibrate_refuses_other_splits_and_a_non_artifact_destination(tmp_path, capsys):
+    path, config = write_inputs(tmp_path)
+    rows = [json.loads(line) for line in open(config["samples_file"])]
+    write_jsonl([{**r, "split": "test"} for r in rows], tmp_path / "test.jsonl")
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--config", str(path), "--samples_file", str(tmp_path / "test.jsonl")])
+    assert "is of split 'test', not 'train'" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--config", str(path), "--router", "r", "--artifact", str(tmp_path / "busy")])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("exists and is not an artifact folder (not replaced)") and "\n" not in err

@@ -2,7 +2,8 @@
 
 ``polykv.json`` holds the format version, the model fingerprint (name, layers, heads, KV heads, head dim), the
 routed and overlap policies, the feature names and standardisation statistics, the router/allocator shapes, the
-capture options, the budget grid, the validation table and training notes. ``weights.safetensors`` holds the MLP
+capture options, the budget grid, the validation table, training notes and (format 2, optional) the calibrated
+static plans of ``polykv-learn calibrate``. ``weights.safetensors`` holds the MLP
 router and allocator weights, the calibration features of static plans, and (GBDT router) the tree node arrays.
 Loading never executes code (no pickle) and checks every field and tensor shape (:func:`validate_config`).
 Saving writes a temporary folder and swaps it into place in one step (:func:`polykv_learn.atomic.atomic_dir`).
@@ -28,7 +29,9 @@ from polykv_learn.features import feature_names as expected_feature_names
 from polykv_learn.planner.router import GBDT_FORMAT, NODE_FIELDS
 from polykv_learn.policies import POLICIES
 
-FORMAT = "polykv-learn/1"
+FORMAT = "polykv-learn/2"
+#: formats this version reads: 1 (no calibrated plans) and 2 (adds the optional ``calibrated`` object)
+READ_FORMATS = ("polykv-learn/1", FORMAT)
 CONFIG_FILE = "polykv.json"
 WEIGHTS_FILE = "weights.safetensors"
 ROUTER_TYPES = ("mlp", "gbdt")
@@ -104,8 +107,9 @@ def read_artifact(directory: str | Path) -> tuple[dict[str, Any], dict[str, torc
         raise ValueError(f"corrupt artifact {directory}: {CONFIG_FILE} is not UTF-8 text ({err.reason})") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"corrupt artifact {directory}: {CONFIG_FILE} is not valid JSON ({err})") from err
-    if isinstance(config, dict) and config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} has format {config.get('format')!r}; this version reads {FORMAT!r}")
+    if isinstance(config, dict) and config.get("format") not in READ_FORMATS:
+        readable = " and ".join(repr(f) for f in READ_FORMATS)
+        raise ValueError(f"{config_path} has format {config.get('format')!r}; this version reads {readable}")
     try:
         tensors = load_file(weights_path)
     except Exception as err:  # safetensors raises its own error types for truncated files
@@ -204,7 +208,8 @@ def validate_config(
 
 
 def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    _expect(config.get("format", _MISSING) == FORMAT, "format", repr(FORMAT), config.get("format", _MISSING))
+    fmt = config.get("format", _MISSING)
+    _expect(fmt in READ_FORMATS, "format", " or ".join(repr(f) for f in READ_FORMATS), fmt)
     model = _object(config, "model", "model")
     name = model.get("name", _MISSING)
     _expect(isinstance(name, str) and name != "", "model.name", "a non-empty string", name)
@@ -240,6 +245,10 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
     _validate_validation(config.get("validation", {}))
     training = config.get("training", {})
     _expect(isinstance(training, dict), "training", "an object", training)
+    if "calibrated" in config:
+        _expect(fmt != "polykv-learn/1", "calibrated", f"absent in format 'polykv-learn/1' (it needs {FORMAT!r})",
+                config["calibrated"])  # fmt: skip
+        _validate_calibrated(config["calibrated"], dims["num_layers"], dims["max_positions"])
 
     _check_mlp(tensors, "router", num_features, r_hidden, r_layers, len(policies))
     _check_mlp(tensors, "allocator", num_features, a_hidden, a_layers, 1)
@@ -256,6 +265,40 @@ def _validate_validation(table: Any) -> None:
         for method, value in row.items():
             _expect(value is None or _is_number(value), f"validation[{budget!r}][{method!r}]", "a number or null",
                     value)  # fmt: skip
+
+
+def _validate_calibrated(section: Any, num_layers: int, max_positions: int) -> None:
+    """The calibrated static plans: ``context_length`` n (the calibration contexts' length, <= max_positions),
+    ``b_min``, ``plans`` (budget B -> {policies, budgets}: L registered policies and L integer budgets in
+    ``[min(b_min, B), n]`` summing to exactly ``L * B``) and ``calibration`` (an object, information only)."""
+    _expect(isinstance(section, dict), "calibrated", "an object", section)
+    n = _int(section, "context_length", "calibrated.context_length", 1)
+    if n > max_positions:
+        raise _Invalid(f"calibrated.context_length must be <= model.max_positions ({max_positions}), got {n}")
+    b_min = _int(section, "b_min", "calibrated.b_min", 1)
+    plans = section.get("plans", _MISSING)
+    _expect(isinstance(plans, dict) and bool(plans), "calibrated.plans", "a non-empty object (budget -> plan)", plans)
+    for key, plan in plans.items():
+        ok = key.isdigit() and 1 <= int(key) <= n and str(int(key)) == key
+        _expect(ok, "calibrated.plans keys", f"budgets (integers in [1, {n}], as strings)", key)
+        field, budget = f"calibrated.plans[{key!r}]", int(key)
+        _expect(isinstance(plan, dict), field, "an object with policies and budgets", plan)
+        names = plan.get("policies", _MISSING)
+        _expect(isinstance(names, list) and len(names) == num_layers, f"{field}.policies",
+                f"a list of {num_layers} policy names", names)  # fmt: skip
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or name not in POLICIES:
+                raise _Invalid(f"{field}.policies[{i}] must be a registered policy ({', '.join(POLICIES)}), "
+                               f"got {_kind(name)}")  # fmt: skip
+        budgets = plan.get("budgets", _MISSING)
+        lower = min(b_min, budget)
+        ok = isinstance(budgets, list) and len(budgets) == num_layers
+        ok = ok and all(_is_int(b) and lower <= b <= n for b in budgets)
+        _expect(ok, f"{field}.budgets", f"a list of {num_layers} integers in [{lower}, {n}]", budgets)
+        if sum(budgets) != num_layers * budget:
+            raise _Invalid(f"{field}.budgets must sum to L * B = {num_layers * budget}, got {sum(budgets)}")
+    info = section.get("calibration", {})
+    _expect(isinstance(info, dict), "calibrated.calibration", "an object", info)
 
 
 def _check_tensor(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:

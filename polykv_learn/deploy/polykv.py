@@ -6,6 +6,10 @@ with polykv.apply(model, budget=128):            # adaptive: plan decided on eac
 cache = polykv.make_cache(model, budget=128, mode="static")   # one fixed plan, evicts as each layer finishes
 model.generate(input_ids, cache=cache)                       # one cache per generate call
 
+Static plans: an artifact with calibrated plans (``polykv-learn calibrate --artifact``, :meth:`with_calibrated_plans`)
+serves the calibrated plan of the grid budget nearest to B, rescaled exactly to ``L * B``; without them, the router
+applied to the averaged calibration features (:meth:`static_plan`).
+
 In a left-padded batch (with its ``attention_mask``) every row of an adaptive cache gets its own plan, the one it
 would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lists them).
 
@@ -32,9 +36,10 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from polykv_learn import adapter
+from polykv_learn.budgets import rescale_budgets
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.deploy.artifact import read_artifact, write_artifact
+from polykv_learn.deploy.artifact import FORMAT, read_artifact, validate_config, write_artifact
 from polykv_learn.features import layer_features
 from polykv_learn.layerwise import LayerwisePlanner
 from polykv_learn.plan import Plan
@@ -73,6 +78,14 @@ class PolyKV:
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled
+        section = config.get("calibrated")  # validated on load (artifact format 2)
+        self.calibrated_plans: dict[int, Plan] = {}
+        self.calibrated_b_min = self.b_min
+        if section:
+            self.calibrated_b_min = int(section["b_min"])
+            for key in sorted(section["plans"], key=int):
+                plan = section["plans"][key]
+                self.calibrated_plans[int(key)] = Plan.from_lists(plan["policies"], plan["budgets"])
 
     # --- persistence ---------------------------------------------------------------------------------------------
     @classmethod
@@ -82,6 +95,21 @@ class PolyKV:
             return cls(config, tensors)
         except (KeyError, RuntimeError, TypeError) as err:
             raise ValueError(f"corrupt artifact {directory}: {err}") from err
+
+    def with_calibrated_plans(
+        self, plans: dict[int, Plan], context_length: int, b_min: int, info: dict[str, Any] | None = None
+    ) -> PolyKV:
+        """A copy of this artifact whose static plans are ``plans`` (average budget B -> plan with ``L`` layers,
+        budgets in ``[min(b_min, B), context_length]`` summing to ``L * B``; checked here, as on load)."""
+        section = {
+            "context_length": int(context_length),
+            "b_min": int(b_min),
+            "plans": {str(b): {"policies": list(p.policies), "budgets": list(p.budgets)} for b, p in plans.items()},
+            "calibration": dict(info or {}),
+        }
+        config = {**{k: v for k, v in self.config.items() if k != "format"}, "calibrated": section}
+        validate_config({"format": FORMAT, **config}, self.tensors, "(calibrated copy)", problem="invalid")
+        return PolyKV({"format": FORMAT, **config}, self.tensors)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         config = {k: v for k, v in self.config.items() if k != "format"}
@@ -198,11 +226,31 @@ class PolyKV:
         return plans[0] if input_ids.ndim == 1 else plans
 
     def static_plan(self, budget: int) -> Plan:
-        """One fixed plan per budget, from the calibration features (the nearest budget of the grid)."""
+        """One fixed plan per budget. Static mode does not know the context length, so it plans for
+        ``n = max_positions``: a layer budget at or above the real ``n`` keeps that layer whole (design §2).
+
+        With calibrated plans: the plan of the calibrated budget nearest to ``budget`` (in log scale), its layer
+        budgets rescaled proportionally to exactly ``L * budget`` within ``[min(b_min, budget), max_positions]``
+        (:func:`~polykv_learn.budgets.rescale_budgets`; a calibrated budget is served as calibrated). Without them:
+        the router applied to the calibration features of the nearest budget of the training grid."""
+        budget = check_budget(budget)
+        if not self.calibrated_plans:
+            return self.router_static_plan(budget)
+        max_n = int(self.model_fingerprint["max_positions"])
+        nearest = min(self.calibrated_plans, key=lambda b: (abs(np.log(b / budget)), b))
+        plan = self.calibrated_plans[nearest]
+        if max_n <= budget:  # nothing is evicted (as the router's plan)
+            return Plan.from_lists(plan.policies, [budget] * plan.num_layers)
+        lower = min(self.calibrated_b_min, budget)
+        return Plan.from_lists(plan.policies, rescale_budgets(plan.budgets, plan.num_layers * budget, lower, max_n))
+
+    def router_static_plan(self, budget: int) -> Plan:
+        """The router's own static plan (what :meth:`static_plan` serves without calibrated plans): the router and
+        allocator applied to the calibration features of the training grid's budget nearest to ``budget`` (log
+        scale), for ``n = max_positions``."""
         budget = check_budget(budget)
         k = min(range(len(self.budgets)), key=lambda i: abs(np.log(self.budgets[i] / budget)))
-        max_n = int(self.model_fingerprint["max_positions"])
-        return self.plan_from_features(self.calibration[k], budget, max_n)
+        return self.plan_from_features(self.calibration[k], budget, int(self.model_fingerprint["max_positions"]))
 
     # --- deployment ----------------------------------------------------------------------------------------------
     def make_cache(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> CompressedCache:

@@ -242,7 +242,7 @@ CONFIG_CASES = [
     ("validation", {"x": {}}, "validation keys must be budgets (positive integers), got a string ('x')"),
     ("validation", {"32": {"learned": "low"}}, "validation['32']['learned'] must be a number or null"),
     ("training", "x", "training must be an object, got a string ('x')"),
-    ("format", "polykv-learn/0", "has format 'polykv-learn/0'; this version reads 'polykv-learn/1'"),
+    ("format", "polykv-learn/0", "format 'polykv-learn/0'; this version reads 'polykv-learn/1' and 'polykv-learn/2'"),
     ("router.type", "gbdt", "router.gbdt must be an object, got nothing (the key is missing)"),
 ]
 

@@ -106,11 +106,13 @@ def test_a_router_whose_summary_reads_kvzip_summarises_after_the_pass(tiny_model
 
 def test_the_bundled_router_loads_and_plans_as_before():
     """checkpoints/smollm2-135m routes to none of the new policies: same capture (H2O, no reconstruction pass)
-    and the same static plans as before KeyDiff and KVzip existed (digest computed with the earlier code)."""
+    and the same router static plans as before KeyDiff and KVzip existed (digest computed with the earlier code; the
+    calibrated static plans the artifact now also holds are checked in tests/deploy/test_calibrated_artifact.py)."""
     polykv = PolyKV.from_pretrained(BUNDLED)
     assert "kvzip" not in polykv.policies and "keydiff" not in polykv.policies
     assert polykv.capture.accumulate and not polykv.capture.reconstruct
     assert not polykv.layerwise_planner(128).summarize_reads_reconstruct_attn
-    plans = [(b, polykv.static_plan(b).policies, polykv.static_plan(b).budgets) for b in (64, 128, 256, 512, 1024)]
+    routed = {b: polykv.router_static_plan(b) for b in (64, 128, 256, 512, 1024)}
+    plans = [(b, plan.policies, plan.budgets) for b, plan in routed.items()]
     digest = hashlib.sha256(repr(plans).encode()).hexdigest()
     assert digest == "7d09913ef0058ff4a034b768bf3fc31096b1f07fb53665808517dc62a9f72db6", plans
