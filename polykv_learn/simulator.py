@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,17 @@ from polykv_learn.prefix_reuse import prefix_groups, representative_biases, shar
 
 @dataclass
 class ContextCapture:
-    """One prefilled context: per-layer K/V ``(G, n, d)``, scoring statistics, and the last position's logits."""
+    """One prefilled context: per-layer K/V ``(G, n, d)``, scoring statistics, and the last position's logits.
+
+    ``windows``: each layer's sliding window ``W`` (None: full attention), for a capture without statistics (a
+    stored prefill keeps ranks only); with statistics, each layer's own ``sliding_window`` is used."""
 
     keys: list[Tensor]
     values: list[Tensor]
     stats: list[LayerStats]
     last_logits: Tensor  # (vocab,) logits at the last context position (they predict the first probe token)
     _ranks: dict[tuple[int, str], Tensor]
+    windows: list[int | None] = field(default_factory=list)
 
     @property
     def context_length(self) -> int:
@@ -64,10 +68,22 @@ class ContextCapture:
             keep = ranks < torch.tensor(budget, device=ranks.device)[:, None]
         else:
             keep = ranks < budget
-        stats = self.stats[layer] if layer < len(self.stats) else None  # a stored prefill has ranks only
-        if stats is not None and stats.sliding_window is not None:
-            keep &= stats.in_window.to(keep.device)[None, :]
+        window = self.window(layer)
+        if window is not None:  # the last W - 1 positions (LayerStats.in_window)
+            keep[:, : max(self.context_length + 1 - window, 0)] = False
         return keep
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window ``W`` of ``layer`` (None: full attention): from its statistics, else from
+        ``windows`` (a stored prefill). A capture with neither is refused in one line."""
+        if layer < len(self.stats):
+            return self.stats[layer].sliding_window
+        if layer < len(self.windows):
+            return self.windows[layer]
+        raise ValueError(
+            f"layer {layer} has neither statistics nor a window: a capture without statistics needs windows "
+            f"(one per layer, None for full attention; {self.num_layers} layers)"
+        )
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -20,3 +20,16 @@ def cut_middle(ids: Sequence[T], limit: int | None) -> tuple[list[T], int]:
         return items, 0
     head = limit // 2
     return items[:head] + items[len(items) - (limit - head) :], len(items) - limit
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special ids ``tokenizer`` puts before a text by default (Gemma3: its BOS; SmolLM2: none).
+
+    Prompts are tokenised piece by piece without special tokens, so a model trained with a BOS at the start of
+    every sequence (Gemma3 degrades badly without it) needs these put back before the first piece once."""
+    marked = list(tokenizer("x").input_ids)
+    plain = list(tokenizer("x", add_special_tokens=False).input_ids)
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return marked[:start]
+    raise ValueError(f"cannot find the plain tokens {plain} of 'x' in the tokenizer's output {marked}")

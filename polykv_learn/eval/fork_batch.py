@@ -40,6 +40,7 @@ def fork_of(shared: CompressedCache, model: PreTrainedModel) -> CompressedCache:
     fork = CompressedCache(model, capture=shared.capture_options)
     for src, dst in zip(shared.layers, fork.layers, strict=True):
         dst.keys, dst.values, dst.stats = src.keys, src.values, src.stats
+        dst.sliding_window = src.sliding_window  # a sliding layer compresses within its window (cache.py)
         dst.is_initialized, dst.device = True, src.keys.device
         dst.logical_length = dst.context_length = src.context_length
     return fork
@@ -54,6 +55,8 @@ class _Group:
     visible: Tensor  # (rows, G, context) bool: the context slot holds a kept key (not padding)
     context: int  # padded context slots
     start: int = 0  # first batch row of the group
+    # (rows, G, context) long: a sliding layer's logical context index of each slot (None: a full-attention layer)
+    index: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -107,6 +110,9 @@ class ForkBatchLayer(DynamicLayer):
             length = group.context + self.new_tokens
             new_visible = visible_logical[rows, None, :, self.context_length :].expand(r, g, q_len, -1)
             ctx_visible = group.visible[:, :, None, :].expand(r, g, q_len, -1)
+            if group.index is not None:  # sliding window: a kept key is seen while transformers' mask shows it
+                in_mask = visible_logical[rows, None, :, : self.context_length].expand(r, g, q_len, -1)
+                ctx_visible = ctx_visible & in_mask.gather(3, group.index[:, :, None, :].expand(r, g, q_len, -1))
             visible = torch.cat([ctx_visible, new_visible], dim=-1).repeat_interleave(h // g, dim=1)  # (r, H, q, kv)
             keys, values = group.keys[:, :, :length], group.values[:, :, :length]
             outputs.append(call.run_base(call.query[rows], keys, values, visible))  # (r, q, H, d)
@@ -132,6 +138,8 @@ class ForkBatchLayer(DynamicLayer):
                 group.keys = group.keys.index_select(0, index)
                 group.values = group.values.index_select(0, index)
                 group.visible = group.visible.index_select(0, index)
+                if group.index is not None:
+                    group.index = group.index.index_select(0, index)
             group.start = start
             start += group.rows
             kept.append(group)
@@ -186,12 +194,18 @@ def _pack(rows: Sequence, start: int, reserve: int) -> _Group:
     keys = rows[0].keys.new_zeros(len(rows), g, context + reserve, d)
     values = rows[0].values.new_zeros(len(rows), g, context + reserve, d)
     visible = torch.zeros(len(rows), g, context, dtype=torch.bool, device=keys.device)
+    sliding = rows[0].sliding_window is not None
+    index = torch.zeros(len(rows), g, context, dtype=torch.long, device=keys.device) if sliding else None
     for i, r in enumerate(rows):
         length = r.keys.shape[-2]
         keys[i, :, :length] = r.keys[0]
         values[i, :, :length] = r.values[0]
         visible[i, :, :length] = True if r.context_visible is None else r.context_visible[0]
-    return _Group(keys, values, visible, context, start)
+        if index is not None:  # an uncompressed layer's slot j is position j
+            index[i, :, :length] = (
+                torch.arange(length, device=keys.device) if r.context_index is None else r.context_index[0]
+            )
+    return _Group(keys, values, visible, context, start, index)
 
 
 def _grow(buffer: Tensor, capacity: int) -> Tensor:

@@ -44,6 +44,7 @@ from polykv_learn.learn.task_rows import (
     task_probe_parts,
 )
 from polykv_learn.simulator import Simulator
+from polykv_learn.text import leading_special_ids
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -261,12 +262,13 @@ class PrefillDataModule(L.LightningDataModule):
         def ids(text: str) -> list[int]:
             return tok(text, add_special_tokens=False).input_ids if text else []
 
+        lead = leading_special_ids(tok)  # e.g. Gemma3's BOS, once before the context, as the model was trained
         out = []
         for row in rows:
             answer_start = None
             if "probe_parts" in row:  # a task sample: whole, and tokenised in the evaluation's pieces
                 context = [t for piece in row["context_parts"] for t in ids(piece)]
-                if len(context) > self.max_context_tokens:
+                if len(lead) + len(context) > self.max_context_tokens:
                     continue
                 tail, answer = row["probe_parts"]
                 probe = [t for piece in tail for t in ids(piece)]
@@ -276,10 +278,12 @@ class PrefillDataModule(L.LightningDataModule):
             else:
                 context = tok(row["context"], add_special_tokens=False).input_ids
                 probe = tok(row["probe"], add_special_tokens=False).input_ids[: self.probe_tokens]
-            context = context[: self.max_context_tokens]
+            context = (lead + context)[: self.max_context_tokens]
             if len(context) < self.min_context_tokens or not probe:
                 continue
             sample_id = f"{row['id']}|{len(context)}|{len(probe)}"
+            if lead:  # never the prefill of the same row tokenised without them
+                sample_id += "|s" + ".".join(map(str, lead))
             if answer_start is not None:
                 sample_id += f"|a{answer_start}"
             if row.get("protocol") == QUERY_AWARE:

@@ -17,7 +17,13 @@ Contents of a file (``L`` layers, ``G`` KV heads, ``n`` context tokens, ``m`` pr
 - ``rank.{l}.{policy}``: rank of every position under the policy ``(G, n)`` (int32; 0 = kept first);
 - ``features``: layer signals ``(K, L, F)`` at each budget of the grid; ``budgets``: ``(K,)``;
 - ``probe_ids``: ``(m,)``; ``full_logprobs``: full-cache next-token log-probs of the probe ``(m, V)`` (float16);
-- ``answer_start`` (task samples only): ``(1,)`` index of the probe's first gold-answer token.
+- ``answer_start`` (task samples only): ``(1,)`` index of the probe's first gold-answer token;
+- ``windows``: ``(L,)`` each layer's sliding window ``W`` (0: full attention), so that a sliding layer keeps only
+  its window's positions (``ContextCapture.keep_mask``) as a fresh capture and the real cache do.
+
+Format versions: 2 added ``windows``. A model whose layers all attend fully has no window to keep, so its stores
+keep their version-1 fingerprint (their files are read as before, every window None); a sliding-window model's
+fingerprint names version 2 and its windows, so a file written without them is never read for it (rebuilt).
 """
 
 from __future__ import annotations
@@ -37,13 +43,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from polykv_learn.adapter import sliding_windows
 from polykv_learn.atomic import TMP_MARK, atomic_file
 from polykv_learn.features import layer_features
 from polykv_learn.policies import get_policy
 from polykv_learn.reconstruct import repeat_prompt_ids
 from polykv_learn.simulator import ContextCapture, Simulator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # files hold each layer's window
+FULL_ATTENTION_VERSION = 1  # the fingerprint version of a model without sliding layers (its files did not change)
 STALE_AFTER_S = 24 * 3600.0  # age after which an unattributable temporary file counts as left behind
 _WRITER = re.compile(r"\.w-(?P<host>.+)-(?P<pid>\d+)$")
 
@@ -77,6 +85,7 @@ class StoredPrefill:
     probe_ids: Tensor  # (m,)
     full_logprobs: Tensor  # (m, V)
     answer_start: int | None = None  # probe index of the first gold-answer token (task samples)
+    windows: list[int | None] | None = None  # L: each layer's sliding window W, None for full attention
 
     @property
     def context_length(self) -> int:
@@ -90,6 +99,7 @@ class StoredPrefill:
             stats=[],
             last_logits=torch.empty(0),
             _ranks={key: r.to(device) for key, r in self.ranks.items()},
+            windows=list(self.windows) if self.windows is not None else [None] * len(self.keys),
         )
 
     def features_at(self, budget: int) -> Tensor:
@@ -111,12 +121,7 @@ class PrefillStore:
         overlap_policies: Sequence[str],
         budgets: Sequence[int],
     ):
-        layer_types = getattr(simulator.model.config, "layer_types", None) or []
-        if "sliding_attention" in layer_types:  # a stored prefill keeps ranks, not the window of a sliding layer
-            raise ValueError(
-                f"the prefill store does not support sliding-window layers yet ({simulator.model.config.model_type}); "
-                "allowed: models whose layers all attend to the full context (e.g. smollm2-135m)"
-            )
+        self.windows = sliding_windows(simulator.model)  # L: W of a sliding layer, None for full attention
         self.root = Path(root)
         self.simulator = simulator
         self.policies = list(policies)
@@ -126,14 +131,17 @@ class PrefillStore:
         used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
         self.accumulate = any(p.needs_accumulated_attn for p in used)
         self.reconstruct = any(p.needs_reconstruct_attn for p in used)
+        sliding = any(w is not None for w in self.windows)
         made_by = {
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if sliding else FULL_ATTENTION_VERSION,
             "model": simulator.dims.to_dict(),
             "policies": self.policies,
             "overlap_policies": self.overlap_policies,
             "budgets": self.budgets,
             "capture": [opts.window, opts.future, opts.chunk],
         }
+        if sliding:  # what a stored sliding layer keeps depends on its window
+            made_by["windows"] = self.windows
         if self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
             made_by["reconstruct_prompt"] = list(repeat_prompt_ids(simulator.model, opts))
         self.fingerprint = json.dumps(made_by, sort_keys=True)
@@ -195,6 +203,7 @@ class PrefillStore:
         tensors["full_logprobs"] = torch.log_softmax(full, dim=-1).to(torch.float16).contiguous()
         if answer_start is not None:
             tensors["answer_start"] = torch.tensor([answer_start], dtype=torch.int64)
+        tensors["windows"] = torch.tensor([w or 0 for w in self.windows], dtype=torch.int64)
         with atomic_file(path, suffix=writer_tag()) as tmp:
             save_file(tensors, tmp, metadata={"fingerprint": self.fingerprint, "sample_id": sample_id})
         return path
@@ -252,4 +261,12 @@ class PrefillStore:
                 probe_ids=f.get_tensor("probe_ids"),
                 full_logprobs=f.get_tensor("full_logprobs").float(),
                 answer_start=int(f.get_tensor("answer_start")[0]) if "answer_start" in names else None,
+                windows=self._stored_windows(f, names, num_layers),
             )
+
+    def _stored_windows(self, f, names: set[str], num_layers: int) -> list[int | None]:
+        """Each layer's window as the file records it (files of the full-attention format version 1 record none:
+        all None, which is what this store's fingerprint, checked by :meth:`has`, says they hold)."""
+        if "windows" not in names:
+            return [None] * num_layers
+        return [int(w) or None for w in f.get_tensor("windows").tolist()]

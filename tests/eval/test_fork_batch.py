@@ -117,3 +117,54 @@ def test_bad_arguments_fail_clearly(setup):
         adapter.forward(model, random_ids(2, seed=9, vocab=model.config.vocab_size), grown)
     with pytest.raises(ValueError, match="compressed prefills of one context"):
         ForkBatchCache(model, [grown], 2, 4)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+@torch.no_grad()
+def test_sliding_layers_see_only_their_window_in_the_batch(tiny_models, group_size):
+    """tiny-gemma3 (window 16 on layers 0-2), context past the window: every row of the batch equals its fork alone,
+    and the uncompressed fork equals the model with transformers' own cache (the window applies to context keys
+    too; forks compress sliding layers within their window)."""
+    from transformers import DynamicCache
+
+    model = tiny_models["tiny-gemma3"]
+    n, vocab = 60, model.config.vocab_size
+    ids = random_ids(n, seed=6, vocab=vocab)
+    shared = CompressedCache(model, capture=CaptureOptions(window=8, future=8, accumulate=True))
+    adapter.forward(model, ids, shared)
+    plans = [
+        None,
+        Plan.uniform("snapkv", 8, 4),
+        Plan.from_lists(["streaming", "tova", "h2o", "knorm"], [30, 6, 15, 40]),
+        Plan.uniform("h2o", 20, 4),
+    ]
+
+    def forks():
+        out = []
+        for plan in plans:
+            fork = fork_of(shared, model)
+            if plan is not None:
+                fork.compress(plan)
+            out.append(fork)
+        return out
+
+    assert all(f.layers[0].sliding_window == 16 and f.layers[3].sliding_window is None for f in forks())
+    assert int(forks()[2].layers[0].keys.shape[-2]) == 15  # a budget of 30 on a sliding layer keeps its W - 1
+    tail, steps = random_ids(5, seed=7, vocab=vocab), random_ids(4, seed=8, vocab=vocab)[0]
+    alone = []
+    for fork in forks():
+        logits = [adapter.forward(model, tail, fork).logits[0, -1]]
+        logits += [adapter.forward(model, t.view(1, 1), fork).logits[0, -1] for t in steps]
+        alone.append(torch.stack(logits))  # (1 + steps, V)
+    stock = DynamicCache(config=model.config)
+    adapter.forward(model, ids, stock)
+    ref = [adapter.forward(model, tail, stock).logits[0, -1]]
+    ref += [adapter.forward(model, t.view(1, 1), stock).logits[0, -1] for t in steps]
+    torch.testing.assert_close(alone[0], torch.stack(ref), rtol=1e-4, atol=1e-4)
+    batch = ForkBatchCache(model, forks(), group_size, reserve=8)
+    out = [adapter.forward(model, tail.expand(len(plans), -1), batch).logits[:, -1]]
+    out += [adapter.forward(model, t.view(1, 1).expand(len(plans), 1), batch).logits[:, -1] for t in steps]
+    out = torch.stack(out, dim=1)  # (P, 1 + steps, V)
+    for r in range(len(plans)):
+        torch.testing.assert_close(out[r], alone[r], rtol=1e-4, atol=1e-4)
+    assert (alone[1] - alone[0]).abs().max() > 1e-3  # compression changes the logits (the test can tell rows apart)

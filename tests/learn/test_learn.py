@@ -292,9 +292,13 @@ FIT_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.
 
 
 def _base_of(path: Path) -> list[str]:
-    """An override config names its base on its first line (``# base: configs/X.yaml``): parse it on top of that."""
+    """An override config names its base on its first line (``# base: configs/X.yaml``): parse it on top of that
+    (and of that one's own base, first)."""
     first = path.read_text().splitlines()[0]
-    return ["--config", str(REPO / first.removeprefix("# base:").strip())] if first.startswith("# base:") else []
+    if not first.startswith("# base:"):
+        return []
+    base = REPO / first.removeprefix("# base:").strip()
+    return [*_base_of(base), "--config", str(base)]
 
 
 @pytest.mark.parametrize("config", FIT_CONFIGS)

@@ -3,12 +3,11 @@ names the repeat prompt, and stores of the earlier policy sets keep their finger
 
 import json
 
-import pytest
 import torch
 from model_helpers import random_ids
 
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.learn.store import FORMAT_VERSION, PrefillStore
+from polykv_learn.learn.store import FULL_ATTENTION_VERSION, PrefillStore
 from polykv_learn.models import load_model
 from polykv_learn.reconstruct import repeat_prompt_ids
 from polykv_learn.simulator import Simulator
@@ -23,7 +22,7 @@ def test_store_fingerprints(tmp_path):
     old = json.loads(PrefillStore(tmp_path, sim, ROUTED, OVERLAP, [16, 32]).fingerprint)
     # exactly what the format wrote before kvzip existed: files of these stores are reused, not rebuilt
     assert set(old) == {"version", "model", "policies", "overlap_policies", "budgets", "capture"}
-    assert old["version"] == FORMAT_VERSION == 1 and old["capture"] == [16, 32, 256]
+    assert old["version"] == FULL_ATTENTION_VERSION == 1 and old["capture"] == [16, 32, 256]
     assert "reconstruct_prompt" not in json.loads(PrefillStore(tmp_path, sim, ["keydiff"], OVERLAP, [16]).fingerprint)
     new = PrefillStore(tmp_path, sim, [*ROUTED, "kvzip"], OVERLAP, [16, 32])
     assert json.loads(new.fingerprint)["reconstruct_prompt"] == list(repeat_prompt_ids(model, sim.capture_options))
@@ -44,15 +43,3 @@ def test_a_stored_kvzip_rank_is_the_reconstruction_passs(tmp_path):
             assert torch.equal(loaded.ranks[(layer, policy)], capture.ranks(layer, policy)), (layer, policy)
     assert not torch.equal(loaded.ranks[(0, "kvzip")], loaded.ranks[(0, "snapkv")])
     assert loaded.features.shape[:2] == (2, 4)
-
-
-def test_store_refuses_sliding_window_models():
-    """A stored prefill keeps ranks but not a sliding layer's window, so training on tiny-gemma3 is refused in one
-    line instead of simulating keep sets the real cache would not hold."""
-    from polykv_learn.learn.store import PrefillStore
-    from polykv_learn.models import load_model
-    from polykv_learn.simulator import Simulator
-
-    model = load_model("tiny-gemma3", with_tokenizer=False)[0]
-    with pytest.raises(ValueError, match=r"^the prefill store does not support sliding-window layers yet \(gemma3"):
-        PrefillStore("unused", Simulator(model), ["snapkv"], [], [64])
