@@ -83,6 +83,7 @@ def artifact_parts(
             "wall_time_s": round(learner.wall_time_s(), 1),
             "global_step": int(learner.global_step),
             "selected_step": learner.selected_step,
+            "validated_at_step": learner.validated_at_step,
             "train_samples": len(datamodule.train_ids),
             "val_samples": len(datamodule.val_ids),
             "data_dir": str(datamodule.data_dir),

@@ -105,6 +105,9 @@ class PolyKVLearner(L.LightningModule):
         self.register_buffer("feature_std", torch.ones(num_features))
         self.gbdt: GBDTRouter | None = None
         self.validation_table: dict[int, dict[str, float]] = {}
+        # the global step the table was measured at: a step-triggered checkpoint can be saved before that step's
+        # validation runs, so it may hold an earlier step's table; the artifact says which step it is
+        self.validated_at_step: int | None = None
         self._val_sums: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._simulator: Simulator | None = None
         self.fit_started_at = time.time()  # wall time of a fit counts from here (prefills included)
@@ -310,6 +313,7 @@ class PolyKVLearner(L.LightningModule):
                 self.log(f"val/kl@{budget}/{name}", value, rank_zero_only=True)
             learned_means.append(row["learned"])
         self.validation_table = {b: dict(r) for b, r in table.items()}
+        self.validated_at_step = int(self.global_step)
         if learned_means:
             self.log("val/kl_learned", sum(learned_means) / len(learned_means), prog_bar=True, rank_zero_only=True)
 
@@ -321,6 +325,7 @@ class PolyKVLearner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["polykv_validation_table"] = self.validation_table
+        checkpoint["polykv_validation_step"] = self.validated_at_step
         checkpoint["polykv_training"] = {"wall_time_s": self.wall_time_s(), "resumed": self.resumed}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -332,6 +337,8 @@ class PolyKVLearner(L.LightningModule):
 
     def _restore_validation(self, checkpoint: dict) -> None:
         self.validation_table = {int(b): row for b, row in checkpoint.get("polykv_validation_table", {}).items()}
+        step = checkpoint.get("polykv_validation_step")
+        self.validated_at_step = None if step is None else int(step)
 
     def restore_selected(self, checkpoint: dict) -> None:
         """Take the weights and validation table of ``checkpoint`` (model selection); the wall time and the resume

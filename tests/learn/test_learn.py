@@ -323,6 +323,9 @@ def test_fit_cli_tiny_exports_an_artifact_and_rejects_budgets_above_the_context(
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((art / "polykv.json").read_text())
     assert config["model"]["num_layers"] == 4 and set(config["validation"]) == {"32", "64"}
+    # the table is the one measured on the exported (selected) weights, and says so
+    training = config["training"]
+    assert training["selected_step"] is not None and training["validated_at_step"] == training["selected_step"]
     from polykv_learn.deploy.polykv import PolyKV
 
     polykv = PolyKV.from_pretrained(art)
