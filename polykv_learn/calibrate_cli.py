@@ -139,6 +139,7 @@ def task_samples(
 
     from polykv_learn.data.jsonl import load_samples
     from polykv_learn.learn.task_rows import QUERY_AGNOSTIC, task_pieces
+    from polykv_learn.text import leading_special_ids
 
     rows = load_samples(path)
     by_task: dict[str, list[dict]] = {}
@@ -154,6 +155,7 @@ def task_samples(
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
+    lead = leading_special_ids(tokenizer)  # e.g. Gemma3's BOS, once before the context, as the evaluation prefills
     low, high, probe_tokens = lengths
     queues = {task: iter(enumerate(task_rows)) for task, task_rows in sorted(by_task.items())}
     out: list[tuple] = []
@@ -162,7 +164,7 @@ def task_samples(
             for turn, row in queues[task]:
                 protocol = protocols[turn % len(protocols)] if row.get("question") else QUERY_AGNOSTIC
                 compressed, tail, answer = task_pieces(row, protocol)
-                context = [t for piece in compressed for t in ids(piece)]
+                context = lead + [t for piece in compressed for t in ids(piece)]
                 probe = ([t for piece in tail for t in ids(piece)] + ids(answer))[:probe_tokens]
                 if low <= len(context) <= high and probe:
                     out.append((torch.tensor([context]), torch.tensor([probe]), f"{row.get('id')} ({protocol})"))

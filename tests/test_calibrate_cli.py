@@ -1,6 +1,7 @@
 """``polykv-learn calibrate``: config-driven sweep, exact budget totals in the JSON, one-line errors."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from artifact_helpers import make_artifact
@@ -114,3 +115,32 @@ def test_calibrate_refuses_other_splits_and_a_non_artifact_destination(tmp_path,
         cli.main(["calibrate", "--config", str(path), "--router", "r", "--artifact", str(tmp_path / "busy")])
     err = capsys.readouterr().err.strip()
     assert err.endswith("exists and is not an artifact folder (not replaced)") and "\n" not in err
+
+
+class _WithBos:
+    """tiny-llama's tokenizer with a BOS (id 1) put before a text unless ``add_special_tokens=False``, like Gemma3's."""
+
+    def __init__(self):
+        from polykv_learn.models import load_tokenizer
+
+        self.inner = load_tokenizer("tiny-llama")
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = self.inner(text, add_special_tokens=False).input_ids
+        return SimpleNamespace(input_ids=([1] if add_special_tokens else []) + ids)
+
+
+def test_calibration_contexts_start_with_the_tokenizers_bos_once(tmp_path):
+    """A model trained with a BOS before every sequence (Gemma3) is calibrated on contexts that start with it, as the
+    evaluation and the fit prefill them; a tokenizer that adds none (SmolLM2's) gets the plain pieces."""
+    from polykv_learn.calibrate_cli import task_samples
+
+    rows = [{"id": "passkey/train/0", "task": "passkey", "split": "train", "context": "The sky is blue. " * 10,
+             "question": " What colour?", "answer_prefix": " It is", "answers": [" blue"], "metric": "string_match",
+             "max_new_tokens": 4}]  # fmt: skip
+    write_jsonl(rows, tmp_path / "train.jsonl")
+    args = (str(tmp_path / "train.jsonl"), "train", [], ["query_agnostic"])
+    plain = task_samples(*args, _WithBos().inner, 1, (1, 1000, 16))
+    marked = task_samples(*args, _WithBos(), 1, (1, 1000, 16))
+    assert marked[0][0][0].tolist() == [1, *plain[0][0][0].tolist()]  # BOS once, then the same context
+    assert marked[0][1].tolist() == plain[0][1].tolist()  # the probe continues the context: no BOS there
