@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{needle['excluded']} excluded\n"
     )
     print("\n".join(retention_table(results)))
+    for task, count in needle["samples_by_task"].items():
+        if count:
+            print(f"\nneedle retention, {task} ({count} samples)\n")
+            print("\n".join(retention_table(results, task)))
 
 
 if __name__ == "__main__":
