@@ -208,7 +208,8 @@ def plot_plan_map(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_needle_retention(results: dict[str, Any], path: Path) -> None:
-    """Per budget (one panel each), every method's needle retention per layer (mean over samples with a needle)."""
+    """One panel per method (policy or allocation): its needle retention per layer, one line per budget (mean
+    over the samples with a needle)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,27 +217,32 @@ def plot_needle_retention(results: dict[str, Any], path: Path) -> None:
 
     layers = (results.get("needle_retention") or {}).get("layers") or {}
     budgets = [str(b) for b in results["config"]["budgets"]]
-    rows = [b for b in budgets if any(b in per_budget for m, per_budget in layers.items() if m != "full")]
+    shown = [m for m, per_budget in layers.items() if m != "full" and per_budget]
+    cols = min(len(shown), 4) or 1
+    rows = max((len(shown) + cols - 1) // cols, 1)
     fig, axes = plt.subplots(
-        max(len(rows), 1), 1, figsize=(9, 2.8 * max(len(rows), 1)), squeeze=False, constrained_layout=True
+        rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False, sharex=True, sharey=True, constrained_layout=True
     )
-    if not rows:
+    if not shown:
         axes[0, 0].text(0.5, 0.5, "no sample whose gold answer occurs in its context", ha="center")
         axes[0, 0].set_axis_off()
-    for ax, b in zip(axes[:, 0], rows, strict=False):
-        for m, per_budget in layers.items():
-            if m == "full" or b not in per_budget:
-                continue
-            style = "-" if m in results["learned_methods"] else ":" if m in ALLOCATION_BASELINES else "-."
-            width = 2.5 if m in results["learned_methods"] else 1.2
-            ax.plot(range(len(per_budget[b])), per_budget[b], style, marker=".", linewidth=width, label=m)
+    colors = {b: plt.cm.viridis(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
+    for ax, m in zip(axes.flat, shown, strict=False):
+        for b in budgets:
+            if b in layers[m]:
+                ax.plot(range(len(layers[m][b])), layers[m][b], marker=".", color=colors[b], label=f"B={b}")
+        ax.set_title(m, fontsize=9, fontweight="bold" if m in results["learned_methods"] else "normal")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("needle kept")
-        ax.set_title(f"B={b}: share of the gold answer's context tokens kept per layer", fontsize=9)
         ax.grid(alpha=0.3)
-    if rows:
-        axes[-1, 0].set_xlabel("layer")
-        axes[0, 0].legend(fontsize=7, ncol=4)
+    for ax in axes.flat[len(shown) :] if shown else []:
+        ax.set_axis_off()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("needle kept")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("layer")
+    if shown:
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle("share of the gold answer's context tokens kept, per layer (mean over KV heads)", fontsize=10)
     _save_figure(fig, path)
     plt.close(fig)
 
