@@ -28,7 +28,18 @@ REPO = HERE.parent.parent
 VENV = HERE / ".venv-kvpress"
 STAMP = VENV / ".polykv-installed"
 REQUIREMENTS = ("torch==2.13.0", "kvpress==0.5.5")
-PRESSES = ("snapkv", "streaming", "tova", "knorm", "expected_attention", "pyramidkv", "adakv_snapkv")
+PRESSES = (
+    "snapkv",
+    "streaming",
+    "tova",
+    "knorm",
+    "expected_attention",
+    "pyramidkv",
+    "adakv_snapkv",
+    "keydiff",
+    "kvzip",
+    "kvzip_global",
+)
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 
 
@@ -111,7 +122,9 @@ def make_press(name: str):
     from kvpress import (
         AdaKVPress,
         ExpectedAttentionPress,
+        KeyDiffPress,
         KnormPress,
+        KVzipPress,
         PyramidKVPress,
         SnapKVPress,
         StreamingLLMPress,
@@ -126,6 +139,11 @@ def make_press(name: str):
         "expected_attention": ExpectedAttentionPress,
         "pyramidkv": PyramidKVPress,
         "adakv_snapkv": lambda: AdaKVPress(SnapKVPress()),
+        "keydiff": KeyDiffPress,
+        # KVzip (arXiv:2505.23416): layerwise=True keeps each layer's share (pruned across its KV heads),
+        # layerwise=False (kvpress's default) one top-k over every layer and head
+        "kvzip": lambda: KVzipPress(layerwise=True),
+        "kvzip_global": KVzipPress,
     }[name]()
 
 

@@ -54,6 +54,7 @@ from polykv_learn.data.layout import prompt_layout
 from polykv_learn.eval.fork_batch import ForkBatchCache, fork_of
 from polykv_learn.eval.methods import GoldProbe, Method, MethodInput
 from polykv_learn.eval.metrics import answer_settled, score
+from polykv_learn.eval.retention import needle_positions, plan_retention
 from polykv_learn.plan import Plan
 from polykv_learn.simulator import ContextCapture, Simulator, kl_to_full
 from polykv_learn.text import cut_middle
@@ -356,9 +357,12 @@ class Evaluator:
             raise RuntimeError("evaluating the methods wrote into the shared prefill; results would be invalid")
 
         metric_kw = {"all_classes": sample.get("all_classes")}
-        base = {"id": sample["id"], "task": sample["task"], "context_tokens": n}
+        # the gold answer's tokens in the context (none: the sample has no needle and no retention)
+        needle = needle_positions(self.tokenizer, sample, self.settings.chat, self.settings.max_context)
+        base = {"id": sample["id"], "task": sample["task"], "context_tokens": n, "needle_tokens": len(needle)}
 
-        def record(method: str, budget: int | None, row: _RowResult) -> dict[str, Any]:
+        def record(method: str, budget: int | None, row: _RowResult, plan: Plan | None = None) -> dict[str, Any]:
+            layers = plan_retention(plan, inp.stats, needle) if needle else None
             return {
                 **base,
                 "method": method,
@@ -369,11 +373,14 @@ class Evaluator:
                 "kl": 0.0 if method == "full" else row.kl,
                 "kept": row.kept,
                 "kv_bytes": row.kv_bytes,
+                "needle_retention": None if layers is None else sum(layers) / len(layers),
+                "needle_retention_layers": layers,
             }
 
         records = [record("full", None, full_rows[0])]
         for method in self.methods[1:]:
             for budget in self.settings.budgets:
-                row = by_key[self._plan_key(plans[method.name][budget], n)]
-                records.append({**record(method.name, budget, row), **method.extras(inp, budget)})
+                plan = plans[method.name][budget]
+                row = by_key[self._plan_key(plan, n)]
+                records.append({**record(method.name, budget, row, plan), **method.extras(inp, budget)})
         return SampleResult(records, plans, n, time.perf_counter() - start)

@@ -1,5 +1,5 @@
-"""The evaluation's reports: ``results.json``, ``results.md`` and the two plots (``score_vs_budget.png``,
-``plan_map.png``), each written atomically (:mod:`polykv_learn.atomic`)."""
+"""The evaluation's reports: ``results.json``, ``results.md`` and the three plots (``score_vs_budget.png``,
+``plan_map.png``, ``needle_retention.png``), each written atomically (:mod:`polykv_learn.atomic`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,18 @@ from polykv_learn.atomic import atomic_file, atomic_write_text
 from polykv_learn.eval.methods import LEARNED_METHODS
 from polykv_learn.eval.results import MEANINGFUL_FULL_SCORE
 
-__all__ = ["RESULT_FILES", "plot_plan_map", "plot_score_vs_budget", "results_markdown", "write_outputs"]
+__all__ = [
+    "RESULT_FILES",
+    "plot_needle_retention",
+    "plot_plan_map",
+    "plot_score_vs_budget",
+    "results_markdown",
+    "write_outputs",
+]
 
 #: the layer/head-allocation baselines (dotted in the score-vs-budget plot)
 ALLOCATION_BASELINES = ("pyramid", "cake", "kvzip-global", "adakv", "adakv-global")
-RESULT_FILES = ("results.json", "results.md", "score_vs_budget.png", "plan_map.png")
+RESULT_FILES = ("results.json", "results.md", "score_vs_budget.png", "plan_map.png", "needle_retention.png")
 
 
 def _finite(obj: Any) -> Any:
@@ -101,6 +108,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         ]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(_fmt(results[key][m][b]["average"]) for b in budgets) + " |")
+    lines += _retention_lines(results, methods, budgets)
     lines += ["", "## Score per task", ""]
     for b in budgets:
         lines += [f"### B={b}", "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -108,6 +116,29 @@ def results_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(_fmt(results["summary"][m][b][t]) for t in tasks) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _retention_lines(results: dict[str, Any], methods: list[str], budgets: list[str]) -> list[str]:
+    """The needle-retention section of ``results.md`` (absent in results of older runs)."""
+    needle = results.get("needle_retention")
+    if not needle:
+        return []
+    by_task = ", ".join(f"{t} {k}" for t, k in needle["samples_by_task"].items())
+    lines = [
+        "",
+        "## Needle retention: share of the gold answer's context tokens kept (mean over layers and KV heads)",
+        "",
+        f"{needle['samples']} samples whose first gold answer occurs in the context ({by_task}); "
+        f"{needle['excluded']} excluded (answer not in the context). Mean over tasks with a needle.",
+    ]
+    if not needle["summary"]:
+        return lines
+    lines += ["", *_budget_header(budgets)]
+    for m in methods:
+        row = needle["summary"].get(m)
+        if row is not None:
+            lines.append(f"| {m} | " + " | ".join(_fmt(row[b]["average"]) for b in budgets) + " |")
+    return lines
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -176,15 +207,56 @@ def plot_plan_map(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_needle_retention(results: dict[str, Any], path: Path) -> None:
+    """One panel per method (policy or allocation): its needle retention per layer, one line per budget (mean
+    over the samples with a needle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = (results.get("needle_retention") or {}).get("layers") or {}
+    budgets = [str(b) for b in results["config"]["budgets"]]
+    shown = [m for m, per_budget in layers.items() if m != "full" and per_budget]
+    cols = min(len(shown), 4) or 1
+    rows = max((len(shown) + cols - 1) // cols, 1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False, sharex=True, sharey=True, constrained_layout=True
+    )
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no sample whose gold answer occurs in its context", ha="center")
+        axes[0, 0].set_axis_off()
+    colors = {b: plt.cm.viridis(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
+    for ax, m in zip(axes.flat, shown, strict=False):
+        for b in budgets:
+            if b in layers[m]:
+                ax.plot(range(len(layers[m][b])), layers[m][b], marker=".", color=colors[b], label=f"B={b}")
+        ax.set_title(m, fontsize=9, fontweight="bold" if m in results["learned_methods"] else "normal")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shown) :] if shown else []:
+        ax.set_axis_off()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("needle kept")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("layer")
+    if shown:
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle("share of the gold answer's context tokens kept, per layer (mean over KV heads)", fontsize=10)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """``results.json``, ``results.md``, ``score_vs_budget.png`` and ``plan_map.png`` in ``out_dir`` (each
-    written atomically)."""
+    """``results.json``, ``results.md`` and the plots of :data:`RESULT_FILES` in ``out_dir`` (each written
+    atomically)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", [json.dumps(_finite(results), indent=1, ensure_ascii=False), "\n"])
     atomic_write_text(out / "results.md", [results_markdown(results)])
     plot_score_vs_budget(results, out / "score_vs_budget.png")
     plot_plan_map(results, out / "plan_map.png")
+    plot_needle_retention(results, out / "needle_retention.png")
     return out
 
 

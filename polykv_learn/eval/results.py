@@ -2,8 +2,9 @@
 runs (:func:`merge_results` for disjoint samples, :func:`replace_methods` for re-evaluated methods).
 
 A *record* is one sample x method x budget (``id``, ``task``, ``method``, ``budget``, ``prediction``, ``score``,
-``nll``, ``kl``, ``context_tokens``, ``kept``, ``kv_bytes``); every summary is recomputed from the records, so
-runs joined from parts give the tables of one run.
+``nll``, ``kl``, ``context_tokens``, ``kept``, ``kv_bytes``, and the needle fields of
+:mod:`~polykv_learn.eval.retention`: ``needle_tokens``, ``needle_retention``, ``needle_retention_layers``); every
+summary is recomputed from the records, so runs joined from parts give the tables of one run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "build_results",
     "gap_recovery_table",
     "merge_results",
+    "needle_summary",
     "replace_methods",
     "select_samples",
 ]
@@ -198,6 +200,42 @@ def gap_recovery_table(
     return table
 
 
+def needle_summary(
+    records: list[dict[str, Any]], methods: Sequence[str], budgets: Sequence[int], tasks: list[str]
+) -> dict[str, Any]:
+    """Needle retention from the records (:mod:`~polykv_learn.eval.retention`): which samples have a needle (the
+    first gold answer in the context) and which are excluded, per task; per method, budget and task the mean
+    retention over the samples with a needle ("average": the mean over tasks); per method and budget the mean
+    over those samples of each layer's retention. Records without the needle fields (older runs) count as
+    excluded."""
+    tokens: dict[str, tuple[str, int]] = {}
+    for r in records:
+        tokens.setdefault(r["id"], (r["task"], int(r.get("needle_tokens") or 0)))
+    with_needle = [r for r in records if r.get("needle_retention") is not None]
+    included = {t: sorted(i for i, (tt, k) in tokens.items() if tt == t and k > 0) for t in tasks}
+    excluded = {t: sorted(i for i, (tt, k) in tokens.items() if tt == t and k == 0) for t in tasks}
+    counts = {
+        "samples": sum(map(len, included.values())),
+        "excluded": sum(map(len, excluded.values())),
+        "samples_by_task": {t: len(v) for t, v in included.items()},
+        "excluded_by_task": {t: len(v) for t, v in excluded.items()},
+        "excluded_ids": sorted(i for v in excluded.values() for i in v),
+    }
+    if not with_needle:
+        return {**counts, "summary": {}, "layers": {}}
+    layer_groups: dict[tuple[str, int | None], list[list[float]]] = {}
+    for r in with_needle:
+        layer_groups.setdefault((r["method"], r["budget"]), []).append(r["needle_retention_layers"])
+    layers: dict[str, dict[str, list[float]]] = {}
+    for method in methods:
+        layers[method] = {}
+        for budget in budgets:
+            rows = layer_groups.get((method, None if method == "full" else budget), [])
+            if rows:
+                layers[method][str(budget)] = [statistics.fmean(col) for col in zip(*rows, strict=True)]
+    return {**counts, "summary": _table(with_needle, "needle_retention", methods, budgets, tasks), "layers": layers}
+
+
 def build_results(
     records: list[dict[str, Any]], methods: Sequence[str], singles: Sequence[str], budgets: Sequence[int]
 ) -> dict[str, Any]:
@@ -218,6 +256,7 @@ def build_results(
         "summary": summary,
         "summary_nll": _table(records, "nll", methods, budgets, tasks),
         "summary_kl": _table(records, "kl", methods, budgets, tasks),
+        "needle_retention": needle_summary(records, methods, budgets, tasks),
         "full_cache": full_cache,
         "gap_recovery": gap_recovery_table(summary, singles, budgets),
         "gap_recovery_test_only": gap_recovery_table(summary, singles, budgets, test_only) if test_only else {},

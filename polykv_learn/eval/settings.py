@@ -237,8 +237,11 @@ protocols: query-agnostic (default) compresses the context alone, then asks the 
 
 outputs in --out: results.json (summary: method -> budget -> task -> mean score and "average";
 full_cache; gap_recovery and gap_recovery_test_only per method and budget; summary_nll, summary_kl;
-example_plans; samples: one record per sample/method/budget with id, task, method, budget, prediction,
-score, nll, kl, context_tokens, kept, kv_bytes), results.md, score_vs_budget.png, plan_map.png; and
+example_plans; needle_retention: the share of the gold answer's context tokens each plan keeps, per
+method, budget and task and per layer, over the samples whose first gold answer occurs in the context,
+the others counted as excluded; samples: one record per sample/method/budget with id, task, method, budget,
+prediction, score, nll, kl, context_tokens, kept, kv_bytes, needle_tokens, needle_retention and
+needle_retention_layers), results.md, score_vs_budget.png, plan_map.png, needle_retention.png; and
 samples.jsonl, written as the run goes (its settings, then one line per finished sample): a stopped run
 continues with --resume, which skips the samples it holds and rebuilds every output from all of them.
 

@@ -47,7 +47,7 @@ def test_results_json_structure_and_gap_recovery(tiny, tmp_path):
         )
     finally:
         torch.set_num_threads(threads)
-    for name in ("results.json", "results.md", "score_vs_budget.png", "plan_map.png"):
+    for name in ("results.json", "results.md", "score_vs_budget.png", "plan_map.png", "needle_retention.png"):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     methods = res["config"]["methods"]
