@@ -33,3 +33,10 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
         if marked[start : start + len(plain)] == plain:
             return marked[:start]
     raise ValueError(f"cannot find the plain tokens {plain} of 'x' in the tokenizer's output {marked}")
+
+
+def lead_before(tokenizer: Any, head: Sequence[int]) -> list[int]:
+    """The leading special ids to put before a prompt that starts with ``head`` (its first piece's ids): none when
+    the tokenizer adds none or ``head`` already starts with them (a chat template may write the BOS itself)."""
+    lead = leading_special_ids(tokenizer)
+    return [] if list(head[: len(lead)]) == lead else lead

@@ -57,7 +57,7 @@ from polykv_learn.eval.metrics import answer_settled, score
 from polykv_learn.eval.retention import needle_positions, plan_retention
 from polykv_learn.plan import Plan
 from polykv_learn.simulator import ContextCapture, Simulator, kl_to_full
-from polykv_learn.text import cut_middle
+from polykv_learn.text import cut_middle, lead_before
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -169,6 +169,7 @@ def prompt_pieces(tokenizer: PreTrainedTokenizerBase, settings: EvalSettings, sa
     ctx, cut = cut_middle(tok(layout.context), settings.max_context)
     # an empty question (e.g. code completion): the answer directly continues the context
     head, q, foot = tok(layout.header), tok(layout.question), tok(layout.footer)
+    head = lead_before(tokenizer, head or ctx) + head  # e.g. Gemma3's BOS, once, as the model was trained
     prompt, tail = (head + ctx + q, foot) if settings.query_aware else (head + ctx, q + foot)
     if not prompt or not tail:
         raise ValueError(f"sample {sample.get('id')!r}: the prompt and what follows it must both be non-empty")

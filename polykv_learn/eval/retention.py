@@ -30,6 +30,7 @@ from polykv_learn.layout import head_keep_indices
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, order_positions
 from polykv_learn.rows import row_stats
+from polykv_learn.text import lead_before
 
 __all__ = ["kept_positions", "needle_positions", "plan_retention"]
 
@@ -65,7 +66,8 @@ def needle_positions(
     enc = tokenizer(layout.context, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]  # (c, 2) character span of each context token
     hit = [any(s < e_ans and e > s_ans for s_ans, e_ans in spans) for s, e in offsets]
-    head = len(tokenizer(layout.header, add_special_tokens=False).input_ids) if layout.header else 0
+    head_ids = tokenizer(layout.header, add_special_tokens=False).input_ids if layout.header else []
+    head = len(lead_before(tokenizer, head_ids or enc["input_ids"])) + len(head_ids)  # as evaluator.prompt_pieces
     c = len(offsets)
     if max_context is None or c <= max_context:  # the evaluation's cut (text.cut_middle): first and last halves
         kept = list(range(c))

@@ -47,6 +47,25 @@ def test_needle_positions_are_the_answer_tokens_of_the_prompt(tiny, query_aware,
     assert sample["answers"][0] not in tok.decode([prompt[i] for i in pos[:-1]])
 
 
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_a_tokenizers_bos_starts_the_prompt_once_and_shifts_the_needle(tiny, query_aware, monkeypatch):
+    """A tokenizer that puts a BOS before a text (Gemma3's) gets it once before the evaluation's prompt, as the fit
+    and calibration prefill it, and the needle's positions move with it."""
+    from polykv_learn import text
+
+    _, tok = tiny
+    sample = make_samples(1)[0]
+    settings = EvalSettings(query_aware=query_aware, chat=False)
+    plain, plain_pos = prompt_pieces(tok, settings, sample), needle_positions(tok, sample, False, None)
+    bos = tok.convert_tokens_to_ids(tok.bos_token) if tok.bos_token else 1
+    monkeypatch.setattr(text, "leading_special_ids", lambda tokenizer: [bos])
+    marked = prompt_pieces(tok, settings, sample)
+    assert marked.prompt == [bos, *plain.prompt] and marked.tail == plain.tail and marked.answer == plain.answer
+    pos = needle_positions(tok, sample, False, None)
+    assert pos == [i + 1 for i in plain_pos]
+    assert sample["answers"][0] in tok.decode([marked.prompt[i] for i in pos])
+
+
 def test_needle_positions_follow_the_middle_cut_and_absent_answers(tiny):
     _, tok = tiny
     sample = make_samples(1)[0]
