@@ -1,9 +1,11 @@
 """``polykv-learn calibrate``: config-driven sweep, exact budget totals in the JSON, one-line errors."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from artifact_helpers import make_artifact
 
 from polykv_learn import cli
@@ -144,3 +146,26 @@ def test_calibration_contexts_start_with_the_tokenizers_bos_once(tmp_path):
     marked = task_samples(*args, _WithBos(), 1, (1, 1000, 16))
     assert marked[0][0][0].tolist() == [1, *plain[0][0][0].tolist()]  # BOS once, then the same context
     assert marked[0][1].tolist() == plain[0][1].tolist()  # the probe continues the context: no BOS there
+
+
+
+CALIBRATE_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("calibrate-*.yaml"))
+
+
+@pytest.mark.parametrize("path", CALIBRATE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_calibrate_config_parses(path, tmp_path):
+    """Every field of a shipped calibration config is one `calibrate` knows, with a valid value (a typo or a removed
+    option fails here, not after the model loads). Its data files are prepare-data's; here they are stand-ins."""
+    from polykv_learn.calibrate_cli import read_config
+
+    fields = yaml.safe_load(path.read_text())
+    for key in ("samples_file", "validation_file"):
+        if fields.get(key):
+            assert fields[key].startswith("data/polykv/tasks/"), key  # what `polykv-learn prepare-data` writes
+            fields[key] = str(tmp_path / Path(fields[key]).name)
+            write_jsonl([{"id": "x", "context": "a", "question": "b", "answers": ["c"]}], fields[key])
+    if fields.get("router"):
+        fields["router"] = str(path.parents[1] / fields["router"])  # the shipped artifact, relative to the repo
+    (tmp_path / path.name).write_text(yaml.safe_dump(fields))
+    config = read_config(["--config", str(tmp_path / path.name)])
+    assert config.policies == fields["policies"] and config.budgets == fields["budgets"]

@@ -288,7 +288,9 @@ def _run(cmd, cwd, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-FIT_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("eval-"))
+FIT_CONFIGS = sorted(
+    p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval-", "calibrate-"))
+)
 
 
 def _base_of(path: Path) -> list[str]:
@@ -304,7 +306,8 @@ def _base_of(path: Path) -> list[str]:
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_shipped_config_parses(config, tmp_path):
     """Every field of every fit config is one the CLI knows (a typo or a removed option fails here, not mid-run);
-    evaluation configs (``eval-*.yaml``) are parsed by ``tests/eval/test_eval_config.py``."""
+    evaluation configs (``eval-*.yaml``) are parsed by ``tests/eval/test_eval_config.py``, calibration configs
+    (``calibrate-*.yaml``) by ``tests/test_calibrate_cli.py``."""
     path = REPO / "configs" / config
     cmd = [sys.executable, "-m", "polykv_learn.cli", "fit", *_base_of(path), "--config", str(path), "--print_config"]
     out = _run(cmd, cwd=tmp_path, timeout=300)
