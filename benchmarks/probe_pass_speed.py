@@ -23,31 +23,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.simulator_speed import make_plans, naive_run, real_text_ids  # noqa: E402
+from benchmarks.simulator_speed import add_setup_args, make_plans, naive_run, setup  # noqa: E402
 from polykv_learn import adapter  # noqa: E402
 from polykv_learn.kernels import gathered  # noqa: E402
-from polykv_learn.models import load_model, load_tokenizer  # noqa: E402
 from polykv_learn.simulator import Simulator  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--probe", type=int, default=32)
+    add_setup_args(ap)
     ap.add_argument("--plans", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, with_tokenizer=False)
-    ids = real_text_ids(load_tokenizer(args.model), args.context + args.probe)
-    context, probe = ids[:, : args.context], ids[:, args.context :]
+    model, context, probe = setup(args)
     num_layers = adapter.model_dims(model).num_layers
     pool = make_plans(num_layers, 4 * args.plans, [128, 256, 512])
     plans = [p for p in pool if not {"kvzip", "h2o"} & set(p.policies)][: args.plans]

@@ -55,16 +55,30 @@ STDLIB_FILES = (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The options every simulator benchmark shares: model, context and probe lengths, torch threads."""
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, ... or a local HF directory")
     ap.add_argument("--context", type=int, default=2048, help="context tokens")
     ap.add_argument("--probe", type=int, default=32, help="probe tokens")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Threads set, the model loaded, and (context (1, n), probe (1, m)) ids of real text, from ``add_setup_args``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, with_tokenizer=False)
+    ids = real_text_ids(load_tokenizer(args.model), args.context + args.probe)
+    return model, ids[:, : args.context], ids[:, args.context :]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_args(ap)
     ap.add_argument("--plans", type=int, default=16, help="plans of row (a); row (b) also runs twice as many")
     ap.add_argument("--repeats", type=int, default=3, help="simulator timings: median of this many runs")
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     return ap.parse_args(argv)
 
 
@@ -130,13 +144,8 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, with_tokenizer=False)
-    tokenizer = load_tokenizer(args.model)
+    model, context, probe = setup(args)
     dims = adapter.model_dims(model)
-    ids = real_text_ids(tokenizer, args.context + args.probe)
-    context, probe = ids[:, : args.context], ids[:, args.context :]
     plans = make_plans(dims.num_layers, 2 * args.plans, args.budgets, args.seed)
     few, many = plans[: args.plans], plans
     used = sorted({p for plan in few for p in plan.policies})

@@ -21,34 +21,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.simulator_speed import real_text_ids  # noqa: E402
+from benchmarks.simulator_speed import add_setup_args, setup  # noqa: E402
 from polykv_learn import adapter  # noqa: E402
 from polykv_learn.calibrate import sweep_plans  # noqa: E402
-from polykv_learn.models import load_model, load_tokenizer  # noqa: E402
 from polykv_learn.simulator import Simulator  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--probe", type=int, default=32)
+    add_setup_args(ap)
     ap.add_argument("--policies", nargs="+", default=["snapkv", "knorm"])
     ap.add_argument("--grid", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--per-pass", type=int, default=32)
     ap.add_argument("--stride", type=int, default=2, help="time every stride-th pass of the sweep")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, with_tokenizer=False)
-    ids = real_text_ids(load_tokenizer(args.model), args.context + args.probe)
-    context, probe = ids[:, : args.context], ids[:, args.context :]
+    model, context, probe = setup(args)
     sim = Simulator(model)
     capture = sim.capture(context)
     plans = sweep_plans(adapter.model_dims(model).num_layers, args.context, args.policies, args.grid)

@@ -141,13 +141,24 @@ def test_simulator_equals_real_compressed_cache_smollm2(smollm2):
     assert {"kvzip", "keydiff"} <= set(policy_names())
     plans = [Plan.uniform(p, 128, layers) for p in policy_names()] + [mixed_plan(layers, 600)]
     plans.append(Plan.uniform("streaming", 10_000, layers))  # keeps everything
+    _assert_simulator_equals_real_and_full(model, context, probe, plans)
+
+
+def _assert_simulator_equals_real_and_full(model, context, probe, plans, windows=None) -> None:
+    """Every plan's simulated logits equal the real compressed cache's (<= TOL), and the last plan (which keeps
+    everything) equals the uncompressed model; with ``windows``, each real cache layer holds the plan's effective
+    budget (a sliding layer at most ``W - 1``)."""
+    n = context.shape[1]
     result = Simulator(model).evaluate(context, probe, plans)
     worst = 0.0
     for i, plan in enumerate(plans):
-        ref, _ = real_compressed_logits(model, context, probe, plan)
+        ref, cache = real_compressed_logits(model, context, probe, plan)
         worst = max(worst, (result.logits[i] - ref).abs().max().item())
+        if windows is not None:
+            held = plan.effective_budgets(n, windows)
+            assert [layer.keys.shape[2] - probe.shape[1] for layer in cache.layers] == held
     with torch.no_grad():
-        full = model(torch.cat([context, probe], dim=1)).logits[0, 600:].float()
+        full = model(torch.cat([context, probe], dim=1)).logits[0, n:].float()
     assert (result.logits[-1] - full).abs().max().item() <= TOL
     assert worst <= TOL, f"max abs diff {worst}"
 
@@ -172,17 +183,7 @@ def test_simulator_equals_real_compressed_cache_gemma3():
     plans = [Plan.uniform(p, 128, layers) for p in policy_names()] + [mixed_plan(layers, 600)]
     plans.append(Plan.uniform("streaming", 560, layers))  # more than a sliding window holds: those hold W - 1
     plans.append(Plan.uniform("streaming", 10_000, layers))  # keeps everything
-    result = Simulator(model).evaluate(context, probe, plans)
-    worst = 0.0
-    for i, plan in enumerate(plans):
-        ref, cache = real_compressed_logits(model, context, probe, plan)
-        worst = max(worst, (result.logits[i] - ref).abs().max().item())
-        held = plan.effective_budgets(600, windows)
-        assert [layer.keys.shape[2] - probe.shape[1] for layer in cache.layers] == held
-    with torch.no_grad():
-        full = model(torch.cat([context, probe], dim=1)).logits[0, 600:].float()
-    assert (result.logits[-1] - full).abs().max().item() <= TOL
-    assert worst <= TOL, f"max abs diff {worst}"
+    _assert_simulator_equals_real_and_full(model, context, probe, plans, windows)
 
 
 def test_triton_backend_gives_the_same_simulation(tiny_models, monkeypatch):
