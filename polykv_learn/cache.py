@@ -47,7 +47,7 @@ from polykv_learn.capture import (
     with_reconstruct_attention,
 )
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
-from polykv_learn.layout import head_keep_indices, packed_layout
+from polykv_learn.layout import packed_layout, row_keep_positions
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, order_positions
 from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
@@ -175,16 +175,15 @@ class CompressedLayer(DynamicLayer):
             n_real = rs.context_length if rs is not None else orders.lengths[r]
             pad = n - n_real
             heads = tuple(budgets[r]) if isinstance(budgets[r], Sequence) else (budgets[r],) * g
-            limit = n_real if self.sliding_window is None else min(n_real, self.sliding_window - 1)
-            heads = tuple(min(h, limit) for h in heads)  # a sliding layer: no later token sees more than W - 1
-            if min(heads) < limit:
-                order = (
-                    order_positions(get_policy(policies[r]), rs)[0] if rs is not None else orders.order(r, policies[r])
-                )
-                keeps.append([keep + pad for keep in head_keep_indices(order, heads)])  # G x (kept_h,)
-                whole = False
-            else:  # the whole row (its real tokens), or all of a sliding layer's window: no order needed
-                keeps.append([torch.arange(n - limit, n, device=self.keys.device)] * g)
+
+            def order(r=r, rs=rs) -> Tensor:  # (G, n_real)
+                if rs is None:  # summarised: the orders hold the rows
+                    return orders.order(r, policies[r])
+                return order_positions(get_policy(policies[r]), rs)[0]
+
+            kept, all_kept = row_keep_positions(heads, n_real, self.sliding_window, order, self.keys.device)
+            keeps.append([keep + pad for keep in kept])  # G x (kept_h,), in the padded layout
+            whole = whole and all_kept
         index, visible = packed_layout(keeps, self.keys.device)  # (b, G, slots) x2
         if whole and index.shape[-1] == n:  # every row keeps all of itself and no slot can go: the layout stays
             self._drop_statistics()

@@ -11,12 +11,12 @@ head. The padding is memory really allocated (``cache_bytes`` counts it): ``sum 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["head_keep_indices", "packed_layout"]
+__all__ = ["head_keep_indices", "packed_layout", "row_keep_positions"]
 
 
 def head_keep_indices(order: Tensor, budgets: Sequence[int]) -> list[Tensor]:
@@ -31,6 +31,21 @@ def head_keep_indices(order: Tensor, budgets: Sequence[int]) -> list[Tensor]:
     if len(set(budgets)) == 1:  # every head alike: one sort
         return list(order[:, : min(budgets[0], n)].long().sort(dim=-1).values.unbind(0))
     return [order[h, : min(b, n)].long().sort().values for h, b in enumerate(budgets)]
+
+
+def row_keep_positions(
+    heads: Sequence[int], n_real: int, window: int | None, order: Callable[[], Tensor], device: torch.device
+) -> tuple[list[Tensor], bool]:
+    """What one row of a layer keeps after eviction: per KV head its kept positions among the row's ``n_real`` real
+    tokens (ascending), at most ``heads[h]`` each, and whether it keeps all it can (then no keep order is needed).
+
+    A sliding layer (``window`` W) keeps at most ``W - 1`` positions: no later token can see more. ``order()``
+    gives the row's ``(G, n_real)`` keep order and is called only when some head keeps less than it can."""
+    limit = n_real if window is None else min(n_real, window - 1)
+    heads = tuple(min(h, limit) for h in heads)
+    if min(heads) < limit:
+        return head_keep_indices(order(), heads), False
+    return [torch.arange(n_real - limit, n_real, device=device)] * len(heads), True  # the whole row or window
 
 
 def packed_layout(keeps: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -194,3 +194,23 @@ def test_soft_head_budgets_sharpen_into_the_hard_head_keep_sets():
     assert torch.equal(
         soft_key_bias(ranks, probs, heads[:, :1].expand(2, 3), 0.5), soft_key_bias(ranks, probs, heads[:, 0], 0.5)
     )
+
+
+def test_row_keep_positions_cap_a_sliding_layer_and_need_no_order_when_whole():
+    """One row of a layer: the order's first ``b_h`` per head (ascending); a sliding layer keeps at most ``W - 1``
+    (its last ones when it keeps all it can), and then the keep order is never computed."""
+    from polykv_learn.layout import row_keep_positions
+
+    order = torch.tensor([[5, 0, 3, 1, 2, 4], [2, 4, 1, 0, 5, 3]])  # (G=2, n=6), best first
+    kept, whole = row_keep_positions((2, 3), 6, None, lambda: order, torch.device("cpu"))
+    assert [k.tolist() for k in kept] == [[0, 5], [1, 2, 4]] and not whole
+
+    def no_order():
+        raise AssertionError("the keep order is not needed when the row keeps all it can")
+
+    kept, whole = row_keep_positions((9, 6), 6, None, no_order, torch.device("cpu"))
+    assert [k.tolist() for k in kept] == [[0, 1, 2, 3, 4, 5]] * 2 and whole
+    kept, whole = row_keep_positions((4, 9), 6, 4, no_order, torch.device("cpu"))  # window 4: at most 3, the last
+    assert [k.tolist() for k in kept] == [[3, 4, 5]] * 2 and whole
+    kept, whole = row_keep_positions((2, 3), 6, 4, lambda: order, torch.device("cpu"))  # 3 = W - 1: whole for head 1
+    assert [k.tolist() for k in kept] == [[0, 5], [1, 2, 4]] and not whole

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from polykv_learn.data.layout import prompt_layout
-from polykv_learn.layout import head_keep_indices
+from polykv_learn.layout import row_keep_positions
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, order_positions
 from polykv_learn.rows import row_stats
@@ -84,14 +84,12 @@ def kept_positions(plan: Plan, stats: Sequence[LayerStats]) -> list[list[Tensor]
     out = []
     for i, layer in enumerate(stats):
         rs = row_stats(layer, 0)
-        n, g = rs.context_length, rs.num_kv_heads
-        limit = n if rs.sliding_window is None else min(n, rs.sliding_window - 1)
-        heads = tuple(min(h, limit) for h in plan.layer_head_budgets(i, g))
-        if min(heads) < limit:
-            order = order_positions(get_policy(plan.policies[i]), rs)[0]  # (G, n)
-            out.append(head_keep_indices(order, heads))
-        else:  # every real token, or a sliding layer's whole window
-            out.append([torch.arange(n - limit, n, device=rs.keys.device)] * g)
+        heads = plan.layer_head_budgets(i, rs.num_kv_heads)
+
+        def order(i=i, rs=rs) -> Tensor:  # (G, n)
+            return order_positions(get_policy(plan.policies[i]), rs)[0]
+
+        out.append(row_keep_positions(heads, rs.context_length, rs.sliding_window, order, rs.keys.device)[0])
     return out
 
 
