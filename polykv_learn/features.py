@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from polykv_learn.kvzip_global import check_allocation_prior
 from polykv_learn.policies import check_policy_name, get_policy, keep_indices
 from polykv_learn.policies.base import LayerStats
 
@@ -68,12 +69,16 @@ def _check_overlap_policies(overlap_policies: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def feature_names(overlap_policies: Sequence[str] = DEFAULT_OVERLAP_POLICIES) -> list[str]:
-    """Names of the columns returned by :func:`layer_features`; overlap columns are ``overlap:p|q`` for every
-    pair ``p`` before ``q`` in ``overlap_policies``."""
+def feature_names(
+    overlap_policies: Sequence[str] = DEFAULT_OVERLAP_POLICIES, allocation_prior: str | None = None
+) -> list[str]:
+    """Names of the layer signals: the columns of :func:`layer_features` (overlap columns are ``overlap:p|q`` for
+    every pair ``p`` before ``q`` in ``overlap_policies``), then the allocation prior's column when there is one
+    (:mod:`polykv_learn.kvzip_global`: computed across layers, appended by the caller)."""
     names = _check_overlap_policies(overlap_policies)
     overlaps = [f"overlap:{p}|{q}" for p, q in combinations(names, 2)]
-    return _HEAD + _TEMPORAL + overlaps + _TAIL
+    prior = [check_allocation_prior(allocation_prior)] if allocation_prior else []
+    return _HEAD + _TEMPORAL + overlaps + _TAIL + prior
 
 
 #: feature names for the default overlap policies

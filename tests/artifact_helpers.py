@@ -9,13 +9,17 @@ from polykv_learn.planner.allocator import BudgetAllocator
 from polykv_learn.planner.router import MLPRouter
 
 
-def make_artifact(directory, model, policies=("snapkv", "streaming", "knorm"), seed=0, random_allocator=False):
-    """Fresh router/allocator weights and identity scaling; ``random_allocator`` gives non-uniform budgets."""
+def make_artifact(
+    directory, model, policies=("snapkv", "streaming", "knorm"), seed=0, random_allocator=False, allocation_prior=None
+):
+    """Fresh router/allocator weights and identity scaling; ``random_allocator`` gives non-uniform budgets;
+    ``allocation_prior`` (``kvzip_global``) an allocator that follows that column (gain 1, scale 1)."""
     overlap = ["snapkv", "streaming"]
-    names = feature_names(overlap)
+    names = feature_names(overlap, allocation_prior)
     torch.manual_seed(seed)
     router = MLPRouter(len(names), list(policies), hidden=8)
-    allocator = BudgetAllocator(len(names), hidden=8)
+    prior = names.index(allocation_prior) if allocation_prior else None
+    allocator = BudgetAllocator(len(names), hidden=8, prior=prior)
     if random_allocator:
         with torch.no_grad():
             for p in allocator.parameters():
@@ -31,9 +35,14 @@ def make_artifact(directory, model, policies=("snapkv", "streaming", "knorm"), s
         "feature_names": names,
         "scaler": {"mean": [0.0] * len(names), "std": [1.0] * len(names)},
         "router": {"type": "mlp", "hidden": 8, "num_hidden_layers": router.num_hidden_layers},
-        "allocator": {"hidden": 8, "num_hidden_layers": allocator.num_hidden_layers},
+        "allocator": {
+            "hidden": 8,
+            "num_hidden_layers": allocator.num_hidden_layers,
+            **({} if prior is None else {"prior": prior}),
+        },  # fmt: skip
         "b_min": 4,
         "capture": {"window": 16, "future": 16, "chunk": 64},
         "budgets": budgets,
+        **({"allocation_prior": allocation_prior} if allocation_prior else {}),
     }
     return write_artifact(directory, config, tensors)

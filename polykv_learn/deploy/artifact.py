@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from polykv_learn import atomic
 from polykv_learn.features import feature_names as expected_feature_names
+from polykv_learn.kvzip_global import ALLOCATION_PRIORS
 from polykv_learn.planner.router import GBDT_FORMAT, NODE_FIELDS
 from polykv_learn.policies import POLICIES
 
@@ -219,9 +220,15 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
     names = config.get("feature_names", _MISSING)
     _expect(isinstance(names, list) and names and all(isinstance(n, str) for n in names), "feature_names",
             "a non-empty list of strings", names)  # fmt: skip
-    expected = expected_feature_names(overlap)
+    prior = config.get("allocation_prior")
+    _expect(prior is None or prior in ALLOCATION_PRIORS, "allocation_prior",
+            f"null or one of {', '.join(ALLOCATION_PRIORS)}", prior)  # fmt: skip
+    expected = expected_feature_names(overlap, prior)
     if names != expected:
-        raise _Invalid(f"feature_names must be the features of overlap_policies {overlap}: {expected}, got {names}")
+        raise _Invalid(
+            f"feature_names must be the features of overlap_policies {overlap} and allocation_prior {prior!r}: "
+            f"{expected}, got {names}"
+        )
     num_features = len(names)
     scaler = _object(config, "scaler", "scaler")
     _number_list(scaler, "mean", "scaler.mean", num_features, None)
@@ -234,6 +241,9 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
     allocator = _object(config, "allocator", "allocator")
     a_hidden = _int(allocator, "hidden", "allocator.hidden", 1)
     a_layers = _int(allocator, "num_hidden_layers", "allocator.num_hidden_layers", 0)
+    a_prior = allocator.get("prior")
+    want = None if prior is None else names.index(prior)
+    _expect(a_prior == want, "allocator.prior", f"{want} (the allocation prior's feature column)", a_prior)
     _int(config, "b_min", "b_min", 1)
     capture = _object(config, "capture", "capture")
     for key in ("window", "future", "chunk"):
@@ -251,7 +261,7 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
         _validate_calibrated(config["calibrated"], dims["num_layers"], dims["max_positions"])
 
     _check_mlp(tensors, "router", num_features, r_hidden, r_layers, len(policies))
-    _check_mlp(tensors, "allocator", num_features, a_hidden, a_layers, 1)
+    _check_mlp(tensors, "allocator", num_features, a_hidden, a_layers, 1, prior=want is not None)
     _check_tensor(tensors, "calibration_features", (len(budgets), dims["num_layers"], num_features))
     if kind == "gbdt":
         _check_gbdt(_object(router, "gbdt", "router.gbdt"), tensors, policies, num_features)
@@ -312,10 +322,19 @@ def _check_tensor(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple[in
 
 
 def _check_mlp(
-    tensors: Mapping[str, torch.Tensor], prefix: str, inputs: int, hidden: int, layers: int, out: int
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    inputs: int,
+    hidden: int,
+    layers: int,
+    out: int,
+    prior: bool = False,
 ) -> None:
-    """The tensors of ``nn.Sequential`` Linear/GELU stacks (``router.MLPRouter``, ``allocator.BudgetAllocator``)."""
+    """The tensors of ``nn.Sequential`` Linear/GELU stacks (``router.MLPRouter``, ``allocator.BudgetAllocator``),
+    and with ``prior`` the allocator's scalar prior gain and scale."""
     expected: dict[str, tuple[int, ...]] = {}
+    if prior:
+        expected.update({f"{prefix}.prior_gain": (), f"{prefix}.prior_scale": ()})
     width = inputs
     for i in range(layers + 1):
         size = hidden if i < layers else out

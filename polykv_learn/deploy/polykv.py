@@ -19,7 +19,8 @@ those policies are computed (H2O's accumulated attention only if a row needs it)
 the cache holds little more than the full cache's keys/values until the plan is decided. A router that may route to
 KVzip runs its reconstruction pass after the last layer, and only if some row of some layer may get KVzip; those
 layers keep their statistics until then. The plan itself is the one
-from every layer's signals (:meth:`plans_for_stats`).
+from every layer's signals (:meth:`plans_for_stats`). A router with an allocation prior (``kvzip_global``: a signal
+of every layer's KVzip scores at once) always runs the pass and plans from every layer's statistics after it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.artifact import FORMAT, read_artifact, validate_config, write_artifact
 from polykv_learn.features import layer_features
+from polykv_learn.kvzip_global import normalised_scores, prior_column
 from polykv_learn.layerwise import LayerwisePlanner
 from polykv_learn.plan import Plan
 from polykv_learn.planner import LearnedPlanner, check_budget
@@ -65,6 +67,7 @@ class PolyKV:
         self.policies: list[str] = list(config["policies"])
         self.overlap_policies: list[str] = list(config["overlap_policies"])
         self.feature_names: list[str] = list(config["feature_names"])
+        self.allocation_prior: str | None = config.get("allocation_prior")  # a column across layers (kvzip_global)
         self.b_min = int(config["b_min"])
         self.budgets: list[int] = [int(b) for b in config["budgets"]]
         cap = config["capture"]
@@ -74,7 +77,7 @@ class PolyKV:
             future=cap["future"],
             chunk=cap["chunk"],
             accumulate=any(p.needs_accumulated_attn for p in used),
-            reconstruct=any(p.needs_reconstruct_attn for p in used),
+            reconstruct=any(p.needs_reconstruct_attn for p in used) or self.allocation_prior is not None,
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled
@@ -138,7 +141,11 @@ class PolyKV:
         (or use :meth:`plans_for_stats`)."""
         stats = _one_sequence(stats, "features")
         n = stats[0].context_length
-        return torch.cat([layer_features(s, min(budget, n), self.overlap_policies, len(stats)) for s in stats])
+        features = torch.cat([layer_features(s, min(budget, n), self.overlap_policies, len(stats)) for s in stats])
+        if self.allocation_prior is None:
+            return features  # (L, F)
+        column = prior_column([normalised_scores(s) for s in stats], min(budget, n))  # (L,) across layers
+        return torch.cat([features, column[:, None].to(features)], dim=1)  # (L, F)
 
     @torch.no_grad()
     def plan_from_features(self, features: Tensor, budget: int, context_length: int) -> Plan:
@@ -198,6 +205,11 @@ class PolyKV:
         :meth:`layer_summary`, keeps orders for :meth:`layer_candidates`, plans with :meth:`plans_from_summaries`.
         It holds this object, not a cache (no reference cycle)."""
         budget = check_budget(budget)
+        if self.allocation_prior is not None:
+            raise ValueError(
+                f"this router's allocation prior {self.allocation_prior!r} reads every layer's KVzip scores at once, "
+                "so it cannot plan layer by layer; its adaptive cache plans from all layers (make_cache)"
+            )
         return LayerwisePlanner(
             summarize=functools.partial(self.layer_summary, budget=budget),
             plan=functools.partial(self.plans_from_summaries, budget=budget),
@@ -267,6 +279,9 @@ class PolyKV:
             return CompressedCache(model, plan=self.static_plan(budget))
         if mode != "adaptive":
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if self.allocation_prior is not None:  # the plan needs every layer's statistics after the KVzip pass
+            planner = functools.partial(self.plans_for_stats, budget=budget)
+            return CompressedCache(model, planner=planner, capture=self.capture)
         return CompressedCache(model, planner=self.layerwise_planner(budget), capture=self.capture)
 
     @contextlib.contextmanager

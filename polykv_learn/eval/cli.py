@@ -123,7 +123,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     used += [get_policy(KVZIP_POLICY) for m in methods if m.name == "kvzip-global"]
     oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
     needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
-    needs_zip = oracle or any(p.needs_reconstruct_attn for p in used)
+    needs_zip = oracle or any(p.needs_reconstruct_attn for p in used) or any(a.capture.reconstruct for a in artifacts)
     capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk, reconstruct=needs_zip)
 
     model_name = args.model or (artifacts[0].model_fingerprint["name"] if artifacts else SMOLLM2)

@@ -51,8 +51,9 @@ import torch
 from torch import Tensor
 
 from polykv_learn.deploy.polykv import PolyKV
-from polykv_learn.plan import Plan, round_preserving_sum
-from polykv_learn.policies import POLICIES, LayerStats, get_policy, policy_names
+from polykv_learn.kvzip_global import KVZIP_POLICY, global_layer_budgets
+from polykv_learn.plan import Plan
+from polykv_learn.policies import POLICIES, LayerStats, policy_names
 from polykv_learn.rows import row_stats
 from polykv_learn.search import SearchResult, search_plan
 from polykv_learn.simulator import ContextCapture, Simulator
@@ -78,8 +79,6 @@ __all__ = [
 
 #: the scorer used by the layer-allocation baselines (``pyramid``, ``cake``)
 BASELINE_POLICY = "snapkv"
-#: KVzip's scorer, whose scores ``kvzip-global`` ranks across layers
-KVZIP_POLICY = "kvzip"
 #: the scorer whose scores ``adakv`` and ``adakv-global`` share among KV heads (AdaKV's own pairing)
 ADAKV_POLICY = "snapkv"
 #: the methods a trained artifact provides (gap recovery is reported for these)
@@ -188,30 +187,8 @@ def _cake(sample: MethodInput, budget: int) -> Plan:
 
 def kvzip_global_budgets(stats: Sequence[LayerStats], budget: int) -> list[int]:
     """KVzip's global allocation (arXiv:2505.23416; kvpress ``KVzipPress`` with ``layerwise=False``) for batch
-    element 0: rank every ``(layer, KV head, position)`` by its kvzip score divided by the layer's largest (the
-    protected sinks above everything, padding below), take the top ``L * G * B`` (stable: ties to the earlier
-    layer, head, position), and give layer ``l`` ``count_l / G`` positions per KV head, rounded with the exact total
-    ``L * B`` within ``[1, n]`` (:func:`~polykv_learn.plan.round_preserving_sum`). ``n <= B``: ``B`` everywhere
-    (nothing evicted). Within a layer every head keeps the same number (KVzip's own selection is per head)."""
-    num_layers, n = len(stats), stats[0].context_length
-    if n <= budget:
-        return [budget] * num_layers
-    policy = get_policy(KVZIP_POLICY)
-    g = stats[0].num_kv_heads
-    ranked = []
-    for s in stats:
-        score = policy.scores(s)[0].double()  # (G, n)
-        valid = s.valid[0].to(score.device)  # (n,)
-        top = score.masked_fill(~valid[None, :], 0).max()
-        score = score / top if top > 0 else torch.zeros_like(score)  # each layer's scores in [0, 1]
-        protected = policy.protected(s)
-        if protected is not None:
-            score = score.masked_fill(protected[0][None, :].to(score.device), 2.0)  # kept first
-        ranked.append(score.masked_fill(~valid[None, :], -1.0))  # padding last
-    flat = torch.stack(ranked).flatten()  # (L * G * n)
-    chosen = flat.argsort(descending=True, stable=True)[: num_layers * g * budget]
-    counts = torch.bincount(chosen // (g * n), minlength=num_layers).double()  # (L,) kept pairs per layer
-    return round_preserving_sum(counts / g, num_layers * budget, lower=1, upper=n)
+    element 0: :func:`polykv_learn.kvzip_global.global_layer_budgets`."""
+    return global_layer_budgets(stats, budget)
 
 
 def _kvzip_global(sample: MethodInput, budget: int) -> Plan:

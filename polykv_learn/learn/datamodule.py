@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES
+from polykv_learn.kvzip_global import check_allocation_prior
 from polykv_learn.learn import checks
 from polykv_learn.learn.shared import max_positions, shared_model, shared_tokenizer
 from polykv_learn.learn.store import PrefillStore, StoredPrefill
@@ -113,6 +114,7 @@ class PrefillDataModule(L.LightningDataModule):
         model_name: str = "smollm2-135m",
         policies: list[str] | None = None,
         overlap_policies: list[str] = list(DEFAULT_OVERLAP_POLICIES),
+        allocation_prior: str | None = None,
         budgets: list[int] = list(DEFAULT_BUDGETS),
         max_context_tokens: int = 2048,
         min_context_tokens: int = 256,
@@ -136,6 +138,8 @@ class PrefillDataModule(L.LightningDataModule):
             model_name: the base LLM (linked to ``model.model_name``).
             policies: policies whose ranks are cached (linked to ``model.policies``).
             overlap_policies: policies whose keep-set overlaps are features (linked to the model's).
+            allocation_prior: the allocation prior whose column the prefills store (linked to the model's;
+                ``kvzip_global`` runs KVzip's reconstruction pass in every prefill).
             budgets: grid of average budgets at which layer features are cached (increasing integers >= 1); training
                 samples from it and validation budgets must be in it.
             max_context_tokens: contexts are cut to at most this many tokens.
@@ -176,6 +180,7 @@ class PrefillDataModule(L.LightningDataModule):
         self.model_name = model_name
         self.policies = list(policies or [])
         self.overlap_policies = list(overlap_policies)
+        self.allocation_prior = allocation_prior
         self.budgets = list(budgets)
         self.max_context_tokens = max_context_tokens
         self.min_context_tokens = min_context_tokens
@@ -234,7 +239,9 @@ class PrefillDataModule(L.LightningDataModule):
         if self._store is None:
             sim = Simulator(shared_model(self.model_name), self.capture_options)
             root = self.cache_dir / self.model_name.replace("/", "_")
-            self._store = PrefillStore(root, sim, self.policies, self.overlap_policies, self.budgets)
+            self._store = PrefillStore(
+                root, sim, self.policies, self.overlap_policies, self.budgets, self.allocation_prior
+            )
         return self._store
 
     def _tokenized(self, split: str) -> list[tuple[str, Tensor, Tensor, int | None]]:
@@ -352,6 +359,7 @@ def check_datamodule_args(hp: Any) -> None:
     if hp.policies is not None:
         checks.policy_list("policies", hp.policies)
     checks.policy_list("overlap_policies", hp.overlap_policies)
+    check_allocation_prior(hp.allocation_prior)
     checks.budget_list("budgets", hp.budgets)
     checks.int_at_least("min_context_tokens", hp.min_context_tokens, 1)
     checks.int_at_least("max_context_tokens", hp.max_context_tokens, hp.min_context_tokens)

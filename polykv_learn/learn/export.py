@@ -76,6 +76,7 @@ def artifact_parts(
         "model": learner.simulator.dims.to_dict(),
         "overlap_policies": list(learner.hparams.overlap_policies),
         "feature_names": list(learner.feature_names),
+        **({"allocation_prior": learner.hparams.allocation_prior} if learner.hparams.allocation_prior else {}),
         "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk},
         "budgets": list(datamodule.budgets),
         "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},

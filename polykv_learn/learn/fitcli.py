@@ -89,6 +89,7 @@ class PolyKVCLI(LightningCLI):
         parser.link_arguments("model.model_name", "data.model_name")
         parser.link_arguments("model.policies", "data.policies")
         parser.link_arguments("model.overlap_policies", "data.overlap_policies")
+        parser.link_arguments("model.allocation_prior", "data.allocation_prior")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """After the constructors: check the learner against the data module, then give the loggers this run's

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, FeatureScaler, feature_names
+from polykv_learn.kvzip_global import check_allocation_prior
 from polykv_learn.learn import checks, export
 from polykv_learn.learn.oracle import oracle_labels
 from polykv_learn.learn.shared import max_positions, shared_model
@@ -60,6 +61,7 @@ class PolyKVLearner(L.LightningModule):
         gbdt_docs: int = 8,
         gbdt_budgets: list[int] = [128, 256],
         answer_share: float | None = None,
+        allocation_prior: str | None = None,
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -90,6 +92,9 @@ class PolyKVLearner(L.LightningModule):
                 tokens, the rest by the question and answer prefix before them (each part a mean over its tokens);
                 what a task is scored on is the answer. None: every probe token weighs the same (also for corpus
                 samples, which have no answer).
+            allocation_prior: a layer signal computed across layers that the allocator follows from the start and
+                learns a gain on (``kvzip_global``: KVzip's global top-k allocation, arXiv:2505.23416; needs
+                ``kvzip`` among the data's policies); None: none (the allocator starts uniform).
             export_dir: where the frozen artifact is written at the end of fit (None: not written).
             seed: seed of the budget sampling.
         """
@@ -97,10 +102,11 @@ class PolyKVLearner(L.LightningModule):
         self.save_hyperparameters()
         check_learner_args(self.hparams)
         self.policies = list(policies)
-        self.feature_names = feature_names(overlap_policies)
+        self.feature_names = feature_names(overlap_policies, allocation_prior)
         num_features = len(self.feature_names)
+        prior = self.feature_names.index(allocation_prior) if allocation_prior else None
         self.router = MLPRouter(num_features, self.policies, hidden=hidden)
-        self.allocator = BudgetAllocator(num_features, hidden=hidden)
+        self.allocator = BudgetAllocator(num_features, hidden=hidden, prior=prior)
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.gbdt: GBDTRouter | None = None
@@ -135,6 +141,8 @@ class PolyKVLearner(L.LightningModule):
             mean, std = dm.feature_statistics()
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(std.clamp_min(1e-6))
+            if self.allocator.prior is not None:
+                self.allocator.set_prior_scale(float(self.feature_std[self.allocator.prior]))
 
     def check_data(self, datamodule: Any) -> None:
         """Check that ``datamodule`` (a :class:`~polykv_learn.learn.datamodule.PrefillDataModule`) prefills what this
@@ -150,6 +158,11 @@ class PolyKVLearner(L.LightningModule):
         if missing:
             raise ValueError(
                 f"data.policies {datamodule.policies} must hold every routed policy (model.policies), missing {missing}"
+            )
+        if datamodule.allocation_prior != hp.allocation_prior:
+            raise ValueError(
+                f"data.allocation_prior {datamodule.allocation_prior!r} must equal model.allocation_prior "
+                f"{hp.allocation_prior!r} (it is a feature column)"
             )
         if list(datamodule.overlap_policies) != list(hp.overlap_policies):
             raise ValueError(
@@ -369,6 +382,7 @@ def check_learner_args(hp: Any) -> None:
     configuration is read (not its weights) to check ``val_budgets`` against its context."""
     checks.policy_list("policies", hp.policies, routable=True, allow_empty=False)
     checks.policy_list("overlap_policies", hp.overlap_policies)
+    check_allocation_prior(hp.allocation_prior)
     checks.one_of("router", hp.router, ROUTERS)
     checks.int_at_least("hidden", hp.hidden, 1)
     checks.int_at_least("b_min", hp.b_min, 1)

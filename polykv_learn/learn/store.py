@@ -46,6 +46,7 @@ from torch import Tensor
 from polykv_learn.adapter import sliding_windows
 from polykv_learn.atomic import TMP_MARK, atomic_file
 from polykv_learn.features import layer_features
+from polykv_learn.kvzip_global import check_allocation_prior, normalised_scores, prior_column
 from polykv_learn.policies import get_policy
 from polykv_learn.reconstruct import repeat_prompt_ids
 from polykv_learn.simulator import ContextCapture, Simulator
@@ -120,17 +121,19 @@ class PrefillStore:
         policies: Sequence[str],
         overlap_policies: Sequence[str],
         budgets: Sequence[int],
+        allocation_prior: str | None = None,
     ):
         self.windows = sliding_windows(simulator.model)  # L: W of a sliding layer, None for full attention
         self.root = Path(root)
         self.simulator = simulator
         self.policies = list(policies)
         self.overlap_policies = list(overlap_policies)
+        self.allocation_prior = check_allocation_prior(allocation_prior)
         self.budgets = sorted({int(b) for b in budgets})
         opts = simulator.capture_options
         used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
         self.accumulate = any(p.needs_accumulated_attn for p in used)
-        self.reconstruct = any(p.needs_reconstruct_attn for p in used)
+        self.reconstruct = any(p.needs_reconstruct_attn for p in used) or allocation_prior == "kvzip_global"
         sliding = any(w is not None for w in self.windows)
         made_by = {
             "version": FORMAT_VERSION if sliding else FULL_ATTENTION_VERSION,
@@ -140,6 +143,8 @@ class PrefillStore:
             "budgets": self.budgets,
             "capture": [opts.window, opts.future, opts.chunk],
         }
+        if allocation_prior is not None:  # one more feature column (other stores keep their files)
+            made_by["allocation_prior"] = allocation_prior
         if sliding:  # what a stored sliding layer keeps depends on its window
             made_by["windows"] = self.windows
         if self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
@@ -194,6 +199,12 @@ class PrefillStore:
             )
             for b in self.budgets
         ]
+        if self.allocation_prior is not None:  # the prior's column, computed across layers, appended
+            scores = [normalised_scores(s) for s in capture.stats]  # L x (G, n)
+            feats = [
+                torch.cat([f, prior_column(scores, min(b, n))[:, None]], dim=1)
+                for f, b in zip(feats, self.budgets, strict=True)
+            ]
         tensors["features"] = torch.stack(feats).float().contiguous()  # (K, L, F)
         tensors["budgets"] = torch.tensor(self.budgets, dtype=torch.int64)
         probe_ids = probe_ids.reshape(-1).long()

@@ -33,30 +33,52 @@ def _mlp(num_features: int, hidden: int, num_hidden_layers: int, out: int) -> nn
 class BudgetAllocator(nn.Module):
     """Maps standardised layer features ``(L, F)`` to real budgets ``(L,)`` summing to ``L * B``.
 
-    The last linear layer starts at zero, so an untrained allocator returns the uniform split ``b_l = B``.
+    The last linear layer starts at zero, so an untrained allocator returns the uniform split ``b_l = B``; with a
+    ``prior`` feature column (an allocation prior, :mod:`polykv_learn.kvzip_global`) it starts at that column's
+    allocation, ``b_l`` proportional to ``exp(raw column)``, and learns a gain on it next to the MLP.
     """
 
-    def __init__(self, num_features: int, hidden: int = 32, num_hidden_layers: int = 1) -> None:
+    def __init__(
+        self, num_features: int, hidden: int = 32, num_hidden_layers: int = 1, prior: int | None = None
+    ) -> None:
         super().__init__()
         if num_features < 1 or hidden < 1 or num_hidden_layers < 0:
             raise ValueError(
                 f"need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got {num_features}, {hidden}, "
                 f"{num_hidden_layers}"
             )
+        if prior is not None and not 0 <= prior < num_features:
+            raise ValueError(f"prior must be a feature column in [0, {num_features}), got {prior}")
         self.num_features = num_features
         self.hidden = hidden
         self.num_hidden_layers = num_hidden_layers
+        self.prior = prior
         self.net = _mlp(num_features, hidden, num_hidden_layers, 1)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        if prior is not None:
+            self.prior_gain = nn.Parameter(torch.ones(()))  # learned; 1: follow the prior exactly
+            self.register_buffer("prior_scale", torch.ones(()))  # the prior column's standard deviation
+
+    def set_prior_scale(self, std: float) -> None:
+        """The standard deviation of the prior column in the feature scaler (the allocator sees standardised
+        features; ``std * scaled`` is the raw column up to a shift, which the softmax ignores)."""
+        if self.prior is None:
+            raise ValueError("this allocator has no prior column")
+        if not std > 0:
+            raise ValueError(f"the prior column's standard deviation must be positive, got {std}")
+        self.prior_scale.fill_(float(std))
 
     def logits(self, features: Tensor) -> Tensor:
-        """``z``: ``(L, F) -> (L,)``."""
+        """``z``: ``(L, F) -> (L,)``; with a prior column ``k``, ``net(f) + gain * std_k * f[:, k]``."""
         if features.ndim != 2 or features.shape[-1] != self.num_features:
             raise ValueError(
                 f"features must have shape (L, {self.num_features}) (one row per layer), got {tuple(features.shape)}"
             )
-        return self.net(features).squeeze(-1)  # (L,)
+        z = self.net(features).squeeze(-1)  # (L,)
+        if self.prior is not None:
+            z = z + self.prior_gain * self.prior_scale * features[:, self.prior]
+        return z
 
     def forward(self, features: Tensor, budget: float, context_length: int, b_min: int = 1) -> Tensor:
         """Real budgets ``(L,)`` with ``sum = L * budget`` and every ``b_l`` in ``[min(b_min, n), n]``.

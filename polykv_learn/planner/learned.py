@@ -107,7 +107,11 @@ class LearnedPlanner:
             "policies": list(self.policies),
             "scaler": self.scaler.to_dict(),
             "router": router,
-            "allocator": {"hidden": self.allocator.hidden, "num_hidden_layers": self.allocator.num_hidden_layers},
+            "allocator": {
+                "hidden": self.allocator.hidden,
+                "num_hidden_layers": self.allocator.num_hidden_layers,
+                **({} if self.allocator.prior is None else {"prior": self.allocator.prior}),
+            },
             "b_min": self.b_min,
         }
         return config, tensors
@@ -120,7 +124,9 @@ class LearnedPlanner:
         r, a = config["router"], config["allocator"]
         router = MLPRouter(num_features, policies, hidden=r["hidden"], num_hidden_layers=r["num_hidden_layers"])
         router.load_state_dict(_prefixed(tensors, "router."))
-        allocator = BudgetAllocator(num_features, hidden=a["hidden"], num_hidden_layers=a["num_hidden_layers"])
+        allocator = BudgetAllocator(
+            num_features, hidden=a["hidden"], num_hidden_layers=a["num_hidden_layers"], prior=a.get("prior")
+        )
         allocator.load_state_dict(_prefixed(tensors, "allocator."))
         gbdt = None
         if r["type"] == "gbdt":

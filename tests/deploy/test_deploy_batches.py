@@ -75,13 +75,14 @@ def alone(model, prompt, cache=None, new_tokens=NEW_TOKENS):
 
 
 def assert_rows_equal_singles(tokens, logits, singles):
-    """Row ``i`` of a batch's greedy tokens/logits equals prompt ``i`` alone (tokens exactly, logits 1e-4); after
-    an alone run stopped at EOS the batch row only pads."""
+    """Row ``i`` of a batch's greedy tokens/logits equals prompt ``i`` alone (tokens exactly, logits to 1e-4 plus
+    1e-5 relative: the float32 rounding of a padded batch's matmuls differs by CPU, up to 1.2e-4 on SmolLM2's logits
+    of about 10 on an AMD EPYC); after an alone run stopped at EOS the batch row only pads."""
     for i, (single_tokens, single_logits) in enumerate(singles):
         row = tokens[i].tolist()
         assert row[: len(single_tokens)] == single_tokens, f"row {i}: batch {row} vs alone {single_tokens}"
         assert all(t == PAD for t in row[len(single_tokens) :])
-        torch.testing.assert_close(logits[i, : len(single_tokens)], single_logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits[i, : len(single_tokens)], single_logits, atol=1e-4, rtol=1e-5)
 
 
 def assert_layout(cache, plans, lengths):

@@ -54,6 +54,7 @@ BAD_CONFIGS = [
     (["--model.weight_decay=-0.5"], "weight_decay must be a number >= 0, got -0.5"),
     (["--model.anneal_steps=-3"], "anneal_steps must be an integer >= 1, got -3"),
     (["--model.b_min=0"], "b_min must be an integer >= 1, got 0"),
+    (["--model.allocation_prior=pyramid"], "allocation_prior must be null or one of kvzip_global, got 'pyramid'"),
     (["--model.budgets_per_step=0"], "budgets_per_step must be an integer >= 1, got 0"),
     (["--model.budget_min=200", "--model.budget_max=300"],
      "budget_min..budget_max (200..300) holds no budget of the data module's grid (data.budgets), so no step could "
@@ -209,7 +210,7 @@ def _expected_config_sha256(log_dir: Path) -> str:
     the CLI links from the model)."""
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     model, data = saved["model"], dict(saved["data"])
-    data.update({k: model[k] for k in ("model_name", "policies", "overlap_policies")})
+    data.update({k: model[k] for k in ("model_name", "policies", "overlap_policies", "allocation_prior")})
     text = json.dumps({"model": model, "data": data}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -327,3 +328,26 @@ def test_prefill_files_get_the_umask_permissions(tiny_corpus, tmp_path, umask):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_fit_with_the_kvzip_global_prior_exports_a_router_that_follows_it(tiny_corpus, tmp_path):
+    """The allocator's prior column is the stored one, its scale the scaler's std of that column, its gain trained;
+    the artifact says which prior it has and plans with it (adaptive and static)."""
+    art = tmp_path / "artifact"
+    _fit(tiny_corpus, tmp_path / "prefills", "--model.allocation_prior=kvzip_global", "--trainer.max_steps=6",
+         "--model.policies=[snapkv, kvzip, streaming]", f"--model.export_dir={art}",
+         f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    from polykv_learn.deploy.polykv import PolyKV
+    from polykv_learn.models import load_model
+
+    polykv = PolyKV.from_pretrained(art)
+    assert polykv.allocation_prior == "kvzip_global" and polykv.feature_names[-1] == "kvzip_global"
+    allocator = polykv.planner.allocator
+    assert allocator.prior == len(polykv.feature_names) - 1
+    std = polykv.planner.scaler.std[-1]
+    assert float(allocator.prior_scale) == pytest.approx(float(std)) and float(std) != 1.0
+    assert float(allocator.prior_gain.detach()) != 1.0  # trained (AdamW moved it in 6 steps)
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0))
+    assert polykv.plan_for(model, ids, 32).total_budget == 4 * 32
+    assert polykv.static_plan(32).total_budget == 4 * 32

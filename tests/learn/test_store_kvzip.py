@@ -3,10 +3,12 @@ names the repeat prompt, and stores of the earlier policy sets keep their finger
 
 import json
 
+import pytest
 import torch
 from model_helpers import random_ids
 
 from polykv_learn.capture import CaptureOptions
+from polykv_learn.kvzip_global import normalised_scores, prior_column
 from polykv_learn.learn.store import FULL_ATTENTION_VERSION, PrefillStore
 from polykv_learn.models import load_model
 from polykv_learn.reconstruct import repeat_prompt_ids
@@ -43,3 +45,27 @@ def test_a_stored_kvzip_rank_is_the_reconstruction_passs(tmp_path):
             assert torch.equal(loaded.ranks[(layer, policy)], capture.ranks(layer, policy)), (layer, policy)
     assert not torch.equal(loaded.ranks[(0, "kvzip")], loaded.ranks[(0, "snapkv")])
     assert loaded.features.shape[:2] == (2, 4)
+
+
+def test_a_store_with_the_kvzip_global_prior_appends_its_column(tmp_path):
+    """The prior's column is computed across layers from the reconstruction pass, after the per-layer features;
+    the store's fingerprint names it (a store without it keeps its files)."""
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    sim = Simulator(model, CaptureOptions(window=16))
+    plain = PrefillStore(tmp_path, sim, ["snapkv"], OVERLAP, [16, 32])
+    store = PrefillStore(tmp_path, sim, ["snapkv"], OVERLAP, [16, 32], allocation_prior="kvzip_global")
+    assert store.reconstruct and not plain.reconstruct
+    assert json.loads(store.fingerprint)["allocation_prior"] == "kvzip_global"
+    assert "allocation_prior" not in json.loads(plain.fingerprint)
+    context, probe = random_ids(90, seed=4)[0], random_ids(6, seed=5)[0]
+    store.build("s", context, probe)
+    plain.build("s", context, probe)
+    with_prior, without = store.load("s").features, plain.load("s").features  # (K, L, F + 1), (K, L, F)
+    assert with_prior.shape == (*without.shape[:2], without.shape[2] + 1)
+    torch.testing.assert_close(with_prior[..., :-1], without)
+    capture = sim.capture(context, reconstruct=True)
+    scores = [normalised_scores(s) for s in capture.stats]
+    for k, budget in enumerate((16, 32)):
+        torch.testing.assert_close(with_prior[k, :, -1], prior_column(scores, budget))
+    with pytest.raises(ValueError, match="allocation_prior must be null or one of kvzip_global, got 'cake'"):
+        PrefillStore(tmp_path, sim, ["snapkv"], OVERLAP, [16], allocation_prior="cake")
