@@ -19,14 +19,20 @@ masked: padding keys (context or repeated) are never visible, padding queries co
 tokens of ``R`` take the positions ``n_r, n_r + 1, ...`` after the row's own ``n_r`` real tokens, so each row
 scores as if it ran alone (up to float rounding). Padding context positions score 0.
 
-The probabilities and the attention output of the pass are computed explicitly in float32 (float64 for a
-float64 model), eager-style, per KV group.
+Computation. A float32 model takes the fused path: the pass's attention output from PyTorch's fused CPU flash
+kernel (which also returns each query's log-sum-exp ``lse`` over its visible keys), and the scores from one product
+``s = q Kc^T`` per KV group as ``exp(max over queries (s * scale + bias - lse))``, equal to the maximum of the
+softmax since exp is monotone; no ``c x (n + t)`` probabilities are materialised. Any other dtype (float64 models,
+whose tests compare in float64) takes the explicit path: probabilities per KV group in float32 (float64 for a
+float64 model), eager-style, which is also the fused path's test reference (``fused=False``). The last layer's
+output is read by nothing, so each forward of the pass stops once that layer has its scores.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,13 +70,30 @@ def repeat_prompt_ids(model: PreTrainedModel, options: CaptureOptions) -> tuple[
         ) from None
 
 
+class _LastLayerDone(Exception):
+    """Raised by the last layer once it has its scores: the rest of that forward (its output projection, MLP and
+    final norm) is read by nothing."""
+
+
+class _Masks(NamedTuple):
+    """One chunk's visibility: additive biases (0 or -inf) and whether each query sees any key of each part."""
+
+    ctx_bias: Tensor  # (b, 1, 1, n), or (b, 1, c, n) on a sliding layer
+    rep_bias: Tensor  # (b, 1, c, t) over the pass's own keys so far
+    ctx_any: Tensor  # (b, 1) or (b, c): the query sees a context key
+    rep_any: Tensor  # (b, c): the query sees a key of the pass
+    sliding: bool
+
+
 class _RepeatLayer(DynamicLayer):
     """One layer of the reconstruction pass: reads the full context K/V ``(b, G, n, d)``, keeps the pass's own K/V
     in a buffer, and records the running maximum of the attention on each context position."""
 
-    def __init__(self, layer_idx: int, keys: Tensor, values: Tensor, valid: Tensor, repeat_valid: Tensor):
+    def __init__(
+        self, layer_idx: int, keys: Tensor, values: Tensor, valid: Tensor, repeat_valid: Tensor, last: bool, fused: bool
+    ):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.last, self.fused = layer_idx, last, fused
         self.context_keys, self.context_values = keys, values  # (b, G, n, d)
         self.context_valid = valid  # (b, n)
         self.repeat_valid = repeat_valid  # (b, p + n)
@@ -98,37 +121,50 @@ class _RepeatLayer(DynamicLayer):
 
     def attend(self, call: adapter.AttentionCall) -> Tensor:
         q = call.query  # (b, H, c, d) post-RoPE queries of this chunk of the pass
-        b, h, c, d = q.shape
-        g, n = self.context_keys.shape[1], self.context_keys.shape[2]
-        r = h // g
+        masks = self._masks(q.shape[2], call.sliding_window)
+        if self.fused and q.dtype == torch.float32:
+            out = self._attend_fused(call, masks)
+        else:
+            out = self._attend_explicit(call, masks)
+        if self.last:  # nothing reads the last layer's output (only its scores): stop this chunk's forward here
+            raise _LastLayerDone
+        return out
+
+    def _masks(self, c: int, window: int | None) -> _Masks:
+        """The visibility of this chunk's ``c`` queries, as additive biases (0 or -inf) in the scores' dtype."""
+        b, n = self.context_valid.shape
         t = self.length  # the pass's keys so far, this chunk's included
-        dtype = self.scores.dtype
-        start = t - c
-        device = q.device
-        ctx_bias = torch.zeros(b, n, dtype=dtype, device=device).masked_fill(~self.context_valid, float("-inf"))
-        ctx_bias = ctx_bias[:, None, None, :]  # (b, 1, 1, n)
+        start, dtype, device = t - c, self.scores.dtype, self.context_keys.device
+        ctx_seen = self.context_valid[:, None, :]  # (b, 1, n)
         causal = torch.arange(t, device=device)[None, :] <= torch.arange(start, t, device=device)[:, None]  # (c, t)
         seen = causal[None] & self.repeat_valid[:, None, :t]  # (b, c, t)
-        window = call.sliding_window
         if window is not None:  # a sliding layer: a query sees only the keys less than W positions before it,
             # counted in each row's own positions (its padding sits inside the pass), so a row scores as alone
             ctx_pos = self.context_valid.cumsum(-1) - 1  # (b, n)
             rep_pos = self.context_valid.sum(-1, keepdim=True) + self.repeat_valid.cumsum(-1) - 1  # (b, p + n)
             q_pos = rep_pos[:, start:t, None]  # (b, c, 1)
             seen &= rep_pos[:, None, :t] > q_pos - window
-            far = ctx_pos[:, None, :] <= q_pos - window  # (b, c, n) context keys out of the query's view
-            ctx_bias = ctx_bias.masked_fill(far[:, None], float("-inf"))  # (b, 1, c, n)
-        rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill(~seen, float("-inf"))
-        q_real = self.repeat_valid[:, start:t].to(dtype)  # (b, c): padding queries count in no maximum
-        out = torch.empty(b, c, h, d, dtype=q.dtype, device=device)
+            ctx_seen = ctx_seen & (ctx_pos[:, None, :] > q_pos - window)  # (b, c, n)
+        ctx_bias = torch.zeros(ctx_seen.shape, dtype=dtype, device=device).masked_fill_(~ctx_seen, float("-inf"))
+        rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+        return _Masks(ctx_bias[:, None], rep_bias[:, None], ctx_seen.any(-1), seen.any(-1), window is not None)
+
+    def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks) -> Tensor:
+        """Explicit probabilities per KV group (float32, float64 for a float64 model): the reference."""
+        q = call.query  # (b, H, c, d)
+        b, h, c, d = q.shape
+        g, n = self.context_keys.shape[1], self.context_keys.shape[2]
+        r, t, dtype = h // g, self.length, self.scores.dtype
+        q_real = self.repeat_valid[:, t - c : t].to(dtype)  # (b, c): padding queries count in no maximum
+        out = torch.empty(b, c, h, d, dtype=q.dtype, device=q.device)
         for j in range(g):  # one KV group at a time: (b, H/G, c, n + t) probabilities at most
             qj = q[:, j * r : (j + 1) * r].to(dtype)  # (b, H/G, c, d)
             kc = self.context_keys[:, j, None].to(dtype)  # (b, 1, n, d)
             kr = call.key[:, j, None].to(dtype)  # (b, 1, t, d)
-            s_ctx = (qj @ kc.transpose(-1, -2)).mul_(call.scaling).add_(ctx_bias)  # (b, H/G, c, n)
-            s_rep = (qj @ kr.transpose(-1, -2)).mul_(call.scaling).add_(rep_bias[:, None])  # (b, H/G, c, t)
+            s_ctx = (qj @ kc.transpose(-1, -2)).mul_(call.scaling).add_(masks.ctx_bias)  # (b, H/G, c, n)
+            s_rep = (qj @ kr.transpose(-1, -2)).mul_(call.scaling).add_(masks.rep_bias)  # (b, H/G, c, t)
             probs = torch.softmax(torch.cat([s_ctx, s_rep], dim=-1), dim=-1)  # (b, H/G, c, n + t)
-            if window is not None:  # a padding query may see nothing in its window: it attends nowhere
+            if masks.sliding:  # a padding query may see nothing in its window: it attends nowhere
                 probs.nan_to_num_(nan=0.0)
             del s_ctx, s_rep
             p_ctx = probs[..., :n]  # (b, H/G, c, n)
@@ -139,6 +175,52 @@ class _RepeatLayer(DynamicLayer):
             o = p_ctx @ vc + probs[..., n:] @ vr  # (b, H/G, c, d)
             out[:, :, j * r : (j + 1) * r] = o.transpose(1, 2).to(q.dtype)
         return out  # (b, c, H, d)
+
+    def _attend_fused(self, call: adapter.AttentionCall, masks: _Masks) -> Tensor:
+        """A float32 model: the output from PyTorch's fused CPU flash kernel, once over the context keys and once
+        over the pass's own, merged by their log-sum-exps ``lse``; then per KV group one product ``s = q Kc^T``
+        gives the scores exactly as ``max_q softmax = exp(max_q (s * scaling + bias - lse))`` (exp is monotone), no
+        probabilities over ``n + t`` keys materialised."""
+        q = call.query  # (b, H, c, d)
+        b, h, c, d = q.shape
+        g, t = self.context_keys.shape[1], self.length
+        r = h // g
+
+        def expand(x: Tensor) -> Tensor:  # (b, G, k, d) -> (b, H, k, d), a view: query head i reads KV head i // r
+            return x[:, :, None].expand(b, g, r, x.shape[2], d).flatten(1, 2)
+
+        no_ctx_mask = not masks.sliding and bool(self.context_valid.all())
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o_ctx, lse_ctx = flash(  # (b, H, c, d), (b, H, c)
+            q,
+            expand(self.context_keys),
+            expand(self.context_values),
+            0.0,
+            False,
+            attn_mask=None if no_ctx_mask else masks.ctx_bias,
+            scale=call.scaling,
+        )
+        o_rep, lse_rep = flash(
+            q, expand(call.key), expand(call.value), 0.0, False, attn_mask=masks.rep_bias, scale=call.scaling
+        )
+        # the kernel gives a query that sees no key an output of 0 and a log-sum-exp of 0: make it -inf
+        lse_ctx = lse_ctx.masked_fill(~masks.ctx_any[:, None], float("-inf"))  # (b, H, c)
+        lse_rep = lse_rep.masked_fill(~masks.rep_any[:, None], float("-inf"))
+        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
+        w_ctx = (lse_ctx - lse).exp_().nan_to_num_(nan=0.0)  # a query that sees nothing at all: -inf - -inf
+        w_rep = (lse_rep - lse).exp_().nan_to_num_(nan=0.0)
+        out = o_ctx.mul_(w_ctx[..., None]).add_(o_rep.mul_(w_rep[..., None]))  # (b, H, c, d)
+        # padding queries count in no maximum: +inf makes all of their scores exp(-inf) = 0
+        lse = lse.masked_fill_(~self.repeat_valid[:, None, t - c : t], float("inf"))
+        for j in range(g):
+            s = q[:, j * r : (j + 1) * r] @ self.context_keys[:, j, None].transpose(-1, -2)  # (b, H/G, c, n)
+            s.mul_(call.scaling).sub_(lse[:, j * r : (j + 1) * r, :, None])
+            if masks.sliding:  # the bias depends on the query
+                best = s.add_(masks.ctx_bias).amax(dim=(1, 2))  # (b, n)
+            else:  # the bias is one per key: it commutes with the maximum
+                best = s.amax(dim=(1, 2)).add_(masks.ctx_bias[:, 0, 0])  # (b, n)
+            torch.maximum(self.scores[:, j], best.exp_(), out=self.scores[:, j])
+        return out.transpose(1, 2)  # (b, c, H, d)
 
 
 class _RepeatCache(Cache):
@@ -155,6 +237,8 @@ def reconstruction_attention(
     positions: Tensor,
     prompt_ids: Sequence[int],
     chunk: int,
+    *,
+    fused: bool = True,
 ) -> list[Tensor]:
     """KVzip's scores of every layer (see the module docstring): ``(b, G, n)`` per layer, float32 (float64 for a
     float64 model).
@@ -162,7 +246,8 @@ def reconstruction_attention(
     context_ids (b, n): the prefill's token ids (left padding allowed); kv: per layer the full context keys and
     values ``(b, G, n, d)`` (post-RoPE keys, as the cache holds them); valid (b, n): False for padding; positions
     (b, n): the prefill's position ids (the last one is each row's last real position); prompt_ids: the repeat
-    instruction; chunk: tokens of the pass per forward."""
+    instruction; chunk: tokens of the pass per forward; fused: False computes every layer's probabilities
+    explicitly (the reference; a model that is not float32 always does)."""
     b, n = context_ids.shape
     if valid.shape != (b, n) or positions.shape != (b, n) or len(kv) != model.config.num_hidden_layers:
         raise ValueError(
@@ -177,12 +262,17 @@ def reconstruction_attention(
     repeat_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool), valid.to(device)], dim=1)  # (b, p + n)
     # real tokens continue each row's positions after its last real one; padding keeps a neighbour's (unused)
     repeat_pos = positions[:, -1:].to(device) + repeat_valid.long().cumsum(dim=1)  # (b, p + n)
-    layers = [_RepeatLayer(i, k, v, valid.to(device), repeat_valid) for i, (k, v) in enumerate(kv)]
+    last = len(kv) - 1
+    valid = valid.to(device)
+    layers = [_RepeatLayer(i, k, v, valid, repeat_valid, i == last, fused) for i, (k, v) in enumerate(kv)]
     cache = _RepeatCache(layers)
     with adapter.polykv_attention(model):
         for s in range(0, repeat_ids.shape[1], chunk):
             part = slice(s, s + chunk)
-            adapter.forward_decoder(model, repeat_ids[:, part], cache, position_ids=repeat_pos[:, part])
+            try:
+                adapter.forward_decoder(model, repeat_ids[:, part], cache, position_ids=repeat_pos[:, part])
+            except _LastLayerDone:
+                pass
     return [layer.scores for layer in layers]
 
 

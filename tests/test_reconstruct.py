@@ -166,3 +166,26 @@ def test_capture_options_reject_bad_reconstruction_settings():
         with pytest.raises(ValueError, match=r"^CaptureOptions.reconstruct_prompt must be token ids"):
             CaptureOptions(reconstruct_prompt=bad)
     assert CaptureOptions(reconstruct_prompt=[3, 4]).reconstruct_prompt == (3, 4)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_fused_float32_pass_equals_the_explicit_probabilities(name):
+    """A float32 model's fused pass (flash output + log-sum-exp scores) against the explicit softmax reference on
+    the same left-padded batch (tiny-gemma3: sliding-window layers): layer 0, which both see the same inputs of,
+    to 1e-6 of the largest score; later layers read the previous layers' outputs, whose float32 rounding differs."""
+    model = build_tiny_model(name, dtype=torch.float32).eval()
+    ids, mask = left_pad([random_ids(41, seed=2), random_ids(23, seed=3), random_ids(30, seed=4)])
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = CompressedCache(model, capture=CaptureOptions())
+    with torch.no_grad():
+        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    args = (model, ids, kv, mask.bool(), positions, PROMPT, 16)
+    fused = reconstruct_module.reconstruction_attention(*args)
+    explicit = reconstruct_module.reconstruction_attention(*args, fused=False)
+    for layer, (f, e) in enumerate(zip(fused, explicit, strict=True)):
+        assert f.dtype == e.dtype == torch.float32 and f.shape == e.shape == (3, model.config.num_key_value_heads, 41)
+        rel = ((f - e).abs().max() / e.abs().max()).item()
+        assert rel <= (1e-6 if layer == 0 else 3e-6), f"{name} layer {layer}: {rel}"
+        assert not f[1, :, :18].any() and not f[2, :, :11].any()  # padding positions score 0
+    assert max(float(e.max()) for e in explicit) > 0.2, "the reference must have peaky attention to compare"
