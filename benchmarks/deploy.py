@@ -7,7 +7,9 @@ head-wise budgets over SnapKV scores, arXiv:2407.11550: each layer's ``G * B`` s
 layer's own statistics, ``layerwise.adakv_planner``, so every layer keeps its whole prefill until the last one has
 run) and ``kvzip`` (uniform KVzip plan, arXiv:2505.23416: the prefill is followed by the teacher-forced
 reconstruction pass over the full cache, so every layer keeps its whole prefill until that pass); ``--router DIR``
-adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals).
+adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals) and
+``polykv-heads`` (the same plan, each layer then split among its KV heads by AdaKV from its own routed policy's
+scores: ``make_cache(..., head_allocation="adakv")``; its layers are padded to their longest head like ``adakv``'s).
 
 Every (method, budget, repeat) runs in a fresh subprocess (repeats interleaved, method order rotated), which
 loads the model, warms up on a short prompt, then runs one measured ``generate``. A streamer timestamps the
@@ -25,10 +27,10 @@ prompt (right before the prefill) and each new token, so, inside the real ``gene
 
 Ratios are method / full over the medians of ``--repeats`` runs; targets: prefill <= 1.10 (<= 1.25 for the learned
 router, whose adaptive mode also captures its layer signals in the prefill; <= 2.2 for ``kvzip``, whose scoring is a
-second pass), decode >= 1.2 at B=128, KV bytes = B/n within 1% (head-wise ``adakv``: <= 1.1 B/n, its padding
-included; the "KV / (B/n)" column), peak RSS <= 1.05. The last column gives the same prefill and decode ratios in
-process CPU time (``time.process_time``): on a shared machine, with ``--threads 1``, it is the compute each
-method needs whatever the load (with several threads it also counts their spin-waiting).
+second pass), decode >= 1.2 at B=128, KV bytes = B/n within 1% (head-wise ``adakv`` and ``polykv-heads``:
+<= 1.1 B/n, their padding included; the "KV / (B/n)" column), peak RSS <= 1.05. The last column gives the same
+prefill and decode ratios in process CPU time (``time.process_time``): on a shared machine, with ``--threads 1``,
+it is the compute each method needs whatever the load (with several threads it also counts their spin-waiting).
 
     python benchmarks/deploy.py                                   # SmolLM2, n=4096, B in {128, 512}
     python benchmarks/deploy.py --model tiny-llama --context 512 --budgets 64 --repeats 1   # smoke run
@@ -77,15 +79,17 @@ def methods(router: str | None = None) -> dict[str, CacheFactory]:
     }
     if router is not None:
         table["polykv"] = router_factory(router)
+        table["polykv-heads"] = router_factory(router, head_allocation="adakv")
     return table
 
 
-def router_factory(directory: str) -> CacheFactory:
-    """The learned router's cache (adaptive mode: the plan is decided on each input at the end of the prefill)."""
+def router_factory(directory: str, head_allocation: str = "none") -> CacheFactory:
+    """The learned router's cache (adaptive mode: the plan is decided on each input at the end of the prefill);
+    ``head_allocation="adakv"``: each layer's budget then split among its KV heads (AdaKV)."""
     from polykv_learn.deploy.polykv import PolyKV
 
     polykv = PolyKV.from_pretrained(directory)
-    return lambda model, budget: polykv.make_cache(model, budget=budget)
+    return lambda model, budget: polykv.make_cache(model, budget=budget, head_allocation=head_allocation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--methods", nargs="+", default=None, help="compressed methods to run (default: all but full)")
-    ap.add_argument("--router", default=None, help="directory of a frozen learned router (adds method 'polykv')")
+    ap.add_argument(
+        "--router", default=None, help="directory of a frozen learned router (adds methods 'polykv', 'polykv-heads')"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "BUDGET"), help=argparse.SUPPRESS)

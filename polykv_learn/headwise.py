@@ -19,14 +19,17 @@ layer's largest (as KVzip's and AdaKV's cross-layer selections do), protected po
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from polykv_learn.policies import LayerStats, Policy, order_positions
 
-__all__ = ["DEFAULT_ALPHA", "adakv_floor", "global_counts", "head_counts", "ordered_keys"]
+__all__ = ["DEFAULT_ALPHA", "KeysFn", "adakv_floor", "global_counts", "head_counts", "ordered_keys", "split_heads"]
+
+#: ``keys(layer, policy)`` -> :func:`ordered_keys` of that layer's statistics under that policy (``(G, n)`` x2)
+KeysFn = Callable[[int, str], tuple[Tensor, Tensor]]
 
 #: AdaKV's safeguard share: every head keeps at least ``floor(alpha * b)`` of a layer budget ``b``
 DEFAULT_ALPHA = 0.2
@@ -85,6 +88,30 @@ def head_counts(protected: Tensor, score: Tensor, budget: int, floor: int) -> li
     chosen = _top(protected[:, f:], score[:, f:], g * (b - f))  # flat indices into (G, n - f)
     extra = torch.bincount(chosen // (n - f), minlength=g)  # (G,)
     return [f + int(c) for c in extra.tolist()]
+
+
+def split_heads(
+    policies: Sequence[str],
+    budgets: Sequence[int],
+    keys: KeysFn,
+    context_length: int,
+    num_kv_heads: int,
+    alpha: float = DEFAULT_ALPHA,
+) -> list[tuple[int, ...]]:
+    """AdaKV within every layer of any layer plan (``policies[l]``, ``budgets[l]``): layer ``l``'s ``G * b_l``
+    shared among its KV heads by :func:`head_counts` over its own policy's keys, a floor of
+    ``floor(alpha * b_l)`` per head. A layer whose budget covers the context (``b_l >= n``) keeps it all
+    (``(b_l,) * G``; its keys are never asked for). Per layer ``G`` integers summing to ``G * b_l``, each in
+    ``[floor, n]``. ``keys`` is called once per evicting layer: from statistics (:meth:`Plan.with_adakv_heads`)
+    or from keys a deployed cache kept of each layer (``PolyKV.layerwise_planner`` with ``head_allocation``)."""
+    adakv_floor(alpha, 1)  # alpha is checked before any key is computed
+    heads = []
+    for layer, (policy, b) in enumerate(zip(policies, budgets, strict=True)):
+        if b >= context_length:
+            heads.append((b,) * num_kv_heads)
+        else:
+            heads.append(tuple(head_counts(*keys(layer, policy), b, adakv_floor(alpha, b))))
+    return heads
 
 
 def global_counts(keys: Sequence[tuple[Tensor, Tensor]], budget: int, floor: int) -> list[list[int]]:

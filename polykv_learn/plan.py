@@ -263,20 +263,23 @@ class Plan:
 
     def with_adakv_heads(self, stats: Sequence[LayerStats], alpha: float = headwise.DEFAULT_ALPHA) -> Plan:
         """This plan's layers and budgets, each layer's ``G * b_l`` shared among its KV heads by AdaKV
-        (arXiv:2407.11550, :func:`polykv_learn.headwise.head_counts`): one top over the layer's ``(head, position)``
+        (arXiv:2407.11550, :func:`polykv_learn.headwise.split_heads`): one top over the layer's ``(head, position)``
         scores under the layer's policy, each head at least ``floor(alpha * b_l)``. ``stats``: every layer's
         statistics of one sequence (batch 1, no padding). A layer whose budget covers the context keeps it all."""
         if len(stats) != self.num_layers:
             raise ValueError(f"got statistics of {len(stats)} layers for a plan of {self.num_layers}")
-        headwise.adakv_floor(alpha, 1)  # alpha is checked before any score is computed
-        n = stats[0].context_length
-        heads = []
-        for s, policy, b in zip(stats, self.policies, self.budgets, strict=True):
-            if b >= n:
-                heads.append((b,) * s.num_kv_heads)
-            else:
-                keys = headwise.ordered_keys(get_policy(policy), s)
-                heads.append(tuple(headwise.head_counts(*keys, b, headwise.adakv_floor(alpha, b))))
+
+        def keys(layer: int, policy: str) -> tuple[Tensor, Tensor]:
+            return headwise.ordered_keys(get_policy(policy), stats[layer])
+
+        return self.with_adakv_heads_from_keys(keys, stats[0].context_length, stats[0].num_kv_heads, alpha)
+
+    def with_adakv_heads_from_keys(
+        self, keys: headwise.KeysFn, context_length: int, num_kv_heads: int, alpha: float = headwise.DEFAULT_ALPHA
+    ) -> Plan:
+        """:meth:`with_adakv_heads` from each layer's :func:`~polykv_learn.headwise.ordered_keys` under its policy
+        (``keys(layer, policy)``; what a deployed cache keeps of a layer once its statistics are gone)."""
+        heads = headwise.split_heads(self.policies, self.budgets, keys, context_length, num_kv_heads, alpha)
         return self.with_head_budgets(heads)
 
     @classmethod

@@ -20,9 +20,10 @@ def greedy_generate(model, ids, new_tokens=NEW_TOKENS, **kwargs):
     return out[0, ids.shape[1] :].tolist()
 
 
-def simulator_greedy(model, ids, plan, new_tokens=NEW_TOKENS):
-    """Greedy decoding on the simulator's masked forward: one prefill, then the growing probe under ``plan``."""
-    sim = Simulator(model)
+def simulator_greedy(model, ids, plan, new_tokens=NEW_TOKENS, capture=None):
+    """Greedy decoding on the simulator's masked forward: one prefill, then the growing probe under ``plan``;
+    ``capture``: the simulator's capture options (a PolyKV artifact's ``polykv.capture``; None: the defaults)."""
+    sim = Simulator(model, capture)
     used = [get_policy(p) for p in plan.policies]
     capture = sim.capture(
         ids,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from policy_helpers import random_layer_stats
 
+from polykv_learn import headwise
 from polykv_learn.learn.soft_plan import soft_key_bias
 from polykv_learn.plan import Plan, round_preserving_sum
 from polykv_learn.policies import get_policy, order_positions
@@ -214,3 +215,41 @@ def test_row_keep_positions_cap_a_sliding_layer_and_need_no_order_when_whole():
     assert [k.tolist() for k in kept] == [[3, 4, 5]] * 2 and whole
     kept, whole = row_keep_positions((2, 3), 6, 4, lambda: order, torch.device("cpu"))  # 3 = W - 1: whole for head 1
     assert [k.tolist() for k in kept] == [[0, 5], [1, 2, 4]] and not whole
+
+
+# --- AdaKV's split of any layer plan ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5])
+def test_adakv_split_of_a_layer_plan_keeps_each_layer_total_within_the_floor_and_n(alpha):
+    """Each layer's G * b_l shared by AdaKV under the layer's own policy (what polykv-heads applies to the learned
+    plan): exact totals, heads in [floor(alpha * b_l), n], each head's share a prefix of its keep order that is
+    the layer's flattened top-k; a layer whose budget covers the context keeps it all."""
+    stats = layers()  # 4 layers, 3 KV heads, n = 50
+    plan = Plan.from_lists(["snapkv", "h2o", "knorm", "tova"], [3, 17, 49, 60])
+    split = plan.with_adakv_heads(stats, alpha)
+    assert split.policies == plan.policies and split.budgets == plan.budgets
+    for layer, (heads, b) in enumerate(zip(split.head_budgets[:3], plan.budgets, strict=False)):
+        floor = math.floor(alpha * b)
+        assert sum(heads) == 3 * b and min(heads) >= floor and max(heads) <= 50, (layer, heads)
+        kept, order = naive_adakv_heads(stats[layer], plan.policies[layer], b, floor)
+        assert [set(order[h][:c]) for h, c in enumerate(heads)] == kept, layer
+    assert split.head_budgets[3] == (60, 60, 60)  # 60 >= n: the whole layer
+    assert split.kept_per_head(50) == sum(min(b, 50) for b in plan.budgets) / 4
+    # the counts come from headwise.split_heads over the layers' ordered keys, whoever holds them
+    keys = {
+        (i, p): headwise.ordered_keys(get_policy(p), s)
+        for i, (s, p) in enumerate(zip(stats, plan.policies, strict=True))
+    }
+    from_keys = plan.with_adakv_heads_from_keys(lambda i, p: keys[(i, p)], 50, 3, alpha)
+    assert from_keys == split
+
+
+def test_adakv_split_with_one_kv_head_is_the_plan_and_of_uniform_snapkv_is_plan_adakv():
+    one = [random_layer_stats(batch=1, pad=0, kv_heads=1, heads=2, n=50, seed=i, layer_idx=i) for i in range(4)]
+    plan = Plan.from_lists(["snapkv", "h2o", "knorm", "tova"], [3, 17, 49, 60])
+    assert plan.with_adakv_heads(one).head_budgets == tuple((b,) for b in plan.budgets)
+    stats = layers()
+    for budget, alpha in ((5, 0.2), (16, 0.0), (33, 0.5)):
+        split = Plan.uniform("snapkv", budget, 4).with_adakv_heads(stats, alpha)
+        assert split == Plan.adakv("snapkv", budget, stats, alpha)
+    with pytest.raises(ValueError, match="alpha .* must be in \\[0, 1\\], got -0.1"):
+        plan.with_adakv_heads(stats, alpha=-0.1)

@@ -10,6 +10,12 @@ Static plans: an artifact with calibrated plans (``polykv-learn calibrate --arti
 serves the calibrated plan of the grid budget nearest to B, rescaled exactly to ``L * B``; without them, the router
 applied to the averaged calibration features (:meth:`static_plan`).
 
+Head-wise budgets (``head_allocation="adakv"``, adaptive mode only): the learned layer plan, then AdaKV's split of
+each layer's ``G * b_l`` among its KV heads (arXiv:2407.11550, :meth:`Plan.with_adakv_heads`) by the layer's own
+routed policy. The layer budgets exist only after the last layer, so each layer keeps, for its rows' candidate
+policies, the ``(protected, score)`` keys along their keep orders (``(G, n)`` each, :func:`headwise.ordered_keys`)
+until the plan; the split is then the one of the row's own statistics.
+
 In a left-padded batch (with its ``attention_mask``) every row of an adaptive cache gets its own plan, the one it
 would get alone (``cache.applied_plans``; ``plan_for`` of a (batch, n) input lists them).
 
@@ -36,7 +42,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from polykv_learn import adapter
+from polykv_learn import adapter, headwise
 from polykv_learn.budgets import rescale_budgets
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
@@ -49,9 +55,13 @@ from polykv_learn.planner import LearnedPlanner, check_budget
 from polykv_learn.policies import LayerStats, get_policy
 
 MODES = ("adaptive", "static")
+#: how an adaptive cache shares each layer's budget among its KV heads: equally, or AdaKV's split
+HEAD_ALLOCATIONS = ("none", "adakv")
 
 #: one layer's part of an adaptive plan: raw signals (batch, F) and the real context length of every row
 LayerSummary = tuple[Tensor, tuple[int, ...]]
+#: with head allocation: the layer's summary and, per row, each candidate policy's ordered keys ``(G, n_row)`` x2
+HeadSummary = tuple[LayerSummary, tuple[dict[str, tuple[Tensor, Tensor]], ...]]
 
 #: an MLP router's policies whose logit is within this much (relative, ``tol * (1 + |best|)``) of a row's best are
 #: all candidates: the plan routes every layer in one batch, whose float rounding may differ from one layer's rows
@@ -153,17 +163,37 @@ class PolyKV:
         (:meth:`polykv_learn.planner.LearnedPlanner.plan`)."""
         return self.planner.plan(features, budget, context_length)
 
-    def plan_for_stats(self, stats: Sequence[LayerStats], budget: int) -> Plan:
+    def plan_for_stats(
+        self,
+        stats: Sequence[LayerStats],
+        budget: int,
+        head_allocation: str = "none",
+        alpha: float = headwise.DEFAULT_ALPHA,
+    ) -> Plan:
         """The adaptive plan of one sequence's prefill statistics (batch 1; for a batch see :meth:`plans_for_stats`),
-        sized from its real (non-padding) context length."""
+        sized from its real (non-padding) context length. ``head_allocation="adakv"``: then AdaKV's split of every
+        layer among its KV heads under the layer's policy (:meth:`Plan.with_adakv_heads`, floor ``alpha * b_l``;
+        none when ``n <= budget``: nothing is evicted)."""
+        _check_head_allocation(head_allocation)
         stats = _one_sequence(stats, "plan_for_stats")
-        return self.plan_from_features(self.features(stats, budget), budget, stats[0].context_length)
+        n = stats[0].context_length
+        plan = self.plan_from_features(self.features(stats, budget), budget, n)
+        if head_allocation == "none" or n <= budget:
+            return plan
+        return plan.with_adakv_heads(stats, alpha)
 
-    def plans_for_stats(self, stats: Sequence[LayerStats], budget: int) -> list[Plan]:
+    def plans_for_stats(
+        self,
+        stats: Sequence[LayerStats],
+        budget: int,
+        head_allocation: str = "none",
+        alpha: float = headwise.DEFAULT_ALPHA,
+    ) -> list[Plan]:
         """One adaptive plan per batch row: each row's own features and real context length decide its plan (the
         plans an adaptive cache applies from its summaries, :meth:`layerwise_planner`)."""
         batch = stats[0].valid.shape[0]
-        return [self.plan_for_stats([row_stats(s, r) for s in stats], budget) for r in range(batch)]
+        rows = ([row_stats(s, r) for s in stats] for r in range(batch))
+        return [self.plan_for_stats(r, budget, head_allocation, alpha) for r in rows]
 
     def layer_summary(self, stats: LayerStats, budget: int) -> LayerSummary:
         """What the plan needs of one layer (batched statistics): the raw signals ``(batch, F)`` of every row, each
@@ -200,15 +230,69 @@ class PolyKV:
             chosen = [{names[k] for k in row.nonzero()[:, 0].tolist()} for row in near]
         return [set() if n <= budget else c for c, n in zip(chosen, lengths, strict=True)]
 
-    def layerwise_planner(self, budget: int) -> LayerwisePlanner:
+    def layer_head_summary(self, stats: LayerStats, budget: int) -> HeadSummary:
+        """:meth:`layer_summary` and, for each row (alone, :func:`~polykv_learn.cache.row_stats`) and each of its
+        :meth:`layer_candidates`, the row's :func:`~polykv_learn.headwise.ordered_keys` under that policy: what
+        AdaKV's split of the layer needs once its budget is known. The statistics must hold what the candidates
+        read (the planner says so: ``summarize_reads_*``)."""
+        summary = self.layer_summary(stats, budget)
+        candidates = self.layer_candidates(summary, budget)
+        rows = [row_stats(stats, r) for r in range(stats.valid.shape[0])]
+        keys = tuple(
+            {p: headwise.ordered_keys(get_policy(p), rs) for p in sorted(c)}
+            for rs, c in zip(rows, candidates, strict=True)
+        )
+        return summary, keys
+
+    def plans_from_head_summaries(
+        self, summaries: Sequence[HeadSummary], budget: int, alpha: float = headwise.DEFAULT_ALPHA
+    ) -> list[Plan]:
+        """One plan per batch row from every layer's :meth:`layer_head_summary`: the row's
+        :meth:`plans_from_summaries` plan, each layer split among its KV heads from the keys kept of its routed
+        policy (:meth:`Plan.with_adakv_heads_from_keys`), as :meth:`plan_for_stats` with ``head_allocation``."""
+        plans = self.plans_from_summaries([s for s, _ in summaries], budget)
+        g = int(self.model_fingerprint["num_kv_heads"])
+        out = []
+        for r, (plan, n) in enumerate(zip(plans, summaries[0][0][1], strict=True)):
+
+            def keys(layer: int, policy: str, r: int = r) -> tuple[Tensor, Tensor]:
+                kept = summaries[layer][1][r]
+                if policy not in kept:
+                    raise ValueError(
+                        f"layer {layer}, row {r}: the plan routes to {policy!r}, but the layer kept head-split keys "
+                        f"for {', '.join(kept) or 'none'} only (its router candidates)"
+                    )
+                return kept[policy]
+
+            out.append(plan if n <= budget else plan.with_adakv_heads_from_keys(keys, n, g, alpha))
+        return out
+
+    def layerwise_planner(
+        self, budget: int, head_allocation: str = "none", alpha: float = headwise.DEFAULT_ALPHA
+    ) -> LayerwisePlanner:
         """The adaptive planner at ``budget`` (what :meth:`make_cache` gives its cache): summarises each layer with
         :meth:`layer_summary`, keeps orders for :meth:`layer_candidates`, plans with :meth:`plans_from_summaries`.
-        It holds this object, not a cache (no reference cycle)."""
+        It holds this object, not a cache (no reference cycle). ``head_allocation="adakv"``: each layer's summary
+        also keeps its candidates' ordered keys (:meth:`layer_head_summary`) and the plan splits every layer among
+        its KV heads (:meth:`plans_from_head_summaries`); the summary then reads every statistic a routed policy
+        needs (H2O's accumulated attention is computed at every layer; KVzip's pass runs before any summary)."""
         budget = check_budget(budget)
+        _check_head_allocation(head_allocation)
+        headwise.adakv_floor(alpha, 1)
         if self.allocation_prior is not None:
             raise ValueError(
                 f"this router's allocation prior {self.allocation_prior!r} reads every layer's KVzip scores at once, "
                 "so it cannot plan layer by layer; its adaptive cache plans from all layers (make_cache)"
+            )
+        if head_allocation == "adakv":
+            used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
+            return LayerwisePlanner(
+                summarize=functools.partial(self.layer_head_summary, budget=budget),
+                plan=functools.partial(self.plans_from_head_summaries, budget=budget, alpha=alpha),
+                policies=tuple(self.policies),
+                candidates=functools.partial(_head_candidates, self, budget=budget),
+                summarize_reads_accumulated_attn=any(p.needs_accumulated_attn for p in used),
+                summarize_reads_reconstruct_attn=any(p.needs_reconstruct_attn for p in used),
             )
         return LayerwisePlanner(
             summarize=functools.partial(self.layer_summary, budget=budget),
@@ -221,20 +305,27 @@ class PolyKV:
 
     @torch.no_grad()
     def plan_for(
-        self, model: PreTrainedModel, input_ids: Tensor, budget: int, attention_mask: Tensor | None = None
+        self,
+        model: PreTrainedModel,
+        input_ids: Tensor,
+        budget: int,
+        attention_mask: Tensor | None = None,
+        head_allocation: str = "none",
     ) -> Plan | list[Plan]:
         """The plan(s) adaptive mode would apply, for inspection and the simulator: ``input_ids`` (n,) gives one
         ``Plan``; a batch (batch, n) gives a list with one ``Plan`` per row (also for one row), each from that
-        row's own features and real length. A left-padded batch needs its ``attention_mask`` (0 = padding)."""
+        row's own features and real length. A left-padded batch needs its ``attention_mask`` (0 = padding).
+        ``head_allocation``: as :meth:`make_cache`'s (``adakv``: each layer split among its KV heads)."""
         self.check_model(model)
         budget = check_budget(budget)
+        _check_head_allocation(head_allocation)
         ids, mask = _check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
         if mask is not None:  # the position ids generate gives a left-padded batch
             kwargs.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))
         adapter.forward(model, ids, cache, **kwargs)
-        plans = self.plans_for_stats(cache.layer_stats, budget)
+        plans = self.plans_for_stats(cache.layer_stats, budget, head_allocation)
         return plans[0] if input_ids.ndim == 1 else plans
 
     def static_plan(self, budget: int) -> Plan:
@@ -265,9 +356,13 @@ class PolyKV:
         return self.plan_from_features(self.calibration[k], budget, int(self.model_fingerprint["max_positions"]))
 
     # --- deployment ----------------------------------------------------------------------------------------------
-    def make_cache(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> CompressedCache:
+    def make_cache(
+        self, model: PreTrainedModel, budget: int, mode: str = "adaptive", head_allocation: str = "none"
+    ) -> CompressedCache:
         """A fresh cache for ONE ``generate`` call (a second call with it raises); ``mode`` is ``adaptive`` or
-        ``static``.
+        ``static``; ``head_allocation`` is ``none`` (every KV head of a layer keeps ``b_l``) or ``adakv`` (AdaKV's
+        split of each layer among its KV heads, adaptive mode only; a layer's heads are held padded to its longest,
+        which ``cache_bytes`` counts).
 
         Batches (left-padded, with their ``attention_mask``): in adaptive mode every row gets the plan of its own
         features and real length (``cache.applied_plans``, one per row), exactly as if it ran alone; in static
@@ -275,24 +370,42 @@ class PolyKV:
         held padded to the longest of them, behind a mask (``cache_bytes`` counts those slots)."""
         self.check_model(model)
         budget = check_budget(budget)
-        if mode == "static":
-            return CompressedCache(model, plan=self.static_plan(budget))
-        if mode != "adaptive":
+        _check_head_allocation(head_allocation)
+        if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "static":
+            if head_allocation != "none":
+                raise ValueError(
+                    f"head_allocation={head_allocation!r} needs mode='adaptive': AdaKV splits each layer by the "
+                    "prefill's own scores, and a static plan is fixed before any prefill"
+                )
+            return CompressedCache(model, plan=self.static_plan(budget))
         if self.allocation_prior is not None:  # the plan needs every layer's statistics after the KVzip pass
-            planner = functools.partial(self.plans_for_stats, budget=budget)
+            planner = functools.partial(self.plans_for_stats, budget=budget, head_allocation=head_allocation)
             return CompressedCache(model, planner=planner, capture=self.capture)
-        return CompressedCache(model, planner=self.layerwise_planner(budget), capture=self.capture)
+        return CompressedCache(model, planner=self.layerwise_planner(budget, head_allocation), capture=self.capture)
 
     @contextlib.contextmanager
-    def apply(self, model: PreTrainedModel, budget: int, mode: str = "adaptive") -> Iterator[None]:
+    def apply(
+        self, model: PreTrainedModel, budget: int, mode: str = "adaptive", head_allocation: str = "none"
+    ) -> Iterator[None]:
         """Within the block, every ``model.generate`` call without an explicit cache gets a fresh compressed cache
         (:meth:`make_cache`: in adaptive mode each row of a left-padded batch gets its own plan)."""
         from polykv_learn.deploy.compress import compress
 
-        self.make_cache(model, budget, mode)  # validate now, not at the first generate
-        with compress(model, cache_factory=lambda: self.make_cache(model, budget, mode)):
+        self.make_cache(model, budget, mode, head_allocation)  # validate now, not at the first generate
+        with compress(model, cache_factory=lambda: self.make_cache(model, budget, mode, head_allocation)):
             yield
+
+
+def _check_head_allocation(head_allocation: str) -> None:
+    if head_allocation not in HEAD_ALLOCATIONS:
+        raise ValueError(f"head_allocation must be one of {', '.join(HEAD_ALLOCATIONS)}, got {head_allocation!r}")
+
+
+def _head_candidates(polykv: PolyKV, summary: HeadSummary, budget: int) -> list[set[str]]:
+    """A head-allocating layer's candidates: those of its plain summary (:meth:`PolyKV.layer_candidates`)."""
+    return polykv.layer_candidates(summary[0], budget)
 
 
 def _one_sequence(stats: Sequence[LayerStats], method: str) -> list[LayerStats]:

@@ -25,6 +25,10 @@ name                   plan
                        then AdaKV within each layer (:meth:`~polykv_learn.plan.Plan.adakv_global`)
 ``polykv``             the learned router + allocator (``--router DIR``), adaptive: the plan is decided from the
                        features of this very prefill (:meth:`PolyKV.plan_for_stats`)
+``polykv-heads``       ``polykv``'s plan, then AdaKV's head-wise split of every layer (arXiv:2407.11550): layer
+                       ``l``'s ``G*b_l`` shared among its KV heads by one top over its own routed policy's scores, at
+                       least ``0.2 b_l`` per head (:meth:`~polykv_learn.plan.Plan.with_adakv_heads`; deployed with
+                       ``make_cache(..., head_allocation="adakv")``)
 ``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
                        features (:meth:`PolyKV.static_plan`)
 ``polykv-gbdt``        the GBDT variant (``--gbdt-router DIR``: an artifact whose router is ``gbdt``), adaptive
@@ -82,7 +86,7 @@ BASELINE_POLICY = "snapkv"
 #: the scorer whose scores ``adakv`` and ``adakv-global`` share among KV heads (AdaKV's own pairing)
 ADAKV_POLICY = "snapkv"
 #: the methods a trained artifact provides (gap recovery is reported for these)
-LEARNED_METHODS = ("polykv", "polykv-static", "polykv-gbdt")
+LEARNED_METHODS = ("polykv", "polykv-heads", "polykv-static", "polykv-gbdt")
 #: why ``oracle`` exists nowhere but in the evaluation
 ORACLE_REFUSAL = "oracle needs the gold answer: it exists only in evaluate as an upper bound"
 #: the oracle's default most search rounds (:func:`polykv_learn.search.search_plan`'s ``max_rounds``)
@@ -211,6 +215,13 @@ def _adaptive(polykv: PolyKV) -> PlanFn:
     return plan
 
 
+def _adaptive_heads(polykv: PolyKV) -> PlanFn:
+    def plan(sample: MethodInput, budget: int) -> Plan:
+        return polykv.plan_for_stats(sample.stats, budget, head_allocation="adakv")
+
+    return plan
+
+
 def _static(polykv: PolyKV) -> PlanFn:
     cache: dict[int, Plan] = {}
 
@@ -301,6 +312,8 @@ def available_methods(
     methods["adakv-global"] = Method("adakv-global", "allocation", about, _adakv_global)
     if router is not None:
         methods["polykv"] = Method("polykv", "learned", "learned router + allocator, adaptive", _adaptive(router))
+        about = "learned router + allocator, adaptive, AdaKV head-wise split of each layer"
+        methods["polykv-heads"] = Method("polykv-heads", "learned", about, _adaptive_heads(router))
         methods["polykv-static"] = Method(
             "polykv-static", "learned", "learned router + allocator, static plan", _static(router)
         )
@@ -347,7 +360,8 @@ def resolve_methods(names: Sequence[str] | None, available: dict[str, Method]) -
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
     missing = [n for n in names if n not in available]
     if missing:
-        needs = {"polykv": "--router DIR", "polykv-static": "--router DIR", "polykv-gbdt": "--gbdt-router DIR"}
+        router = "--router DIR"
+        needs = {"polykv": router, "polykv-heads": router, "polykv-static": router, "polykv-gbdt": "--gbdt-router DIR"}
         what = ", ".join(f"{n!r} needs {needs.get(n, 'an artifact')}" for n in missing)
         raise ValueError(f"method(s) not available: {what}")
     seen: list[str] = []

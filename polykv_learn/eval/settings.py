@@ -57,8 +57,8 @@ class EvaluateOptions:
     out: str | None = _opt(None, "output folder (results.json, results.md, plots, samples.jsonl); required")
     router: str | None = _opt(
         AUTO,
-        f"trained artifact folder for polykv/polykv-static; `{AUTO}`: {DEFAULT_ROUTER} if that folder exists; "
-        "null (or --no-router): no router, baselines only",
+        f"trained artifact folder for polykv/polykv-heads/polykv-static; `{AUTO}`: {DEFAULT_ROUTER} if that folder "
+        "exists; null (or --no-router): no router, baselines only",
         negation="--no-router",
     )
     gbdt_router: str | None = _opt(None, "artifact folder of a GBDT router (enables polykv-gbdt)")
@@ -227,6 +227,7 @@ methods (--methods; default: every available one except the `random` control and
   adakv                AdaKV head-wise budgets within each layer (uniform B), SnapKV scores
   adakv-global         AdaKV head-wise budgets from one top-k across layers and heads, SnapKV scores
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
+  polykv-heads         polykv's plan, each layer then split among its KV heads by AdaKV (its own policy's scores)
   polykv-static        the same artifact's static plan (one plan per budget)
   polykv-gbdt          the GBDT router of --gbdt_router, adaptive
   oracle               NOT deployable, an upper bound of the policy pool: a simulator plan search on each

@@ -4,6 +4,7 @@ decoding on the simulator for the same plan, and the cache holds exactly the byt
 
 import pytest
 import torch
+from adaptive_helpers import depth_router, left_padded
 from greedy_helpers import PAD, assert_batch_equals_singles, assert_same_greedy, greedy_generate, simulator_greedy
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache
@@ -11,6 +12,7 @@ from transformers import DynamicCache
 from polykv_learn import adapter
 from polykv_learn.cache import cache_bytes, padding_bytes, row_stats
 from polykv_learn.deploy import compress, make_cache
+from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.layerwise import adakv_planner
 from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
@@ -179,6 +181,79 @@ def test_a_plan_for_other_kv_heads_is_refused(tiny_models):
         make_cache(model, plan)
     with pytest.raises(ValueError, match="head budgets for 3 KV heads per layer but the model has 2"):
         Simulator(model).evaluate(random_ids(20, seed=1), random_ids(3, seed=2), [plan])
+
+
+# --- PolyKV with head allocation (polykv-heads) ------------------------------------------------------------------
+#: the policy the depth router below gives layers 0..3 (round(5 l / 3) of these): streaming, h2o, tova, e.a.
+ROUTED = ("streaming", "snapkv", "h2o", "tova", "knorm", "expected_attention")
+BY_DEPTH = ("streaming", "h2o", "tova", "expected_attention")
+
+
+@pytest.fixture(scope="module")
+def heads_router(tmp_path_factory, tiny_models) -> PolyKV:
+    return depth_router(tmp_path_factory.mktemp("heads") / "tiny", tiny_models["tiny-llama"], ROUTED, 5.0)
+
+
+def test_polykv_head_allocation_generate_equals_the_simulator_and_holds_its_layout(tiny_models, heads_router):
+    """make_cache(..., head_allocation="adakv"): the learned plan, each layer split among its KV heads by AdaKV under
+    its routed policy (H2O's accumulated attention included) from keys kept as each layer's prefill ends; greedy
+    generate through it equals the simulator under the applied plan, which is plan_for's; its bytes are the kept
+    positions of every head plus each layer's padding to its longest head."""
+    model = tiny_models["tiny-llama"]
+    dims = adapter.model_dims(model)
+    prompt, budget = random_ids(160, seed=21), 24
+    plan = heads_router.plan_for(model, prompt[0], budget, head_allocation="adakv")
+    plain = heads_router.plan_for(model, prompt[0], budget)
+    assert plan.with_head_budgets(None) == plain and plain.policies == BY_DEPTH
+    assert all(sum(h) == dims.num_kv_heads * b for h, b in zip(plan.head_budgets, plan.budgets, strict=True))
+    assert any(len(set(h)) > 1 for h in plan.head_budgets), "the split must be uneven somewhere"
+    cache = heads_router.make_cache(model, budget, head_allocation="adakv")
+    generated = greedy_generate(model, prompt, new_tokens=20, cache=cache)
+    assert cache.applied_plans == [plan]
+    assert_same_greedy(generated, simulator_greedy(model, prompt, plan, 20, heads_router.capture))
+    with heads_router.apply(model, budget, head_allocation="adakv"):
+        assert greedy_generate(model, prompt, new_tokens=20) == generated
+    assert greedy_generate(model, prompt, new_tokens=20, cache=heads_router.make_cache(model, budget)) != generated
+    cache = heads_router.make_cache(model, budget, head_allocation="adakv")
+    with torch.no_grad():
+        adapter.forward(model, prompt, cache)
+    itemsize = next(model.parameters()).dtype.itemsize
+    kept, padding = expected_bytes(plan, dims.num_kv_heads, dims.head_dim, itemsize, 160)
+    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
+    assert kept == sum(plan.effective_budgets(160)) * dims.num_kv_heads * dims.head_dim * 2 * itemsize
+
+
+def test_polykv_head_allocation_gives_every_batch_row_its_own_split(tiny_models, heads_router):
+    model = tiny_models["tiny-llama"]
+    ids, mask = left_padded((150, 90, 20))  # the 20-token row is kept whole: no head budgets
+    cache = heads_router.make_cache(model, 24, head_allocation="adakv")
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD, cache=cache)
+    plans = heads_router.plan_for(model, ids, 24, attention_mask=mask, head_allocation="adakv")
+    assert cache.applied_plans == plans and plans[0] != plans[1]
+    assert plans[2].head_budgets is None and plans[0].head_budgets is not None
+    for r in range(2):
+        assert plans[r] == heads_router.plan_for(model, ids[r, -int(mask[r].sum()) :], 24, head_allocation="adakv")
+    prompts = [random_ids(150, seed=24), random_ids(70, seed=25)]
+    factory = lambda: heads_router.make_cache(model, 24, head_allocation="adakv")  # noqa: E731
+    assert_batch_equals_singles(model, prompts, 10, cache_factory=factory)
+
+
+def test_polykv_head_allocation_is_checked_in_one_line(tiny_models, heads_router):
+    model = tiny_models["tiny-llama"]
+    bad = "head_allocation must be one of none, adakv, got 'global'"
+    for call in (
+        lambda: heads_router.make_cache(model, 24, head_allocation="global"),
+        lambda: heads_router.apply(model, 24, head_allocation="global").__enter__(),
+        lambda: heads_router.layerwise_planner(24, head_allocation="global"),
+        lambda: heads_router.plan_for(model, random_ids(30, seed=1)[0], 24, head_allocation="global"),
+    ):
+        with pytest.raises(ValueError, match=bad) as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="head_allocation='adakv' needs mode='adaptive'") as err:
+        heads_router.make_cache(model, 24, mode="static", head_allocation="adakv")
+    assert "\n" not in str(err.value)
+    assert heads_router.make_cache(model, 24, mode="static", head_allocation="none").plan is not None
 
 
 # --- SmolLM2 ----------------------------------------------------------------------------------------------------

@@ -2,12 +2,20 @@
 layer and per head, the plans of Plan.adakv / Plan.adakv_global, and head-wise forks through the evaluator."""
 
 import pytest
+from artifact_helpers import make_artifact
 from eval_helpers import make_samples
 from policy_helpers import random_layer_stats
 
 from polykv_learn.capture import CaptureOptions
+from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.eval.evaluator import EvalSettings, Evaluator
-from polykv_learn.eval.methods import MethodInput, available_methods, default_method_names, resolve_methods
+from polykv_learn.eval.methods import (
+    LEARNED_METHODS,
+    MethodInput,
+    available_methods,
+    default_method_names,
+    resolve_methods,
+)
 from polykv_learn.models import load_model
 from polykv_learn.plan import Plan
 
@@ -62,3 +70,25 @@ def test_headwise_forks_batched_equal_one_at_a_time():
     snap = next(r for r in batched.records if r["method"] == "snapkv" and r["budget"] == 24)
     row = next(r for r in adakv if r["budget"] == 24)
     assert row["kv_bytes"] > snap["kv_bytes"]  # the same kept positions, plus each layer's padding
+
+
+def test_polykv_heads_is_the_routers_plan_split_by_adakv(tmp_path):
+    """polykv-heads: polykv's adaptive plan of the sample, each layer then split among its KV heads by AdaKV under
+    its own policy (floor 0.2 b_l); a learned default method; nothing split when n <= B."""
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    router = PolyKV.from_pretrained(make_artifact(tmp_path / "tiny", model, random_allocator=True))
+    stats = [random_layer_stats(batch=1, pad=0, kv_heads=2, n=60, seed=i, layer_idx=i) for i in range(4)]
+    methods = available_methods(router)
+    for budget in (5, 16, 33):
+        plan = methods["polykv-heads"].plan(MethodInput(stats), budget)
+        learned = methods["polykv"].plan(MethodInput(stats), budget)
+        assert plan == learned.with_adakv_heads(stats) and plan.with_head_budgets(None) == learned
+        assert all(sum(h) == 2 * b for h, b in zip(plan.head_budgets, plan.budgets, strict=True))
+        assert all(
+            min(h) >= int(0.2 * b) and max(h) <= 60 for h, b in zip(plan.head_budgets, plan.budgets, strict=True)
+        )
+    assert methods["polykv-heads"].plan(MethodInput(stats), 60) == methods["polykv"].plan(MethodInput(stats), 60)
+    assert methods["polykv-heads"].kind == "learned" and "polykv-heads" in LEARNED_METHODS
+    assert "polykv-heads" in default_method_names(methods)
+    with pytest.raises(ValueError, match="'polykv-heads' needs --router DIR"):
+        resolve_methods(["polykv-heads"], available_methods())
