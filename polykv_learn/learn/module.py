@@ -62,6 +62,7 @@ class PolyKVLearner(L.LightningModule):
         gbdt_budgets: list[int] = [128, 256],
         answer_share: float | None = None,
         allocation_prior: str | None = None,
+        train_allocator: bool = True,
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -95,6 +96,8 @@ class PolyKVLearner(L.LightningModule):
             allocation_prior: a layer signal computed across layers that the allocator follows from the start and
                 learns a gain on (``kvzip_global``: KVzip's global top-k allocation, arXiv:2505.23416; needs
                 ``kvzip`` among the data's policies); None: none (the allocator starts uniform).
+            train_allocator: False: the allocator keeps its initial allocation (the prior's, or uniform without one)
+                and only the router is trained (``router: mlp``), e.g. to route policies on KVzip's allocation.
             export_dir: where the frozen artifact is written at the end of fit (None: not written).
             seed: seed of the budget sampling.
         """
@@ -107,6 +110,7 @@ class PolyKVLearner(L.LightningModule):
         prior = self.feature_names.index(allocation_prior) if allocation_prior else None
         self.router = MLPRouter(num_features, self.policies, hidden=hidden)
         self.allocator = BudgetAllocator(num_features, hidden=hidden, prior=prior)
+        self.allocator.requires_grad_(train_allocator)
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.gbdt: GBDTRouter | None = None
@@ -186,7 +190,7 @@ class PolyKVLearner(L.LightningModule):
         return (features - self.feature_mean) / self.feature_std
 
     def configure_optimizers(self):
-        params = list(self.allocator.parameters())
+        params = list(self.allocator.parameters()) if self.hparams.train_allocator else []
         if self.hparams.router == "mlp":
             params += list(self.router.parameters())
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -384,6 +388,13 @@ def check_learner_args(hp: Any) -> None:
     checks.policy_list("overlap_policies", hp.overlap_policies)
     check_allocation_prior(hp.allocation_prior)
     checks.one_of("router", hp.router, ROUTERS)
+    if not isinstance(hp.train_allocator, bool):
+        raise ValueError(f"train_allocator must be true or false, got {hp.train_allocator!r}")
+    if not hp.train_allocator and hp.router != "mlp":
+        raise ValueError(
+            f"train_allocator: false leaves nothing to train with router {hp.router!r} (its trees are fit on oracle "
+            "labels, not trained end to end); allowed: router mlp, or train_allocator true"
+        )
     checks.int_at_least("hidden", hp.hidden, 1)
     checks.int_at_least("b_min", hp.b_min, 1)
     checks.int_at_least("budget_min", hp.budget_min, 1)

@@ -56,6 +56,9 @@ BAD_CONFIGS = [
     (["--model.b_min=0"], "b_min must be an integer >= 1, got 0"),
     (["--model.allocation_prior=pyramid"], "allocation_prior must be null or one of kvzip_global, got 'pyramid'"),
     (["--model.budgets_per_step=0"], "budgets_per_step must be an integer >= 1, got 0"),
+    (["--model.router=gbdt", "--model.train_allocator=false"],
+     "train_allocator: false leaves nothing to train with router 'gbdt' (its trees are fit on oracle labels, not "
+     "trained end to end); allowed: router mlp, or train_allocator true"),
     (["--model.budget_min=200", "--model.budget_max=300"],
      "budget_min..budget_max (200..300) holds no budget of the data module's grid (data.budgets), so no step could "
      f"train; allowed: a range holding one of {TINY_GRID}"),
@@ -351,3 +354,22 @@ def test_a_fit_with_the_kvzip_global_prior_exports_a_router_that_follows_it(tiny
     ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0))
     assert polykv.plan_for(model, ids, 32).total_budget == 4 * 32
     assert polykv.static_plan(32).total_budget == 4 * 32
+
+
+def test_a_fit_with_a_frozen_allocator_trains_the_router_only(tiny_corpus, tmp_path):
+    """``train_allocator: false`` with the kvzip_global prior: the exported allocator is the untouched prior (gain 1,
+    zero correction: its budgets are KVzip's allocation, tests/deploy/test_allocation_prior.py) and still plans."""
+    art = tmp_path / "artifact"
+    _fit(tiny_corpus, tmp_path / "prefills", "--model.allocation_prior=kvzip_global", "--trainer.max_steps=4",
+         "--model.train_allocator=false", "--model.policies=[snapkv, kvzip, streaming]", f"--model.export_dir={art}",
+         f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    from polykv_learn.deploy.polykv import PolyKV
+    from polykv_learn.models import load_model
+
+    polykv = PolyKV.from_pretrained(art)
+    allocator = polykv.planner.allocator
+    assert float(allocator.prior_gain.detach()) == 1.0
+    assert not allocator.net[-1].weight.detach().any() and not allocator.net[-1].bias.detach().any()
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0))
+    assert polykv.plan_for(model, ids, 32).total_budget == 4 * 32
