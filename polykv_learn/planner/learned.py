@@ -7,10 +7,13 @@ measures is what ships. The planner holds
 - the router: an :class:`~polykv_learn.planner.router.MLPRouter` (arg-max policy), or a
   :class:`~polykv_learn.planner.router.GBDTRouter` that replaces it when given,
 - the :class:`~polykv_learn.planner.allocator.BudgetAllocator` (integer budgets with the exact total),
-- ``b_min``, the smallest budget a layer gets (``min(b_min, budget)``, so a tiny average budget stays feasible).
+- ``b_min``, the smallest budget a layer gets (``min(b_min, budget)``, so a tiny average budget stays feasible),
+- optionally a :class:`~polykv_learn.planner.head_allocator.HeadAllocator` with its own scaler of the per-head signals
+  (:mod:`polykv_learn.head_features`): each layer's ``G * b_l`` is then shared among its KV heads (head budgets).
 
-``state()`` gives the artifact entries (``policies``, ``scaler``, ``router``, ``allocator``, ``b_min``) and the
-tensors (``router.*``, ``allocator.*``, ``gbdt.*``); ``from_state(config, tensors)`` rebuilds the planner from them.
+``state()`` gives the artifact entries (``policies``, ``scaler``, ``router``, ``allocator``, ``b_min``; with a head
+allocator ``head_allocation: learned``, ``head_allocator`` and ``head_scaler``) and the tensors (``router.*``,
+``allocator.*``, ``gbdt.*``, ``head_allocator.*``); ``from_state(config, tensors)`` rebuilds the planner from them.
 The router and allocator are used as they are (not copied): a planner over a learner's modules follows training.
 """
 
@@ -24,8 +27,10 @@ import torch
 from torch import Tensor
 
 from polykv_learn.features import FeatureScaler
+from polykv_learn.head_features import HEAD_FEATURE_NAMES
 from polykv_learn.plan import Plan
 from polykv_learn.planner.allocator import BudgetAllocator
+from polykv_learn.planner.head_allocator import HeadAllocator
 from polykv_learn.planner.router import GBDTRouter, MLPRouter
 
 __all__ = ["LearnedPlanner"]
@@ -49,6 +54,8 @@ class LearnedPlanner:
         allocator: BudgetAllocator,
         b_min: int,
         gbdt: GBDTRouter | None = None,
+        head_allocator: HeadAllocator | None = None,
+        head_scaler: FeatureScaler | None = None,
     ) -> None:
         if list(router.policies) != list(policies):
             raise ValueError(f"the router routes to {list(router.policies)}, the planner to {list(policies)}")
@@ -58,6 +65,10 @@ class LearnedPlanner:
         self.allocator = allocator
         self.b_min = int(b_min)
         self.gbdt = gbdt
+        if (head_allocator is None) != (head_scaler is None):
+            raise ValueError("a head allocator needs its head-feature scaler, and a head scaler its head allocator")
+        self.head_allocator = head_allocator
+        self.head_scaler = head_scaler
 
     def scale(self, features: Tensor) -> Tensor:
         """Raw features ``(..., F)`` -> standardised, on the router's device, float32."""
@@ -72,20 +83,40 @@ class LearnedPlanner:
         return self.router.hard_choice(scaled)
 
     @torch.no_grad()
-    def plan(self, features: Tensor, budget: int, context_length: int) -> Plan:
+    def plan(self, features: Tensor, budget: int, context_length: int, head_features: Tensor | None = None) -> Plan:
         """The hard plan for raw layer features ``(L, F)`` of a context of ``context_length`` tokens.
 
         Budgets sum to exactly ``L * budget`` within ``[min(b_min, budget), n]``; when ``n <= budget`` nothing
-        is evicted (every layer gets ``budget``)."""
+        is evicted (every layer gets ``budget``). With a head allocator, ``head_features`` (raw per-head signals
+        ``(L, G, Fh)``) are required and every layer's ``G * b_l`` is shared among its KV heads
+        (:meth:`head_budgets`)."""
         budget = check_budget(budget)
         if features.ndim != 2:
             raise ValueError(f"plan expects features of shape (L, F), got {tuple(features.shape)}")
+        if self.head_allocator is not None and head_features is None:
+            raise ValueError("this planner has a head allocator: plan needs the per-head features (L, G, Fh)")
         scaled = self.scale(features)  # (L, F)
         policies = self.choose_policies(scaled)
         if context_length <= budget:
             return Plan.from_lists(policies, [budget] * len(policies))
-        budgets = self.allocator.integer_budgets(scaled, budget, context_length, min(self.b_min, budget))
-        return Plan.from_lists(policies, budgets)
+        b_min = min(self.b_min, budget)
+        budgets = self.allocator.integer_budgets(scaled, budget, context_length, b_min)
+        plan = Plan.from_lists(policies, budgets)
+        if self.head_allocator is None:
+            return plan
+        return plan.with_head_budgets(self.head_budgets(head_features, budgets, context_length, b_min))
+
+    @torch.no_grad()
+    def head_budgets(
+        self, head_features: Tensor, layer_budgets: list[int], context_length: int, b_min: int
+    ) -> list[tuple[int, ...]]:
+        """Integer head budgets of the head allocator for raw per-head signals ``(L, G, Fh)`` and integer layer
+        budgets: per layer ``G`` integers summing to ``G * b_l`` in ``[min(b_min, b_l), n]``."""
+        if self.head_allocator is None or self.head_scaler is None:
+            raise ValueError("this planner has no head allocator")
+        device = next(self.head_allocator.parameters()).device
+        scaled = self.head_scaler.transform(head_features.detach().float().to(device))  # (L, G, Fh)
+        return self.head_allocator.integer_budgets(scaled, layer_budgets, context_length, b_min)
 
     # --- persistence -------------------------------------------------------------------------------------------
     def state(self, router_type: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -114,6 +145,15 @@ class LearnedPlanner:
             },
             "b_min": self.b_min,
         }
+        if self.head_allocator is not None:
+            tensors.update({f"head_allocator.{k}": v for k, v in self.head_allocator.state_dict().items()})
+            config["head_allocation"] = "learned"
+            config["head_allocator"] = {
+                "hidden": self.head_allocator.hidden,
+                "num_hidden_layers": self.head_allocator.num_hidden_layers,
+                "feature_names": list(HEAD_FEATURE_NAMES),
+            }
+            config["head_scaler"] = self.head_scaler.to_dict()
         return config, tensors
 
     @classmethod
@@ -134,7 +174,15 @@ class LearnedPlanner:
             gbdt = GBDTRouter.from_state(arrays, r["gbdt"])
         router.eval()
         allocator.eval()
-        return cls(policies, FeatureScaler.from_dict(config["scaler"]), router, allocator, int(config["b_min"]), gbdt)
+        head_allocator = head_scaler = None
+        if "head_allocator" in config:
+            h = config["head_allocator"]
+            head_allocator = HeadAllocator(len(h["feature_names"]), h["hidden"], h["num_hidden_layers"])
+            head_allocator.load_state_dict(_prefixed(tensors, "head_allocator."))
+            head_allocator.eval()
+            head_scaler = FeatureScaler.from_dict(config["head_scaler"])
+        scaler = FeatureScaler.from_dict(config["scaler"])
+        return cls(policies, scaler, router, allocator, int(config["b_min"]), gbdt, head_allocator, head_scaler)
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
