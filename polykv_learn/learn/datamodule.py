@@ -44,6 +44,7 @@ from polykv_learn.learn.task_rows import (
     task_probe,
     task_probe_parts,
 )
+from polykv_learn.planner.head_allocator import HEAD_ALLOCATIONS
 from polykv_learn.simulator import Simulator
 from polykv_learn.text import leading_special_ids
 
@@ -115,6 +116,7 @@ class PrefillDataModule(L.LightningDataModule):
         policies: list[str] | None = None,
         overlap_policies: list[str] = list(DEFAULT_OVERLAP_POLICIES),
         allocation_prior: str | None = None,
+        head_allocation: str = "none",
         budgets: list[int] = list(DEFAULT_BUDGETS),
         max_context_tokens: int = 2048,
         min_context_tokens: int = 256,
@@ -140,6 +142,9 @@ class PrefillDataModule(L.LightningDataModule):
             overlap_policies: policies whose keep-set overlaps are features (linked to the model's).
             allocation_prior: the allocation prior whose column the prefills store (linked to the model's;
                 ``kvzip_global`` runs KVzip's reconstruction pass in every prefill).
+            head_allocation: how the learner shares a layer's budget among its KV heads (linked to the model's);
+                ``learned``: the prefills also store per-KV-head signals (another store fingerprint), ``none`` and
+                ``adakv`` store none.
             budgets: grid of average budgets at which layer features are cached (increasing integers >= 1); training
                 samples from it and validation budgets must be in it.
             max_context_tokens: contexts are cut to at most this many tokens.
@@ -181,6 +186,7 @@ class PrefillDataModule(L.LightningDataModule):
         self.policies = list(policies or [])
         self.overlap_policies = list(overlap_policies)
         self.allocation_prior = allocation_prior
+        self.head_allocation = head_allocation
         self.budgets = list(budgets)
         self.max_context_tokens = max_context_tokens
         self.min_context_tokens = min_context_tokens
@@ -240,8 +246,9 @@ class PrefillDataModule(L.LightningDataModule):
             sim = Simulator(shared_model(self.model_name), self.capture_options)
             root = self.cache_dir / self.model_name.replace("/", "_")
             self._store = PrefillStore(
-                root, sim, self.policies, self.overlap_policies, self.budgets, self.allocation_prior
-            )
+                root, sim, self.policies, self.overlap_policies, self.budgets, self.allocation_prior,
+                head_features=self.head_allocation == "learned",
+            )  # fmt: skip
         return self._store
 
     def _tokenized(self, split: str) -> list[tuple[str, Tensor, Tensor, int | None]]:
@@ -328,6 +335,12 @@ class PrefillDataModule(L.LightningDataModule):
         feats = torch.cat([self.store.load(i).features.reshape(-1, self.store_features_dim()) for i in self.train_ids])
         return feats.mean(0), feats.std(0)
 
+    def head_feature_statistics(self) -> tuple[Tensor, Tensor]:
+        """Mean and std of every per-head signal over the training prefills (all layers, heads and grid budgets)."""
+        feats = [self.store.load_head_features(i) for i in self.train_ids]  # (K, L, G, Fh) each
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        return flat.mean(0), flat.std(0)
+
     def store_features_dim(self) -> int:
         return self.store.load(self.train_ids[0]).features.shape[-1]
 
@@ -360,6 +373,7 @@ def check_datamodule_args(hp: Any) -> None:
         checks.policy_list("policies", hp.policies)
     checks.policy_list("overlap_policies", hp.overlap_policies)
     check_allocation_prior(hp.allocation_prior)
+    checks.one_of("head_allocation", hp.head_allocation, HEAD_ALLOCATIONS)
     checks.budget_list("budgets", hp.budgets)
     checks.int_at_least("min_context_tokens", hp.min_context_tokens, 1)
     checks.int_at_least("max_context_tokens", hp.max_context_tokens, hp.min_context_tokens)

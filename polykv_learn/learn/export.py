@@ -52,8 +52,18 @@ def run_id(trainer: L.Trainer) -> str:
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
+#: arguments added after artifacts were first hashed, left out of the hash at their default (the hash of a config
+#: that does not use them stays what it was)
+_HASHED_ONLY_IF_SET = {"head_allocation": "none"}
+
+
 def _public(hparams: Any) -> dict[str, Any]:
-    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}  # not Lightning's _instantiator
+    return {
+        k: v
+        for k, v in dict(hparams).items()
+        if not str(k).startswith("_")  # not Lightning's _instantiator
+        and not (k in _HASHED_ONLY_IF_SET and v == _HASHED_ONLY_IF_SET[k])
+    }
 
 
 def config_sha256(learner: L.LightningModule, datamodule: L.LightningDataModule) -> str:
@@ -68,7 +78,7 @@ def artifact_parts(
     learner: L.LightningModule, datamodule: L.LightningDataModule, run: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The ``polykv.json`` content (without ``format``) and the tensors of the learner's artifact."""
-    planner, tensors = learner.planner_state()  # policies, scaler, router, allocator, b_min
+    planner, tensors = learner.planner_state()  # policies, scaler, router, allocator, b_min (and a head allocator)
     tensors["calibration_features"] = datamodule.calibration_features()  # (K, L, F) unscaled
     opts = datamodule.capture_options
     config = {
@@ -77,6 +87,7 @@ def artifact_parts(
         "overlap_policies": list(learner.hparams.overlap_policies),
         "feature_names": list(learner.feature_names),
         **({"allocation_prior": learner.hparams.allocation_prior} if learner.hparams.allocation_prior else {}),
+        **({"head_allocation": "adakv"} if learner.hparams.head_allocation == "adakv" else {}),  # learned: planner's
         "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk},
         "budgets": list(datamodule.budgets),
         "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},
@@ -175,6 +186,9 @@ def write_model_card(directory: str | Path, config: dict[str, Any], notes: str =
         "",
         describe_table(table) if table else "(no validation was run)",
     ]
+    if config.get("head_allocation"):  # after the layer features line
+        how = {"learned": "learned head allocator on per-KV-head signals", "adakv": "AdaKV's split (not learned)"}
+        lines.insert(6, f"- head allocation: {how[config['head_allocation']]}")
     if notes:
         lines += ["", notes]
     path = Path(directory) / "README.md"

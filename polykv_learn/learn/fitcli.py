@@ -90,6 +90,7 @@ class PolyKVCLI(LightningCLI):
         parser.link_arguments("model.policies", "data.policies")
         parser.link_arguments("model.overlap_policies", "data.overlap_policies")
         parser.link_arguments("model.allocation_prior", "data.allocation_prior")
+        parser.link_arguments("model.head_allocation", "data.head_allocation")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """After the constructors: check the learner against the data module, then give the loggers this run's

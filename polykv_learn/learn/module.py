@@ -25,7 +25,7 @@ from torch import Tensor
 
 from polykv_learn.features import DEFAULT_OVERLAP_POLICIES, FeatureScaler, feature_names
 from polykv_learn.kvzip_global import check_allocation_prior
-from polykv_learn.learn import checks, export
+from polykv_learn.learn import checks, export, heads
 from polykv_learn.learn.oracle import oracle_labels
 from polykv_learn.learn.shared import max_positions, shared_model
 from polykv_learn.learn.soft_plan import annealed, soft_key_bias
@@ -63,6 +63,7 @@ class PolyKVLearner(L.LightningModule):
         answer_share: float | None = None,
         allocation_prior: str | None = None,
         train_allocator: bool = True,
+        head_allocation: str = "none",
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -98,6 +99,11 @@ class PolyKVLearner(L.LightningModule):
                 ``kvzip`` among the data's policies); None: none (the allocator starts uniform).
             train_allocator: False: the allocator keeps its initial allocation (the prior's, or uniform without one)
                 and only the router is trained (``router: mlp``), e.g. to route policies on KVzip's allocation.
+            head_allocation: how each layer's budget is shared among its KV heads: ``none`` (every head keeps the
+                layer budget), ``learned`` (a head allocator on per-KV-head signals, trained end to end with the
+                router and allocator and exported in the artifact; the prefills store per-head signals), or
+                ``adakv`` (AdaKV's split at deployment, arXiv:2407.11550; nothing more is trained, the artifact
+                records it).
             export_dir: where the frozen artifact is written at the end of fit (None: not written).
             seed: seed of the budget sampling.
         """
@@ -111,6 +117,7 @@ class PolyKVLearner(L.LightningModule):
         self.router = MLPRouter(num_features, self.policies, hidden=hidden)
         self.allocator = BudgetAllocator(num_features, hidden=hidden, prior=prior)
         self.allocator.requires_grad_(train_allocator)
+        heads.add_head_allocator(self, hidden)  # learned: the head allocator and its feature statistics
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
         self.gbdt: GBDTRouter | None = None
@@ -147,6 +154,8 @@ class PolyKVLearner(L.LightningModule):
             self.feature_std.copy_(std.clamp_min(1e-6))
             if self.allocator.prior is not None:
                 self.allocator.set_prior_scale(float(self.feature_std[self.allocator.prior]))
+        if stage == "fit":
+            heads.fit_head_scaler(self, dm)
 
     def check_data(self, datamodule: Any) -> None:
         """Check that ``datamodule`` (a :class:`~polykv_learn.learn.datamodule.PrefillDataModule`) prefills what this
@@ -167,6 +176,11 @@ class PolyKVLearner(L.LightningModule):
             raise ValueError(
                 f"data.allocation_prior {datamodule.allocation_prior!r} must equal model.allocation_prior "
                 f"{hp.allocation_prior!r} (it is a feature column)"
+            )
+        if datamodule.head_allocation != hp.head_allocation:
+            raise ValueError(
+                f"data.head_allocation {datamodule.head_allocation!r} must equal model.head_allocation "
+                f"{hp.head_allocation!r} (learned needs the per-head signals in the prefills)"
             )
         if list(datamodule.overlap_policies) != list(hp.overlap_policies):
             raise ValueError(
@@ -193,6 +207,8 @@ class PolyKVLearner(L.LightningModule):
         params = list(self.allocator.parameters()) if self.hparams.train_allocator else []
         if self.hparams.router == "mlp":
             params += list(self.router.parameters())
+        if self.head_allocator is not None:
+            params += list(self.head_allocator.parameters())
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_fit_start(self) -> None:
@@ -222,7 +238,8 @@ class PolyKVLearner(L.LightningModule):
         """The deployable planner over this learner's live router, allocator and feature statistics: validation
         measures exactly the plans that ``PolyKV`` makes from the exported artifact."""
         scaler = FeatureScaler(mean=self.feature_mean, std=self.feature_std)
-        return LearnedPlanner(self.policies, scaler, self.router, self.allocator, self.hparams.b_min, self.gbdt)
+        return LearnedPlanner(self.policies, scaler, self.router, self.allocator, self.hparams.b_min, self.gbdt,
+                              self.head_allocator, heads.head_scaler(self))  # fmt: skip
 
     def sample_budgets(self, prefill: StoredPrefill) -> list[int]:
         n = prefill.context_length
@@ -259,11 +276,13 @@ class PolyKVLearner(L.LightningModule):
         layer_budgets = torch.stack(
             [self.allocator(feats[r], budgets[r], n, self.hparams.b_min) for r in range(len(budgets))]
         )  # (R, L)
+        head_budgets = heads.soft_head_budgets(self, prefill, budgets, layer_budgets)  # (R, L, G) or None
         capture = prefill.to_capture(device=self.device)
         biases = []
         for layer in range(capture.num_layers):
             ranks = torch.stack([capture.ranks(layer, p) for p in self.policies])  # (Pol, G, n)
-            biases.append(soft_key_bias(ranks, probs[:, layer], layer_budgets[:, layer], tau))  # (R, G, n)
+            b = layer_budgets[:, layer] if head_budgets is None else head_budgets[:, layer]  # (R,) or (R, G)
+            biases.append(soft_key_bias(ranks, probs[:, layer], b, tau))  # (R, G, n)
         logits = self.simulator.probe_logits(capture, prefill.probe_ids.to(self.device), biases)  # (R, m, V)
         return self.probe_kl(prefill, logits).mean()
 
@@ -298,7 +317,8 @@ class PolyKVLearner(L.LightningModule):
         for budget in self.hparams.val_budgets:
             if budget >= n:
                 continue
-            methods = {"learned": self.learned_planner().plan(prefill.features_at(budget), budget, n)}
+            head_features = heads.head_features_for(self, prefill, budget)  # (L, G, Fh) or None
+            methods = {"learned": self.learned_planner().plan(prefill.features_at(budget), budget, n, head_features)}
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
             methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers, context_length=n)  # as evaluate runs it
             logits = self.simulator.probe_logits(
@@ -388,6 +408,7 @@ def check_learner_args(hp: Any) -> None:
     checks.policy_list("overlap_policies", hp.overlap_policies)
     check_allocation_prior(hp.allocation_prior)
     checks.one_of("router", hp.router, ROUTERS)
+    checks.one_of("head_allocation", hp.head_allocation, heads.HEAD_ALLOCATIONS)
     if not isinstance(hp.train_allocator, bool):
         raise ValueError(f"train_allocator must be true or false, got {hp.train_allocator!r}")
     if not hp.train_allocator and hp.router != "mlp":

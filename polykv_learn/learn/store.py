@@ -19,11 +19,14 @@ Contents of a file (``L`` layers, ``G`` KV heads, ``n`` context tokens, ``m`` pr
 - ``probe_ids``: ``(m,)``; ``full_logprobs``: full-cache next-token log-probs of the probe ``(m, V)`` (float16);
 - ``answer_start`` (task samples only): ``(1,)`` index of the probe's first gold-answer token;
 - ``windows``: ``(L,)`` each layer's sliding window ``W`` (0: full attention), so that a sliding layer keeps only
-  its window's positions (``ContextCapture.keep_mask``) as a fresh capture and the real cache do.
+  its window's positions (``ContextCapture.keep_mask``) as a fresh capture and the real cache do;
+- ``head_features`` (stores made for a learned head allocator only): per-KV-head signals ``(K, L, G, Fh)``
+  (:mod:`polykv_learn.head_features`) at each budget of the grid.
 
 Format versions: 2 added ``windows``. A model whose layers all attend fully has no window to keep, so its stores
 keep their version-1 fingerprint (their files are read as before, every window None); a sliding-window model's
 fingerprint names version 2 and its windows, so a file written without them is never read for it (rebuilt).
+A store with ``head_features`` names their columns in its fingerprint (other stores keep theirs and their files).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from torch import Tensor
 from polykv_learn.adapter import sliding_windows
 from polykv_learn.atomic import TMP_MARK, atomic_file
 from polykv_learn.features import layer_features
+from polykv_learn.head_features import HEAD_FEATURE_NAMES, head_features
 from polykv_learn.kvzip_global import check_allocation_prior, normalised_scores, prior_column
 from polykv_learn.policies import get_policy
 from polykv_learn.reconstruct import repeat_prompt_ids
@@ -87,6 +91,7 @@ class StoredPrefill:
     full_logprobs: Tensor  # (m, V)
     answer_start: int | None = None  # probe index of the first gold-answer token (task samples)
     windows: list[int | None] | None = None  # L: each layer's sliding window W, None for full attention
+    head_features: Tensor | None = None  # (K, L, G, Fh) per-KV-head signals (stores with head_features only)
 
     @property
     def context_length(self) -> int:
@@ -110,6 +115,15 @@ class StoredPrefill:
             raise ValueError(f"budget {budget} is not in this prefill's grid {self.budgets.tolist()}")
         return self.features[hits[0, 0]]
 
+    def head_features_at(self, budget: int) -> Tensor:
+        """Per-KV-head signals ``(L, G, Fh)`` at the grid budget ``budget`` (a store built with ``head_features``)."""
+        if self.head_features is None:
+            raise ValueError(f"prefill {self.sample_id!r} holds no per-head features (its store has head_features off)")
+        hits = (self.budgets == budget).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"budget {budget} is not in this prefill's grid {self.budgets.tolist()}")
+        return self.head_features[hits[0, 0]]
+
 
 class PrefillStore:
     """A folder of cached prefills for one model, policy set, budget grid and capture setting."""
@@ -122,6 +136,7 @@ class PrefillStore:
         overlap_policies: Sequence[str],
         budgets: Sequence[int],
         allocation_prior: str | None = None,
+        head_features: bool = False,
     ):
         self.windows = sliding_windows(simulator.model)  # L: W of a sliding layer, None for full attention
         self.root = Path(root)
@@ -130,6 +145,7 @@ class PrefillStore:
         self.overlap_policies = list(overlap_policies)
         self.allocation_prior = check_allocation_prior(allocation_prior)
         self.budgets = sorted({int(b) for b in budgets})
+        self.head_features = bool(head_features)
         opts = simulator.capture_options
         used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
         self.accumulate = any(p.needs_accumulated_attn for p in used)
@@ -145,6 +161,8 @@ class PrefillStore:
         }
         if allocation_prior is not None:  # one more feature column (other stores keep their files)
             made_by["allocation_prior"] = allocation_prior
+        if self.head_features:  # one more tensor (other stores keep their files)
+            made_by["head_features"] = list(HEAD_FEATURE_NAMES)
         if sliding:  # what a stored sliding layer keeps depends on its window
             made_by["windows"] = self.windows
         if self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
@@ -207,6 +225,12 @@ class PrefillStore:
             ]
         tensors["features"] = torch.stack(feats).float().contiguous()  # (K, L, F)
         tensors["budgets"] = torch.tensor(self.budgets, dtype=torch.int64)
+        if self.head_features:
+            heads = [
+                torch.cat([head_features(capture.stats[layer], min(b, n), num_layers) for layer in range(num_layers)])
+                for b in self.budgets
+            ]  # K x (L, G, Fh)
+            tensors["head_features"] = torch.stack(heads).float().contiguous()  # (K, L, G, Fh)
         probe_ids = probe_ids.reshape(-1).long()
         tensors["probe_ids"] = probe_ids.contiguous()
         zero_bias = [torch.zeros(1, *k.shape[:2], dtype=k.dtype) for k in capture.keys]
@@ -250,6 +274,15 @@ class PrefillStore:
         with safe_open(self.path_for(sample_id), framework="pt") as f:
             return f.get_tensor("features")
 
+    def load_head_features(self, sample_id: str) -> Tensor:
+        """Only the per-KV-head signals ``(K, L, G, Fh)`` of one cached prefill (a store with ``head_features``)."""
+        if not self.head_features:
+            raise ValueError("this store holds no per-head features (head_features is off)")
+        if not self.has(sample_id):
+            raise FileNotFoundError(f"no valid cached prefill for sample {sample_id!r}")
+        with safe_open(self.path_for(sample_id), framework="pt") as f:
+            return f.get_tensor("head_features")
+
     def load(self, sample_id: str) -> StoredPrefill:
         path = self.path_for(sample_id)
         if not self.has(sample_id):
@@ -273,6 +306,7 @@ class PrefillStore:
                 full_logprobs=f.get_tensor("full_logprobs").float(),
                 answer_start=int(f.get_tensor("answer_start")[0]) if "answer_start" in names else None,
                 windows=self._stored_windows(f, names, num_layers),
+                head_features=f.get_tensor("head_features") if "head_features" in names else None,
             )
 
     def _stored_windows(self, f, names: set[str], num_layers: int) -> list[int | None]:

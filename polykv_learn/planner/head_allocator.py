@@ -27,7 +27,11 @@ from torch import Tensor, nn
 from polykv_learn.budgets import project_budgets, round_preserving_sum
 from polykv_learn.planner.allocator import _mlp
 
-__all__ = ["HeadAllocator"]
+__all__ = ["HEAD_ALLOCATIONS", "HeadAllocator"]
+
+#: how a layer's budget is shared among its KV heads: equally (``none``), by this learned allocator (``learned``), or by
+#: AdaKV's rule from the prefill's scores (``adakv``, :mod:`polykv_learn.headwise`; nothing to train)
+HEAD_ALLOCATIONS = ("none", "learned", "adakv")
 
 
 class HeadAllocator(nn.Module):
