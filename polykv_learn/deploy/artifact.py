@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from polykv_learn import atomic
 from polykv_learn.features import feature_names as expected_feature_names
+from polykv_learn.head_features import HEAD_FEATURE_NAMES
 from polykv_learn.kvzip_global import ALLOCATION_PRIORS
 from polykv_learn.planner.router import GBDT_FORMAT, NODE_FIELDS
 from polykv_learn.policies import POLICIES
@@ -260,11 +261,35 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
                 config["calibrated"])  # fmt: skip
         _validate_calibrated(config["calibrated"], dims["num_layers"], dims["max_positions"])
 
+    _validate_heads(config, tensors)
     _check_mlp(tensors, "router", num_features, r_hidden, r_layers, len(policies))
     _check_mlp(tensors, "allocator", num_features, a_hidden, a_layers, 1, prior=want is not None)
     _check_tensor(tensors, "calibration_features", (len(budgets), dims["num_layers"], num_features))
     if kind == "gbdt":
         _check_gbdt(_object(router, "gbdt", "router.gbdt"), tensors, policies, num_features)
+
+
+def _validate_heads(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """``head_allocation`` (absent: none; ``adakv``: AdaKV's split at deployment; ``learned``: the artifact holds a
+    head allocator, ``head_allocator`` / ``head_scaler`` and the ``head_allocator.*`` tensors; otherwise none)."""
+    how = config.get("head_allocation")
+    _expect(how in (None, "learned", "adakv"), "head_allocation", "absent, 'learned' or 'adakv'", how)
+    if how != "learned":
+        for key in ("head_allocator", "head_scaler"):
+            _expect(key not in config, key, "absent unless head_allocation is 'learned'", config.get(key))
+        extra = sorted(k for k in tensors if k.startswith("head_allocator."))
+        if extra:
+            raise _Invalid(f"{WEIGHTS_FILE} has head_allocator tensors {extra} but head_allocation is {how!r}")
+        return
+    head = _object(config, "head_allocator", "head_allocator")
+    hidden = _int(head, "hidden", "head_allocator.hidden", 1)
+    layers = _int(head, "num_hidden_layers", "head_allocator.num_hidden_layers", 0)
+    names = head.get("feature_names", _MISSING)
+    _expect(names == HEAD_FEATURE_NAMES, "head_allocator.feature_names", f"{HEAD_FEATURE_NAMES}", names)
+    scaler = _object(config, "head_scaler", "head_scaler")
+    _number_list(scaler, "mean", "head_scaler.mean", len(HEAD_FEATURE_NAMES), None)
+    _number_list(scaler, "std", "head_scaler.std", len(HEAD_FEATURE_NAMES), 0.0)
+    _check_mlp(tensors, "head_allocator", len(HEAD_FEATURE_NAMES), hidden, layers, 1)
 
 
 def _validate_validation(table: Any) -> None:

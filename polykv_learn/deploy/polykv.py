@@ -10,6 +10,10 @@ Static plans: an artifact with calibrated plans (``polykv-learn calibrate --arti
 serves the calibrated plan of the grid budget nearest to B, rescaled exactly to ``L * B``; without them, the router
 applied to the averaged calibration features (:meth:`static_plan`).
 
+Learned head-wise budgets (``head_allocation="learned"``, adaptive mode only; artifacts fitted with
+``model.head_allocation: learned``): the planner's head allocator shares each layer's ``G * b_l`` among its KV heads
+from per-KV-head signals (:mod:`polykv_learn.deploy.learned_heads`).
+
 Head-wise budgets (``head_allocation="adakv"``, adaptive mode only): the learned layer plan, then AdaKV's split of
 each layer's ``G * b_l`` among its KV heads (arXiv:2407.11550, :meth:`Plan.with_adakv_heads`) by the layer's own
 routed policy. The layer budgets exist only after the last layer, so each layer keeps, for its rows' candidate
@@ -46,6 +50,7 @@ from polykv_learn import adapter, headwise
 from polykv_learn.budgets import rescale_budgets
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
+from polykv_learn.deploy import learned_heads
 from polykv_learn.deploy.artifact import FORMAT, read_artifact, validate_config, write_artifact
 from polykv_learn.features import layer_features
 from polykv_learn.kvzip_global import normalised_scores, prior_column
@@ -55,8 +60,9 @@ from polykv_learn.planner import LearnedPlanner, check_budget
 from polykv_learn.policies import LayerStats, get_policy
 
 MODES = ("adaptive", "static")
-#: how an adaptive cache shares each layer's budget among its KV heads: equally, or AdaKV's split
-HEAD_ALLOCATIONS = ("none", "adakv")
+#: how an adaptive cache shares each layer's budget among its KV heads: equally, AdaKV's split, or the artifact's
+#: learned head allocator
+HEAD_ALLOCATIONS = ("none", "adakv", "learned")
 
 #: one layer's part of an adaptive plan: raw signals (batch, F) and the real context length of every row
 LayerSummary = tuple[Tensor, tuple[int, ...]]
@@ -90,6 +96,8 @@ class PolyKV:
             reconstruct=any(p.needs_reconstruct_attn for p in used) or self.allocation_prior is not None,
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
+        #: the head allocation the router was fitted for (``none``, ``learned``: it has a head allocator, ``adakv``)
+        self.head_allocation: str = config.get("head_allocation", "none")
         self.calibration = tensors["calibration_features"]  # (K, L, F) unscaled
         section = config.get("calibrated")  # validated on load (artifact format 2)
         self.calibrated_plans: dict[int, Plan] = {}
@@ -99,6 +107,12 @@ class PolyKV:
             for key in sorted(section["plans"], key=int):
                 plan = section["plans"][key]
                 self.calibrated_plans[int(key)] = Plan.from_lists(plan["policies"], plan["budgets"])
+
+    def _check_head_allocation(self, head_allocation: str) -> None:
+        """One of :data:`HEAD_ALLOCATIONS`, and ``learned`` only with an artifact that has a head allocator."""
+        _check_head_allocation(head_allocation)
+        if head_allocation == "learned":
+            learned_heads.check_learned(self)
 
     # --- persistence ---------------------------------------------------------------------------------------------
     @classmethod
@@ -173,10 +187,13 @@ class PolyKV:
         """The adaptive plan of one sequence's prefill statistics (batch 1; for a batch see :meth:`plans_for_stats`),
         sized from its real (non-padding) context length. ``head_allocation="adakv"``: then AdaKV's split of every
         layer among its KV heads under the layer's policy (:meth:`Plan.with_adakv_heads`, floor ``alpha * b_l``;
-        none when ``n <= budget``: nothing is evicted)."""
-        _check_head_allocation(head_allocation)
+        none when ``n <= budget``: nothing is evicted); ``"learned"``: the artifact's head allocator's split."""
+        self._check_head_allocation(head_allocation)
         stats = _one_sequence(stats, "plan_for_stats")
         n = stats[0].context_length
+        if head_allocation == "learned":  # the planner's head allocator on the per-head signals
+            heads = learned_heads.sequence_head_features(stats, budget)  # (L, G, Fh)
+            return self.planner.plan(self.features(stats, budget), budget, n, head_features=heads)
         plan = self.plan_from_features(self.features(stats, budget), budget, n)
         if head_allocation == "none" or n <= budget:
             return plan
@@ -277,12 +294,22 @@ class PolyKV:
         its KV heads (:meth:`plans_from_head_summaries`); the summary then reads every statistic a routed policy
         needs (H2O's accumulated attention is computed at every layer; KVzip's pass runs before any summary)."""
         budget = check_budget(budget)
-        _check_head_allocation(head_allocation)
+        self._check_head_allocation(head_allocation)
         headwise.adakv_floor(alpha, 1)
         if self.allocation_prior is not None:
             raise ValueError(
                 f"this router's allocation prior {self.allocation_prior!r} reads every layer's KVzip scores at once, "
                 "so it cannot plan layer by layer; its adaptive cache plans from all layers (make_cache)"
+            )
+        overlap_reads = [get_policy(p) for p in self.overlap_policies]
+        if head_allocation == "learned":
+            return LayerwisePlanner(
+                summarize=functools.partial(learned_heads.layer_summary, self, budget=budget),
+                plan=functools.partial(learned_heads.plans_from_summaries, self, budget=budget),
+                policies=tuple(self.policies),
+                candidates=functools.partial(learned_heads.candidates, self, budget=budget),
+                summarize_reads_accumulated_attn=any(p.needs_accumulated_attn for p in overlap_reads),
+                summarize_reads_reconstruct_attn=any(p.needs_reconstruct_attn for p in overlap_reads),
             )
         if head_allocation == "adakv":
             used = [get_policy(p) for p in {*self.policies, *self.overlap_policies}]
@@ -299,8 +326,8 @@ class PolyKV:
             plan=functools.partial(self.plans_from_summaries, budget=budget),
             policies=tuple(self.policies),
             candidates=functools.partial(self.layer_candidates, budget=budget),
-            summarize_reads_accumulated_attn=any(get_policy(p).needs_accumulated_attn for p in self.overlap_policies),
-            summarize_reads_reconstruct_attn=any(get_policy(p).needs_reconstruct_attn for p in self.overlap_policies),
+            summarize_reads_accumulated_attn=any(p.needs_accumulated_attn for p in overlap_reads),
+            summarize_reads_reconstruct_attn=any(p.needs_reconstruct_attn for p in overlap_reads),
         )
 
     @torch.no_grad()
@@ -318,7 +345,7 @@ class PolyKV:
         ``head_allocation``: as :meth:`make_cache`'s (``adakv``: each layer split among its KV heads)."""
         self.check_model(model)
         budget = check_budget(budget)
-        _check_head_allocation(head_allocation)
+        self._check_head_allocation(head_allocation)
         ids, mask = _check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
@@ -370,14 +397,14 @@ class PolyKV:
         held padded to the longest of them, behind a mask (``cache_bytes`` counts those slots)."""
         self.check_model(model)
         budget = check_budget(budget)
-        _check_head_allocation(head_allocation)
+        self._check_head_allocation(head_allocation)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "static":
             if head_allocation != "none":
                 raise ValueError(
-                    f"head_allocation={head_allocation!r} needs mode='adaptive': AdaKV splits each layer by the "
-                    "prefill's own scores, and a static plan is fixed before any prefill"
+                    f"head_allocation={head_allocation!r} needs mode='adaptive': heads are split by the prefill's own "
+                    "scores or signals, and a static plan is fixed before any prefill"
                 )
             return CompressedCache(model, plan=self.static_plan(budget))
         if self.allocation_prior is not None:  # the plan needs every layer's statistics after the KVzip pass

@@ -25,10 +25,12 @@ name                   plan
                        then AdaKV within each layer (:meth:`~polykv_learn.plan.Plan.adakv_global`)
 ``polykv``             the learned router + allocator (``--router DIR``), adaptive: the plan is decided from the
                        features of this very prefill (:meth:`PolyKV.plan_for_stats`)
-``polykv-heads``       ``polykv``'s plan, then AdaKV's head-wise split of every layer (arXiv:2407.11550): layer
-                       ``l``'s ``G*b_l`` shared among its KV heads by one top over its own routed policy's scores, at
-                       least ``0.2 b_l`` per head (:meth:`~polykv_learn.plan.Plan.with_adakv_heads`; deployed with
-                       ``make_cache(..., head_allocation="adakv")``)
+``polykv-heads``       ``polykv``'s plan with head-wise budgets. A router fitted with a learned head allocator
+                       (``model.head_allocation: learned``) splits every layer's ``G*b_l`` with it (deployed with
+                       ``make_cache(..., head_allocation="learned")``); any other router with AdaKV's split
+                       (arXiv:2407.11550): one top over the layer's own routed policy's scores, at least ``0.2 b_l``
+                       per head (:meth:`~polykv_learn.plan.Plan.with_adakv_heads`; ``head_allocation="adakv"``).
+                       ``results.json``'s ``config.head_allocation`` says which
 ``polykv-static``      the same artifact's static plan: one fixed plan per budget, from its calibration
                        features (:meth:`PolyKV.static_plan`)
 ``polykv-gbdt``        the GBDT variant (``--gbdt-router DIR``: an artifact whose router is ``gbdt``), adaptive
@@ -138,6 +140,7 @@ class Method:
     description: str
     plan_fn: PlanFn
     extras_fn: ExtrasFn | None = None
+    head_allocation: str | None = None  # how a head-wise learned method splits its layers (``learned``/``adakv``)
 
     def plan(self, sample: MethodInput, budget: int) -> Plan | None:
         return self.plan_fn(sample, budget)
@@ -215,9 +218,16 @@ def _adaptive(polykv: PolyKV) -> PlanFn:
     return plan
 
 
+def heads_of(polykv: PolyKV) -> str:
+    """``polykv-heads``'s head split for this router: ``learned`` when it has a head allocator, else ``adakv``."""
+    return "learned" if polykv.planner.head_allocator is not None else "adakv"
+
+
 def _adaptive_heads(polykv: PolyKV) -> PlanFn:
+    how = heads_of(polykv)
+
     def plan(sample: MethodInput, budget: int) -> Plan:
-        return polykv.plan_for_stats(sample.stats, budget, head_allocation="adakv")
+        return polykv.plan_for_stats(sample.stats, budget, head_allocation=how)
 
     return plan
 
@@ -312,8 +322,11 @@ def available_methods(
     methods["adakv-global"] = Method("adakv-global", "allocation", about, _adakv_global)
     if router is not None:
         methods["polykv"] = Method("polykv", "learned", "learned router + allocator, adaptive", _adaptive(router))
-        about = "learned router + allocator, adaptive, AdaKV head-wise split of each layer"
-        methods["polykv-heads"] = Method("polykv-heads", "learned", about, _adaptive_heads(router))
+        how = heads_of(router)
+        about = "learned router + allocator, adaptive, " + (
+            "learned head allocator" if how == "learned" else "AdaKV head-wise split of each layer"
+        )
+        methods["polykv-heads"] = Method("polykv-heads", "learned", about, _adaptive_heads(router), head_allocation=how)
         methods["polykv-static"] = Method(
             "polykv-static", "learned", "learned router + allocator, static plan", _static(router)
         )

@@ -93,6 +93,9 @@ def results_from_entries(entries: Sequence[dict[str, Any]], evaluator: Evaluator
     singles = [m.name for m in evaluator.methods if m.kind == "single" and not m.name == "random"]
     results = build_results(records, methods, singles, evaluator.settings.budgets)
     results["config"] = {**config, "model": evaluator.dims.name}
+    heads = {m.name: m.head_allocation for m in evaluator.methods if m.head_allocation}
+    if heads:  # polykv-heads: the router's learned head allocator or AdaKV's split
+        results["config"]["head_allocation"] = heads
     example_plans: dict[str, dict[str, Any]] = {}
     for entry in entries:
         for method, per_budget in entry["plans"].items():

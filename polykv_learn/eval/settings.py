@@ -227,7 +227,8 @@ methods (--methods; default: every available one except the `random` control and
   adakv                AdaKV head-wise budgets within each layer (uniform B), SnapKV scores
   adakv-global         AdaKV head-wise budgets from one top-k across layers and heads, SnapKV scores
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)
-  polykv-heads         polykv's plan, each layer then split among its KV heads by AdaKV (its own policy's scores)
+  polykv-heads         polykv's plan, each layer then split among its KV heads: by the router's learned head
+                       allocator when it has one, else by AdaKV (its own policy's scores)
   polykv-static        the same artifact's static plan (one plan per budget)
   polykv-gbdt          the GBDT router of --gbdt_router, adaptive
   oracle               NOT deployable, an upper bound of the policy pool: a simulator plan search on each

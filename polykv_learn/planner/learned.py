@@ -87,14 +87,14 @@ class LearnedPlanner:
         """The hard plan for raw layer features ``(L, F)`` of a context of ``context_length`` tokens.
 
         Budgets sum to exactly ``L * budget`` within ``[min(b_min, budget), n]``; when ``n <= budget`` nothing
-        is evicted (every layer gets ``budget``). With a head allocator, ``head_features`` (raw per-head signals
-        ``(L, G, Fh)``) are required and every layer's ``G * b_l`` is shared among its KV heads
-        (:meth:`head_budgets`)."""
+        is evicted (every layer gets ``budget``). With ``head_features`` (raw per-head signals ``(L, G, Fh)``; the
+        planner must have a head allocator) every layer's ``G * b_l`` is shared among its KV heads
+        (:meth:`head_budgets`); without them every head keeps ``b_l``."""
         budget = check_budget(budget)
         if features.ndim != 2:
             raise ValueError(f"plan expects features of shape (L, F), got {tuple(features.shape)}")
-        if self.head_allocator is not None and head_features is None:
-            raise ValueError("this planner has a head allocator: plan needs the per-head features (L, G, Fh)")
+        if head_features is not None and self.head_allocator is None:
+            raise ValueError("this planner has no head allocator: plan takes no per-head features")
         scaled = self.scale(features)  # (L, F)
         policies = self.choose_policies(scaled)
         if context_length <= budget:
@@ -102,7 +102,7 @@ class LearnedPlanner:
         b_min = min(self.b_min, budget)
         budgets = self.allocator.integer_budgets(scaled, budget, context_length, b_min)
         plan = Plan.from_lists(policies, budgets)
-        if self.head_allocator is None:
+        if head_features is None:
             return plan
         return plan.with_head_budgets(self.head_budgets(head_features, budgets, context_length, b_min))
 

@@ -240,7 +240,7 @@ def test_polykv_head_allocation_gives_every_batch_row_its_own_split(tiny_models,
 
 def test_polykv_head_allocation_is_checked_in_one_line(tiny_models, heads_router):
     model = tiny_models["tiny-llama"]
-    bad = "head_allocation must be one of none, adakv, got 'global'"
+    bad = "head_allocation must be one of none, adakv, learned, got 'global'"
     for call in (
         lambda: heads_router.make_cache(model, 24, head_allocation="global"),
         lambda: heads_router.apply(model, 24, head_allocation="global").__enter__(),

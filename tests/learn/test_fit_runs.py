@@ -56,6 +56,10 @@ BAD_CONFIGS = [
     (["--model.b_min=0"], "b_min must be an integer >= 1, got 0"),
     (["--model.allocation_prior=pyramid"], "allocation_prior must be null or one of kvzip_global, got 'pyramid'"),
     (["--model.budgets_per_step=0"], "budgets_per_step must be an integer >= 1, got 0"),
+    (["--model.head_allocation=ada"], "head_allocation must be one of none, learned, adakv, got 'ada'"),
+    (["--data.head_allocation=learned"],
+     "data.head_allocation 'learned' must equal model.head_allocation 'none' (learned needs the per-head signals in "
+     "the prefills)"),
     (["--model.router=gbdt", "--model.train_allocator=false"],
      "train_allocator: false leaves nothing to train with router 'gbdt' (its trees are fit on oracle labels, not "
      "trained end to end); allowed: router mlp, or train_allocator true"),

@@ -155,8 +155,9 @@ def test_planner_head_plans_keep_exact_totals_and_round_trip():
     again = LearnedPlanner.from_state(config, tensors)
     assert again.plan(feats, 32, 300, head_features=hfeats) == plan
     assert planner.plan(feats, 400, 300, head_features=hfeats).head_budgets is None  # n <= B keeps everything
-    with pytest.raises(ValueError, match=r"^this planner has a head allocator: plan needs the per-head features"):
-        planner.plan(feats, 32, 300)
+    assert planner.plan(feats, 32, 300) == plan.with_head_budgets(None)  # no head signals: every head keeps b_l
+    with pytest.raises(ValueError, match=r"^this planner has no head allocator: plan takes no per-head features$"):
+        make_planner(heads=False).plan(feats, 32, 300, head_features=hfeats)
 
 
 def test_without_a_head_allocator_state_is_unchanged():
