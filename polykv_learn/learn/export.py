@@ -52,18 +52,8 @@ def run_id(trainer: L.Trainer) -> str:
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-#: arguments added after artifacts were first hashed, left out of the hash at their default (the hash of a config
-#: that does not use them stays what it was)
-_HASHED_ONLY_IF_SET = {"head_allocation": "none"}
-
-
 def _public(hparams: Any) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in dict(hparams).items()
-        if not str(k).startswith("_")  # not Lightning's _instantiator
-        and not (k in _HASHED_ONLY_IF_SET and v == _HASHED_ONLY_IF_SET[k])
-    }
+    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}  # not Lightning's _instantiator
 
 
 def config_sha256(learner: L.LightningModule, datamodule: L.LightningDataModule) -> str:

@@ -10,7 +10,8 @@ features), rounded per layer with the exact total.
 
 ``adakv``: nothing is trained for the heads (AdaKV's rule needs no weights); the artifact records it, so evaluation
 and users know that the router was meant to be deployed with ``head_allocation="adakv"``. ``none`` (the default)
-changes nothing: no module, no buffer, no store column, the artifact and the config hash of before.
+changes nothing: no module, no buffer, no store column, no artifact entry (the config hash, over every argument,
+does change: it now holds ``head_allocation``).
 """
 
 from __future__ import annotations

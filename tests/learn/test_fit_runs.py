@@ -57,9 +57,6 @@ BAD_CONFIGS = [
     (["--model.allocation_prior=pyramid"], "allocation_prior must be null or one of kvzip_global, got 'pyramid'"),
     (["--model.budgets_per_step=0"], "budgets_per_step must be an integer >= 1, got 0"),
     (["--model.head_allocation=ada"], "head_allocation must be one of none, learned, adakv, got 'ada'"),
-    (["--data.head_allocation=learned"],
-     "data.head_allocation 'learned' must equal model.head_allocation 'none' (learned needs the per-head signals in "
-     "the prefills)"),
     (["--model.router=gbdt", "--model.train_allocator=false"],
      "train_allocator: false leaves nothing to train with router 'gbdt' (its trees are fit on oracle labels, not "
      "trained end to end); allowed: router mlp, or train_allocator true"),
@@ -217,7 +214,8 @@ def _expected_config_sha256(log_dir: Path) -> str:
     the CLI links from the model)."""
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     model, data = saved["model"], dict(saved["data"])
-    data.update({k: model[k] for k in ("model_name", "policies", "overlap_policies", "allocation_prior")})
+    linked = ("model_name", "policies", "overlap_policies", "allocation_prior", "head_allocation")
+    data.update({k: model[k] for k in linked})
     text = json.dumps({"model": model, "data": data}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -19,8 +19,9 @@ from polykv_learn.deploy.artifact import read_artifact, write_artifact
 from polykv_learn.deploy.polykv import PolyKV
 from polykv_learn.eval.methods import MethodInput, available_methods
 from polykv_learn.head_features import HEAD_FEATURE_NAMES
-from polykv_learn.learn import export
+from polykv_learn.learn.datamodule import PrefillDataModule
 from polykv_learn.learn.fitcli import run_fit
+from polykv_learn.learn.module import PolyKVLearner
 from polykv_learn.learn.store import PrefillStore
 from polykv_learn.models import load_model
 from polykv_learn.simulator import Simulator
@@ -187,5 +188,20 @@ def test_adakv_is_recorded_and_none_adds_nothing(tiny_corpus, tmp_path, model):
     args = (tmp_path / "s", sim, ["snapkv"], ["snapkv", "tova"], [16, 32])
     assert "head_features" not in PrefillStore(*args).fingerprint  # old stores keep their files
     assert json.loads(PrefillStore(*args, head_features=True).fingerprint)["head_features"] == HEAD_FEATURE_NAMES
-    assert export._public({"head_allocation": "none", "lr": 0.1}) == {"lr": 0.1}  # the config hash of before
-    assert export._public({"head_allocation": "learned"}) == {"head_allocation": "learned"}
+
+
+def test_the_python_api_checks_head_allocation_in_one_line(tiny_corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"^head_allocation must be one of none, learned, adakv, got 'heads'$"):
+        PolyKVLearner(model_name="tiny-llama", head_allocation="heads")
+    with pytest.raises(ValueError, match=r"^head_allocation must be one of none, learned, adakv, got 'heads'$"):
+        PrefillDataModule(data_dir=str(tiny_corpus), model_name="tiny-llama", head_allocation="heads")
+    learner = PolyKVLearner(model_name="tiny-llama", policies=["snapkv"], val_budgets=[32], b_min=2, budget_min=16)
+    dm = PrefillDataModule(data_dir=str(tiny_corpus), cache_dir=str(tmp_path), model_name="tiny-llama",
+                           policies=["snapkv"], budgets=[16, 32], head_allocation="learned")  # fmt: skip
+    message = (
+        "data.head_allocation 'learned' must equal model.head_allocation 'none' (learned needs the per-head signals "
+        "in the prefills)"
+    )
+    with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        learner.check_data(dm)
+    assert learner.head_allocator is None and not any("head" in k for k in learner.state_dict())
