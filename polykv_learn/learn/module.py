@@ -319,6 +319,8 @@ class PolyKVLearner(L.LightningModule):
                 continue
             head_features = heads.head_features_for(self, prefill, budget)  # (L, G, Fh) or None
             methods = {"learned": self.learned_planner().plan(prefill.features_at(budget), budget, n, head_features)}
+            if head_features is not None:  # the same layer plan, every head keeping b_l: what the head split gains
+                methods["learned_even_heads"] = methods["learned"].with_head_budgets(None)
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
             methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers, context_length=n)  # as evaluate runs it
             logits = self.simulator.probe_logits(

@@ -72,7 +72,9 @@ def test_a_learned_fit_exports_a_trained_head_allocator_that_plans(learned_art, 
     assert config["head_allocation"] == "learned"
     assert config["head_allocator"]["feature_names"] == HEAD_FEATURE_NAMES
     assert "head allocation: learned" in (learned_art / "README.md").read_text()
-    assert set(config["validation"]) == {"32", "64"}  # validation ran with head plans
+    assert set(config["validation"]) == {"32", "64"}  # validation ran with head plans, and without them
+    assert all("learned_even_heads" in row for row in config["validation"].values())
+    assert "| B | learned | learned, heads even | best uniform (policy) |" in (learned_art / "README.md").read_text()
     polykv = PolyKV.from_pretrained(learned_art)
     assert polykv.head_allocation == "learned" and polykv.planner.head_allocator is not None
     assert polykv.planner.head_allocator.net[-1].weight.detach().abs().sum() > 0  # trained from its zero start
