@@ -19,9 +19,14 @@ Three ways to decide what to keep:
 Batches (left padding only). Each row is compressed as if it were alone: its keep set is chosen from its own
 statistics cut to its real tokens (:func:`row_stats`), and a budget at or above the row's own length keeps the
 whole row. A layer then holds every row padded to the row that keeps the most positions there: a row's kept keys
-sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``). A
-plan's head budgets (AdaKV-style, one budget per KV head) are held the same way: every KV head of a layer padded to
-the head that keeps the most (:mod:`polykv_learn.layout`; :func:`padding_bytes` counts those slots).
+sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``).
+
+Layouts. A layer whose KV heads all get the same number of slots (``slots_h``: the most head ``h`` keeps in any row)
+holds one dense tensor ``(batch, G, slots, d)`` in ``keys``/``values`` (:mod:`polykv_learn.layout`). A layer whose
+heads differ (a plan's head budgets, AdaKV-style) is *ragged*: ``ragged`` (:class:`~polykv_learn.ragged.RaggedKV`)
+holds every KV head as its own ``(batch, 1, slots_h, d)``, ``keys``/``values`` are None, and attention runs per KV
+head group, so no head is padded to another (at batch 1 nothing is padded); ``layer.padded()`` gives the dense
+view of either. :func:`cache_bytes` counts what is allocated, :func:`padding_bytes` the slots never visible.
 
 One prefill per cache: ``generate`` refuses a cache that has already been prefilled (make a new one per call);
 a direct ``model(...)`` forward after the prefill continues the sequence.
@@ -50,6 +55,9 @@ from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
 from polykv_learn.layout import packed_layout, row_keep_positions
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, get_policy, order_positions
+from polykv_learn.ragged import RaggedKV
+from polykv_learn.ragged import cache_bytes as cache_bytes  # re-exported: the public home of both
+from polykv_learn.ragged import padding_bytes as padding_bytes
 from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
 from polykv_learn.rows import real_length, row_stats
 
@@ -59,7 +67,8 @@ Planner = Callable[[list[LayerStats]], "Plan | Sequence[Plan]"]
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = max_row kept_row + generated``."""
+    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = max_row kept_row + generated``, or,
+    if its KV heads keep different numbers of positions, ``ragged`` holds one tensor per head (module docstring)."""
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
@@ -74,6 +83,7 @@ class CompressedLayer(DynamicLayer):
         # queries see the slot only while it is in their window
         self.sliding_window: int | None = None
         self.context_index: Tensor | None = None
+        self.ragged: RaggedKV | None = None  # per-head keys/values (then keys = values = None)
         self.stats: LayerStats | None = None
         # a LayerwisePlanner's cache, between the layer's prefill and the compression (the statistics are gone)
         self.summary: Any = None  # what the planner's summarize returned for this layer
@@ -90,10 +100,12 @@ class CompressedLayer(DynamicLayer):
 
     # --- transformers' cache-layer protocol ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        keys, values = super().update(key_states, value_states)
         self.logical_length += key_states.shape[-2]
         adapter.announce(self.layer_idx, self)
-        return keys, values
+        if self.ragged is not None:  # attend reads the heads' own tensors, not what this returns
+            self.ragged.append(key_states, value_states)
+            return key_states, value_states
+        return super().update(key_states, value_states)
 
     def get_seq_length(self) -> int:
         return self.logical_length
@@ -104,29 +116,53 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.logical_length = self.context_length = 0
-        self.context_visible = self.stats = self.summary = self.orders = self.pending = None
+        self.context_visible = self.stats = self.summary = self.orders = self.pending = self.ragged = None
         self.sliding_window = self.context_index = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+    def _map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """A batch-dimension operation (beam reorder, repeat, select) on everything this layer holds per row."""
+        if self.ragged is not None:
+            self.ragged.map_rows(fn)
+        elif self.logical_length > 0:
+            self.keys, self.values = fn(self.keys), fn(self.values)
         if self.context_visible is not None:
-            self.context_visible = self.context_visible.index_select(0, beam_idx.to(self.context_visible.device))
+            self.context_visible = fn(self.context_visible)
         if self.context_index is not None:
-            self.context_index = self.context_index.index_select(0, beam_idx.to(self.context_index.device))
+            self.context_index = fn(self.context_index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.context_visible is not None:
-            self.context_visible = self.context_visible.repeat_interleave(repeats, dim=0)
-        if self.context_index is not None:
-            self.context_index = self.context_index.repeat_interleave(repeats, dim=0)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.context_visible is not None:
-            self.context_visible = self.context_visible[indices]
-        if self.context_index is not None:
-            self.context_index = self.context_index[indices]
+        self._map_rows(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention); only tokens after the prefill go."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        tokens = -tokens_to_remove
+        if tokens == 0 or self.logical_length == 0:
+            return
+        if tokens > self.logical_length - self.context_length:
+            raise ValueError(
+                f"can crop at most the {self.logical_length - self.context_length} tokens after the prefill, "
+                f"not {tokens} (evicted context cannot be restored)"
+            )
+        if self.ragged is not None:
+            self.ragged.crop(tokens)
+        else:
+            self.keys, self.values = self.keys[..., :-tokens, :], self.values[..., :-tokens, :]
+        self.logical_length -= tokens
+
+    def padded(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """keys, values ``(b, G, slots + t, d)``, ``context_visible`` and ``context_index`` in the dense layout:
+        this layer's own tensors, or for a ragged layer a padded copy (:meth:`RaggedKV.padded`)."""
+        if self.ragged is None:
+            return self.keys, self.values, self.context_visible, self.context_index
+        return self.ragged.padded()
 
     # --- attention ----------------------------------------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall) -> Tensor:
@@ -138,6 +174,8 @@ class CompressedLayer(DynamicLayer):
             out = call.run_base(call.query, call.key, call.value, None)
             self.owner.on_prefill(self, call)
             return out
+        if self.ragged is not None:  # per-head tensors: attention per KV head group
+            return self.ragged.attend(call, self.context_length, self.logical_length)
         if self.context_visible is None:  # nothing evicted: physical == logical, transformers' mask is right
             return call.run_base(call.query, call.key, call.value, None)
         visible_logical = call.visible(self.logical_length)  # (b, q, logical)
@@ -186,6 +224,13 @@ class CompressedLayer(DynamicLayer):
             whole = whole and all_kept
         index, visible = packed_layout(keeps, self.keys.device)  # (b, G, slots) x2
         if whole and index.shape[-1] == n:  # every row keeps all of itself and no slot can go: the layout stays
+            self._drop_statistics()
+            return
+        slots = [max(row[h].shape[0] for row in keeps) for h in range(g)]  # per head: its longest row
+        if len(set(slots)) > 1:  # the heads differ: each holds its own slots (ragged.py), none padded to another
+            sliding = self.sliding_window is not None
+            self.ragged = RaggedKV.gather(self.keys, self.values, index, visible, slots, sliding)
+            self.keys = self.values = None
             self._drop_statistics()
             return
         gather = index[..., None].expand(-1, -1, -1, d)
@@ -454,26 +499,3 @@ def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:
             )
         return list(plan)
     raise TypeError(f"a plan must be a Plan or a list of Plans (one per batch row), got {type(plan).__name__}")
-
-
-def padding_bytes(cache: Cache) -> int:
-    """Bytes of the key and value slots ``cache`` holds but never shows to attention (included in
-    :func:`cache_bytes`): each layer pads its rows and KV heads to the one that keeps the most (:mod:`layout`)."""
-    total = 0
-    for layer in cache.layers:
-        visible = getattr(layer, "context_visible", None)  # (batch, G, slots) bool
-        if isinstance(visible, Tensor):
-            slots = int((~visible).sum())
-            total += slots * layer.keys.shape[-1] * (layer.keys.element_size() + layer.values.element_size())
-    return total
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of key and value tensors actually held by ``cache`` (all layers), as allocated: in a batch whose rows
-    keep different numbers of positions, the padding slots of the shorter rows count too."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-    return total
