@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from polykv_learn.layout import packed_gather
+
 __all__ = ["RaggedKV", "cache_bytes", "padding_bytes"]
 
 
@@ -48,21 +50,15 @@ class RaggedKV:
         """From the prefill ``keys``/``values`` ``(b, G, n, d)`` and the dense layout of :func:`layout.packed_layout`
         (``index``/``visible`` ``(b, G, S)``, every (row, head) right-aligned in ``S`` slots): head ``h`` takes its
         last ``slots[h]`` slots (no row of it keeps more)."""
-        d, width = keys.shape[-1], index.shape[-1]
+        width = index.shape[-1]
         out = cls([], [], [], [] if sliding else None, list(slots))
         for h, s in enumerate(slots):
             idx = index[:, h : h + 1, width - s :]  # (b, 1, s)
             vis = visible[:, h : h + 1, width - s :]
-            gather = idx[..., None].expand(-1, -1, -1, d)
-            k, v = keys[:, h : h + 1].gather(2, gather), values[:, h : h + 1].gather(2, gather)  # (b, 1, s, d)
-            if not bool(vis.all()):  # padding slots hold zeros (never visible)
-                k.masked_fill_(~vis[..., None], 0)
-                v.masked_fill_(~vis[..., None], 0)
-                out.visible.append(vis)
-            else:
-                out.visible.append(None)
+            k, v = packed_gather(keys[:, h : h + 1], values[:, h : h + 1], idx, vis)  # (b, 1, s, d) x2
             out.keys.append(k)
             out.values.append(v)
+            out.visible.append(None if bool(vis.all()) else vis)
             if out.index is not None:
                 out.index.append(idx)
         return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 from adaptive_helpers import depth_router, left_padded
 from greedy_helpers import PAD, assert_batch_equals_singles, assert_same_greedy, greedy_generate, simulator_greedy
+from layout_helpers import assert_batch_layout
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache
 
@@ -145,31 +146,7 @@ def test_headwise_left_padded_batch_equals_one_by_one(tiny_models, eager_models,
     ids, mask = left_pad([long, short])
     cache = make_cache(model, planner=adakv_rows(24))
     model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, cache=cache)
-    assert_batch_layout(cache, g, new=4)
-
-
-def assert_batch_layout(cache, g: int, new: int) -> None:
-    """Each layer of a compressed batch holds head ``h`` in ``slots_h = max_r b_rh`` context slots (row ``r``'s kept
-    keys visible at their end, zeros before them) plus ``new`` tokens: ragged (one tensor per head) where the heads'
-    slots differ, dense ``(b, G, slots, d)`` where they do not; cache_bytes/padding_bytes count exactly that."""
-    total = padding = 0
-    for i, layer in enumerate(cache.layers):
-        heads = [p.layer_head_budgets(i, g) for p in cache.applied_plans]  # per row
-        slots = [max(row[h] for row in heads) for h in range(g)]
-        assert (layer.ragged is not None) == (len(set(slots)) > 1), i
-        keys, values, visible, _ = layer.padded()  # (b, G, S + new, d), (b, G, S)
-        if layer.ragged is not None:
-            assert layer.keys is None and [k.shape[2] for k in layer.ragged.keys] == [s + new for s in slots]
-        width = max(slots)
-        assert keys.shape[2] == width + new and visible.shape[-1] == width
-        for r, row in enumerate(heads):
-            assert visible[r].sum(dim=-1).tolist() == list(row)
-            for h in range(g):
-                assert visible[r, h, width - row[h] :].all() and not keys[r, h, : width - row[h]].any()
-        d, itemsize = keys.shape[-1], keys.element_size()
-        total += sum(s + new for s in slots) * len(heads) * d * 2 * itemsize
-        padding += sum(s - row[h] for row in heads for h, s in enumerate(slots)) * d * 2 * itemsize
-    assert cache_bytes(cache) == total and padding_bytes(cache) == padding
+    assert_batch_layout(cache, g, new=4, lengths=(150, 70))
 
 
 def test_adakv_planner_summarises_each_layer_and_plans_as_plan_adakv(tiny_models):
