@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+from polykv_learn import adapter
 from polykv_learn.layout import packed_gather
 
 __all__ = ["RaggedKV", "cache_bytes", "padding_bytes"]
@@ -94,7 +95,7 @@ class RaggedKV:
         self.values = [v[:, :, : v.shape[2] - tokens] for v in self.values]
 
     # --- attention ----------------------------------------------------------------------------------------------
-    def attend(self, call, context_length: int, logical_length: int) -> Tensor:
+    def attend(self, call: adapter.AttentionCall, context_length: int, logical_length: int) -> Tensor:
         """Attention of ``call``'s queries ``(b, H, q, d)`` over every head's own keys -> ``(b, q, H, d)``.
 
         Context slot ``j`` of head ``h`` is visible where ``visible[h]`` says so (and, in a sliding layer, while
