@@ -9,7 +9,8 @@ run) and ``kvzip`` (uniform KVzip plan, arXiv:2505.23416: the prefill is followe
 reconstruction pass over the full cache, so every layer keeps its whole prefill until that pass); ``--router DIR``
 adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals) and
 ``polykv-heads`` (the same plan, each layer then split among its KV heads by AdaKV from its own routed policy's
-scores: ``make_cache(..., head_allocation="adakv")``; its layers are padded to their longest head like ``adakv``'s).
+scores: ``make_cache(..., head_allocation="adakv")``; like ``adakv``'s, a layer whose heads keep different numbers of
+positions holds one tensor per KV head, :mod:`polykv_learn.ragged`).
 
 Every (method, budget, repeat) runs in a fresh subprocess (repeats interleaved, method order rotated), which
 loads the model, warms up on a short prompt, then runs one measured ``generate``. A streamer timestamps the
@@ -18,8 +19,8 @@ prompt (right before the prefill) and each new token, so, inside the real ``gene
 - prefill (+ compression) time = first new token - prompt;
 - decode tokens/s = (new tokens - 1) / (last token - first token);
 - KV bytes = bytes of key/value tensors held by the cache right after the prefill (at the first new token);
-  padding = the share of them that no attention ever sees (``cache.padding_bytes``: ``adakv`` pads each layer's
-  heads to its longest);
+  padding = the share of them that no attention ever sees (``cache.padding_bytes``; at batch 1 none: a layer whose
+  heads differ is held per head, not padded to its longest);
 - peak RSS = the process's ``VmHWM`` during the measured ``generate``: the high-water mark is reset through
   ``/proc/self/clear_refs`` (``5``) after loading and warming up, because ``ru_maxrss`` (also reported) is a
   lifetime peak that model loading can dominate. Resident memory is what a user pays for, allocator caching

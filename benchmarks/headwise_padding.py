@@ -1,10 +1,11 @@
 """Memory of head-wise budgets in the deployed cache: the padding each layer's KV heads take up.
 
-A layer of a :class:`~polykv_learn.cache.CompressedCache` holds its KV heads padded to the head that keeps the
-most positions (:mod:`polykv_learn.layout`), so a head-wise plan (AdaKV, arXiv:2407.11550) allocates more than its
-``L * G * B`` kept positions. For one prompt of real text (Python standard-library source) and each budget, this
-prints the bytes a uniform SnapKV plan and the ``adakv`` / ``adakv-global`` plans of the evaluation hold right
-after the prefill, the padding among them and the overhead (padding / kept).
+A layer of a :class:`~polykv_learn.cache.CompressedCache` whose KV heads keep different numbers of positions holds
+one tensor per head (:mod:`polykv_learn.ragged`), so a head-wise plan (AdaKV, arXiv:2407.11550) at batch 1 allocates
+exactly its ``L * G * B`` kept positions (before, every head was padded to the layer's longest;
+``CompressedLayer.ragged_heads = False`` still does that). For one prompt of real text (Python standard-library
+source) and each budget, this prints the bytes a uniform SnapKV plan and the ``adakv`` / ``adakv-global`` plans of
+the evaluation hold right after the prefill, the padding among them and the overhead (padding / kept).
 
     python benchmarks/headwise_padding.py                     # SmolLM2, n=2048, B=128
     python benchmarks/headwise_padding.py --model tiny-llama --context 256 --budgets 32

@@ -19,9 +19,12 @@ Three ways to decide what to keep:
 Batches (left padding only). Each row is compressed as if it were alone: its keep set is chosen from its own
 statistics cut to its real tokens (:func:`row_stats`), and a budget at or above the row's own length keeps the
 whole row. A layer then holds every row padded to the row that keeps the most positions there: a row's kept keys
-sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``). A
-plan's head budgets (AdaKV-style, one budget per KV head) are held the same way: every KV head of a layer padded to
-the head that keeps the most (:mod:`polykv_learn.layout`; :func:`padding_bytes` counts those slots).
+sit at the end of its slots, the slots before them hold zeros and are never visible (``context_visible``).
+
+Layouts. A layer whose KV heads get the same number of slots holds one dense ``(batch, G, slots, d)`` tensor
+(:mod:`polykv_learn.layout`). One whose heads differ (head budgets, AdaKV-style) is *ragged*: ``ragged``
+(:class:`~polykv_learn.ragged.RaggedKV`) holds each KV head ``h`` as its own ``(batch, 1, slots_h, d)`` and attention
+runs per KV head group, so no head is padded to another (``keys``/``values`` are None; ``padded()`` is the dense view).
 
 One prefill per cache: ``generate`` refuses a cache that has already been prefilled (make a new one per call);
 a direct ``model(...)`` forward after the prefill continues the sequence.
@@ -47,11 +50,14 @@ from polykv_learn.capture import (
     with_reconstruct_attention,
 )
 from polykv_learn.layerwise import KeepOrders, LayerwisePlanner
-from polykv_learn.layout import packed_layout, row_keep_positions
+from polykv_learn.layout import packed_gather, packed_layout, row_keeps
 from polykv_learn.plan import Plan
-from polykv_learn.policies import LayerStats, get_policy, order_positions
+from polykv_learn.policies import LayerStats, get_policy
+from polykv_learn.ragged import RaggedKV
+from polykv_learn.ragged import cache_bytes as cache_bytes  # re-exported: the public home of both
+from polykv_learn.ragged import padding_bytes as padding_bytes
 from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
-from polykv_learn.rows import real_length, row_stats
+from polykv_learn.rows import plans_per_row, real_keys, real_length, row_stats
 
 #: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row (a
 #: ``LayerwisePlanner`` is one too, and a cache given one summarises each layer as its prefill ends)
@@ -59,7 +65,11 @@ Planner = Callable[[list[LayerStats]], "Plan | Sequence[Plan]"]
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = max_row kept_row + generated``."""
+    """One layer: keys/values ``(batch, G, len, d)``; after eviction ``len = max_row kept_row + generated``, or,
+    if its KV heads keep different numbers of positions, ``ragged`` holds one tensor per head (module docstring).
+    ``ragged_heads = False`` (on the class or a layer) keeps the dense layout for every layer (the reference)."""
+
+    ragged_heads = True
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
@@ -74,6 +84,7 @@ class CompressedLayer(DynamicLayer):
         # queries see the slot only while it is in their window
         self.sliding_window: int | None = None
         self.context_index: Tensor | None = None
+        self.ragged: RaggedKV | None = None  # per-head keys/values (then keys = values = None)
         self.stats: LayerStats | None = None
         # a LayerwisePlanner's cache, between the layer's prefill and the compression (the statistics are gone)
         self.summary: Any = None  # what the planner's summarize returned for this layer
@@ -90,10 +101,12 @@ class CompressedLayer(DynamicLayer):
 
     # --- transformers' cache-layer protocol ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        keys, values = super().update(key_states, value_states)
         self.logical_length += key_states.shape[-2]
         adapter.announce(self.layer_idx, self)
-        return keys, values
+        if self.ragged is not None:  # attend reads the heads' own tensors, not what this returns
+            self.ragged.append(key_states, value_states)
+            return key_states, value_states
+        return super().update(key_states, value_states)
 
     def get_seq_length(self) -> int:
         return self.logical_length
@@ -104,29 +117,48 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.logical_length = self.context_length = 0
-        self.context_visible = self.stats = self.summary = self.orders = self.pending = None
+        self.context_visible = self.stats = self.summary = self.orders = self.pending = self.ragged = None
         self.sliding_window = self.context_index = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
+    def _map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """A batch-dimension operation (beam reorder, repeat, select) on everything this layer holds per row."""
+        if self.ragged is not None:
+            self.ragged.map_rows(fn)
+        elif self.logical_length > 0:
+            self.keys, self.values = fn(self.keys), fn(self.values)
         if self.context_visible is not None:
-            self.context_visible = self.context_visible.index_select(0, beam_idx.to(self.context_visible.device))
+            self.context_visible = fn(self.context_visible)
         if self.context_index is not None:
-            self.context_index = self.context_index.index_select(0, beam_idx.to(self.context_index.device))
+            self.context_index = fn(self.context_index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.context_visible is not None:
-            self.context_visible = self.context_visible.repeat_interleave(repeats, dim=0)
-        if self.context_index is not None:
-            self.context_index = self.context_index.repeat_interleave(repeats, dim=0)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.context_visible is not None:
-            self.context_visible = self.context_visible[indices]
-        if self.context_index is not None:
-            self.context_index = self.context_index[indices]
+        self._map_rows(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention), never a prefill position."""
+        tokens, after = -tokens_to_remove, self.logical_length - self.context_length
+        if not 0 <= tokens <= after:
+            raise ValueError(
+                f"crop can remove 0 to {after} tokens after the prefill, got tokens_to_remove={tokens_to_remove}"
+            )
+        if tokens and self.ragged is not None:
+            self.ragged.crop(tokens)
+        elif tokens:
+            self.keys, self.values = self.keys[..., :-tokens, :], self.values[..., :-tokens, :]
+        self.logical_length -= tokens
+
+    def padded(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """keys, values ``(b, G, slots + t, d)``, ``context_visible`` and ``context_index`` in the dense layout:
+        this layer's own tensors, or for a ragged layer a padded copy (:meth:`RaggedKV.padded`)."""
+        if self.ragged is None:
+            return self.keys, self.values, self.context_visible, self.context_index
+        return self.ragged.padded()
 
     # --- attention ----------------------------------------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall) -> Tensor:
@@ -138,6 +170,8 @@ class CompressedLayer(DynamicLayer):
             out = call.run_base(call.query, call.key, call.value, None)
             self.owner.on_prefill(self, call)
             return out
+        if self.ragged is not None:  # per-head tensors: attention per KV head group
+            return self.ragged.attend(call, self.context_length, self.logical_length)
         if self.context_visible is None:  # nothing evicted: physical == logical, transformers' mask is right
             return call.run_base(call.query, call.key, call.value, None)
         visible_logical = call.visible(self.logical_length)  # (b, q, logical)
@@ -161,7 +195,7 @@ class CompressedLayer(DynamicLayer):
             raise RuntimeError(f"layer {self.layer_idx} has no prefill statistics to evict with")
         if self.logical_length != self.context_length:
             raise RuntimeError("eviction happens right after the prefill, before any new token")
-        batch, g, n, d = self.keys.shape
+        batch, g, n, _ = self.keys.shape
         policies = [policy] * batch if isinstance(policy, str) else list(policy)
         budgets = list(budget) if isinstance(budget, Sequence) else [budget] * batch
         if len(policies) != batch or len(budgets) != batch:
@@ -169,34 +203,20 @@ class CompressedLayer(DynamicLayer):
                 f"layer {self.layer_idx}: {len(policies)} policies and {len(budgets)} budgets "
                 f"for a batch of {batch} rows"
             )
-        keeps, whole = [], True  # per row and KV head: the kept positions of the padded layout, ascending
-        for r in range(batch):
-            rs = row_stats(stats, r) if stats is not None else None  # None: summarised, the orders hold the rows
-            n_real = rs.context_length if rs is not None else orders.lengths[r]
-            pad = n - n_real
-            heads = tuple(budgets[r]) if isinstance(budgets[r], Sequence) else (budgets[r],) * g
-
-            def order(r=r, rs=rs) -> Tensor:  # (G, n_real)
-                if rs is None:  # summarised: the orders hold the rows
-                    return orders.order(r, policies[r])
-                return order_positions(get_policy(policies[r]), rs)[0]
-
-            kept, all_kept = row_keep_positions(heads, n_real, self.sliding_window, order, self.keys.device)
-            keeps.append([keep + pad for keep in kept])  # G x (kept_h,), in the padded layout
-            whole = whole and all_kept
+        keeps, whole = row_keeps(stats, orders, policies, budgets, n, g, self.sliding_window, self.keys.device)
         index, visible = packed_layout(keeps, self.keys.device)  # (b, G, slots) x2
         if whole and index.shape[-1] == n:  # every row keeps all of itself and no slot can go: the layout stays
             self._drop_statistics()
             return
-        gather = index[..., None].expand(-1, -1, -1, d)
-        self.keys = self.keys.gather(2, gather)  # (b, G, slots, d)
-        self.values = self.values.gather(2, gather)
-        if not bool(visible.all()):  # padding slots hold zeros (never visible)
-            self.keys.masked_fill_(~visible[..., None], 0)
-            self.values.masked_fill_(~visible[..., None], 0)
-        self.context_visible = visible
-        if self.sliding_window is not None:
-            self.context_index = index
+        slots = [max(row[h].shape[0] for row in keeps) for h in range(g)]  # per head: its longest row
+        if self.ragged_heads and len(set(slots)) > 1:  # heads differ: each holds its own slots (ragged.py)
+            sliding = self.sliding_window is not None
+            self.ragged = RaggedKV.gather(self.keys, self.values, index, visible, slots, sliding)
+            self.keys = self.values = None
+        else:  # one dense tensor, every (row, head) padded to the longest
+            self.keys, self.values = packed_gather(self.keys, self.values, index, visible)  # (b, G, slots, d) x2
+            self.context_visible = visible
+            self.context_index = index if self.sliding_window is not None else None
         self._drop_statistics()
 
     def _drop_statistics(self) -> None:
@@ -329,7 +349,7 @@ class CompressedCache(Cache):
         layer.sliding_window = call.sliding_window
         n = call.key.shape[2]
         b = call.key.shape[0]
-        valid = _real_keys(call, n)  # (b, n)
+        valid = real_keys(call, n)  # (b, n)
         if layer.layer_idx == 0 and not bool(valid.all()):
             for r in range(b):
                 real_length(valid[r], r)  # left padding only: refused before any policy runs
@@ -416,7 +436,7 @@ class CompressedCache(Cache):
                 raise ValueError("no plan given and this cache has no planner")
             plan = self.planner.plan([layer.summary for layer in self.layers]) if summarised else self.planner(stats)
         batch, g = self.layers[0].keys.shape[:2]
-        plans = _plans_per_row(plan, batch)
+        plans = plans_per_row(plan, batch)
         for p in plans:
             p.check_dims(len(self.layers), g)
         for i, layer in enumerate(self.layers):  # before any eviction: every order the plan needs is there
@@ -428,52 +448,3 @@ class CompressedCache(Cache):
             layer.evict([p.policies[i] for p in plans], budgets)
         self.applied_plans = plans
         return plans
-
-
-def _real_keys(call: adapter.AttentionCall, n: int) -> Tensor:
-    """``(b, n)`` bool: the prefill keys the last query sees, the real (non-padding) ones. Without a mask
-    (transformers skipped it: plain causal, ``AttentionCall.visible``) every key, without building the ``n x n``
-    visibility; else the last row of the visibility, copied (a view would keep the whole mask alive in every layer's
-    statistics). A sliding layer's last query sees only its window: there each key's own query tells (the diagonal,
-    True unless the position is padding)."""
-    if call.mask is None:
-        return torch.ones(call.key.shape[0], n, dtype=torch.bool, device=call.key.device)
-    if call.sliding_window is not None:
-        return call.visible(n).diagonal(dim1=1, dim2=2).clone()
-    return call.visible(n)[:, -1, :].clone()
-
-
-def _plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:
-    """One plan per batch row: a single ``Plan`` applies to every row."""
-    if isinstance(plan, Plan):
-        return [plan] * batch
-    if isinstance(plan, Sequence) and all(isinstance(p, Plan) for p in plan):
-        if len(plan) != batch:
-            raise ValueError(
-                f"got {len(plan)} plans for a batch of {batch} rows; give one Plan (for every row) or one per row"
-            )
-        return list(plan)
-    raise TypeError(f"a plan must be a Plan or a list of Plans (one per batch row), got {type(plan).__name__}")
-
-
-def padding_bytes(cache: Cache) -> int:
-    """Bytes of the key and value slots ``cache`` holds but never shows to attention (included in
-    :func:`cache_bytes`): each layer pads its rows and KV heads to the one that keeps the most (:mod:`layout`)."""
-    total = 0
-    for layer in cache.layers:
-        visible = getattr(layer, "context_visible", None)  # (batch, G, slots) bool
-        if isinstance(visible, Tensor):
-            slots = int((~visible).sum())
-            total += slots * layer.keys.shape[-1] * (layer.keys.element_size() + layer.values.element_size())
-    return total
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of key and value tensors actually held by ``cache`` (all layers), as allocated: in a batch whose rows
-    keep different numbers of positions, the padding slots of the shorter rows count too."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-    return total

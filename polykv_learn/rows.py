@@ -6,11 +6,16 @@ Batches are left-padded; each row is compressed as if it ran alone, from its own
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 
+from polykv_learn import adapter
+from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats
 
-__all__ = ["real_length", "row_stats"]
+__all__ = ["plans_per_row", "real_keys", "real_length", "row_stats"]
 
 
 def row_stats(stats: LayerStats, row: int) -> LayerStats:
@@ -62,3 +67,29 @@ def _cut_row(stats: LayerStats, row: int) -> LayerStats:
         layer_idx=stats.layer_idx,
         sliding_window=stats.sliding_window,
     )
+
+
+def real_keys(call: adapter.AttentionCall, n: int) -> Tensor:
+    """``(b, n)`` bool: the prefill keys the last query sees, the real (non-padding) ones. Without a mask
+    (transformers skipped it: plain causal, ``AttentionCall.visible``) every key, without building the ``n x n``
+    visibility; else the last row of the visibility, copied (a view would keep the whole mask alive in every layer's
+    statistics). A sliding layer's last query sees only its window: there each key's own query tells (the diagonal,
+    True unless the position is padding)."""
+    if call.mask is None:
+        return torch.ones(call.key.shape[0], n, dtype=torch.bool, device=call.key.device)
+    if call.sliding_window is not None:
+        return call.visible(n).diagonal(dim1=1, dim2=2).clone()
+    return call.visible(n)[:, -1, :].clone()
+
+
+def plans_per_row(plan: Plan | Sequence[Plan], batch: int) -> list[Plan]:
+    """One plan per batch row: a single ``Plan`` applies to every row."""
+    if isinstance(plan, Plan):
+        return [plan] * batch
+    if isinstance(plan, Sequence) and all(isinstance(p, Plan) for p in plan):
+        if len(plan) != batch:
+            raise ValueError(
+                f"got {len(plan)} plans for a batch of {batch} rows; give one Plan (for every row) or one per row"
+            )
+        return list(plan)
+    raise TypeError(f"a plan must be a Plan or a list of Plans (one per batch row), got {type(plan).__name__}")

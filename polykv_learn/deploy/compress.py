@@ -15,8 +15,8 @@ Batches (left padding, with the ``attention_mask``): every row is compressed as 
 from its own statistics, a budget at or above its own length keeps it whole, and padding is never kept. A planner
 may return one ``Plan`` (applied to every row) or one per row. A layer holds its rows padded to the row that keeps
 the most positions there, behind a mask; ``cache_bytes`` counts those padding slots (memory really allocated). A
-plan with head budgets (``Plan.adakv``) keeps each KV head's own number of positions, the heads of a layer padded
-to the longest the same way (``cache.padding_bytes``).
+plan with head budgets (``Plan.adakv``) keeps each KV head's own number of positions: a layer whose heads differ
+holds one tensor per KV head (:mod:`polykv_learn.ragged`), each padded only across rows (``cache.padding_bytes``).
 
 A cache serves one ``generate`` call: a second call with the same cache raises (``compress`` makes a fresh one per
 call).

@@ -388,8 +388,8 @@ class PolyKV:
     ) -> CompressedCache:
         """A fresh cache for ONE ``generate`` call (a second call with it raises); ``mode`` is ``adaptive`` or
         ``static``; ``head_allocation`` is ``none`` (every KV head of a layer keeps ``b_l``) or ``adakv`` (AdaKV's
-        split of each layer among its KV heads, adaptive mode only; a layer's heads are held padded to its longest,
-        which ``cache_bytes`` counts).
+        split of each layer among its KV heads, adaptive mode only; a layer whose heads differ holds one tensor per
+        head, :mod:`polykv_learn.ragged`, so no head is padded to another).
 
         Batches (left-padded, with their ``attention_mask``): in adaptive mode every row gets the plan of its own
         features and real length (``cache.applied_plans``, one per row), exactly as if it ran alone; in static

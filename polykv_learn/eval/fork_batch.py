@@ -188,23 +188,23 @@ class ForkBatchCache(Cache):
 
 
 def _pack(rows: Sequence, start: int, reserve: int) -> _Group:
-    """One group from compressed fork layers (batch 1 each): padded to the longest kept context."""
-    context = max(r.keys.shape[-2] for r in rows)
-    _, g, _, d = rows[0].keys.shape
-    keys = rows[0].keys.new_zeros(len(rows), g, context + reserve, d)
-    values = rows[0].values.new_zeros(len(rows), g, context + reserve, d)
+    """One group from compressed fork layers (batch 1 each): padded to the longest kept context (a ragged fork layer,
+    one tensor per KV head, is read in its dense view: :meth:`~polykv_learn.cache.CompressedLayer.padded`)."""
+    held = [r.padded() for r in rows]  # (keys, values, context_visible, context_index) per row
+    context = max(k.shape[-2] for k, *_ in held)
+    _, g, _, d = held[0][0].shape
+    keys = held[0][0].new_zeros(len(rows), g, context + reserve, d)
+    values = held[0][1].new_zeros(len(rows), g, context + reserve, d)
     visible = torch.zeros(len(rows), g, context, dtype=torch.bool, device=keys.device)
     sliding = rows[0].sliding_window is not None
     index = torch.zeros(len(rows), g, context, dtype=torch.long, device=keys.device) if sliding else None
-    for i, r in enumerate(rows):
-        length = r.keys.shape[-2]
-        keys[i, :, :length] = r.keys[0]
-        values[i, :, :length] = r.values[0]
-        visible[i, :, :length] = True if r.context_visible is None else r.context_visible[0]
+    for i, (k, v, vis, idx) in enumerate(held):
+        length = k.shape[-2]
+        keys[i, :, :length] = k[0]
+        values[i, :, :length] = v[0]
+        visible[i, :, :length] = True if vis is None else vis[0]
         if index is not None:  # an uncompressed layer's slot j is position j
-            index[i, :, :length] = (
-                torch.arange(length, device=keys.device) if r.context_index is None else r.context_index[0]
-            )
+            index[i, :, :length] = torch.arange(length, device=keys.device) if idx is None else idx[0]
     return _Group(keys, values, visible, context, start, index)
 
 

@@ -18,8 +18,8 @@ name                   plan
                        needs the reconstruction pass
 ``adakv``              AdaKV (arXiv:2407.11550) with SnapKV scores: the uniform layer budget ``B``, each layer's
                        ``G*B`` shared among its KV heads by one top over their scores, at least ``0.2 B`` per head
-                       (:meth:`~polykv_learn.plan.Plan.adakv`); the deployed cache pads a layer's heads to its
-                       longest (``kv_bytes`` counts that padding)
+                       (:meth:`~polykv_learn.plan.Plan.adakv`); the deployed cache holds a layer whose heads
+                       differ one tensor per head (:mod:`polykv_learn.ragged`; ``kv_bytes``: no padding)
 ``adakv-global``       AdaKV across layers with SnapKV scores: one top-``L*G*B`` over the layers' max-normalised
                        scores with the same floor per head; layer budgets from its counts (rounded, exact total),
                        then AdaKV within each layer (:meth:`~polykv_learn.plan.Plan.adakv_global`)

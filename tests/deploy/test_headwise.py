@@ -1,11 +1,13 @@
 """Head-wise budgets in the deployed cache (design §4.3): every KV head of a layer physically keeps its own number
-of positions, padded to the layer's longest head behind a mask; greedy ``generate`` through it equals greedy
-decoding on the simulator for the same plan, and the cache holds exactly the bytes of its layout."""
+of positions, in its own tensor where the layer's heads differ (``polykv_learn.ragged``); greedy ``generate``
+through it equals greedy decoding on the simulator for the same plan, and the cache holds exactly the bytes of its
+layout (at batch 1 the kept positions, no padding)."""
 
 import pytest
 import torch
 from adaptive_helpers import depth_router, left_padded
 from greedy_helpers import PAD, assert_batch_equals_singles, assert_same_greedy, greedy_generate, simulator_greedy
+from layout_helpers import assert_batch_layout
 from model_helpers import TINY_MODELS, left_pad, model_for, random_ids
 from transformers import DynamicCache
 
@@ -38,14 +40,11 @@ def head_plans(g: int) -> list[Plan]:
     ]
 
 
-def expected_bytes(plan: Plan, g: int, d: int, itemsize: int, n: int, new: int = 0) -> tuple[int, int]:
-    """(kept bytes, padding bytes) of a batch-1 cache under ``plan``: per layer every head padded to the longest."""
-    per_slot = d * 2 * itemsize
+def expected_bytes(plan: Plan, g: int, d: int, itemsize: int, n: int, new: int = 0) -> int:
+    """Bytes of a batch-1 cache under ``plan``: every KV head holds exactly its kept positions and the ``new``
+    tokens after them (a layer whose heads differ is ragged, one tensor per head: nothing padded)."""
     kept = sum(min(b, n) + new for layer in range(plan.num_layers) for b in plan.layer_head_budgets(layer, g))
-    slots = sum(
-        g * (max(min(b, n) for b in plan.layer_head_budgets(layer, g)) + new) for layer in range(plan.num_layers)
-    )
-    return kept * per_slot, (slots - kept) * per_slot
+    return kept * d * 2 * itemsize
 
 
 # --- simulator == real cache -----------------------------------------------------------------------------------
@@ -101,17 +100,19 @@ def test_headwise_cache_bytes_are_the_kept_positions_plus_the_padding(name, dtyp
     cache = make_cache(model, plan)
     with torch.no_grad():
         adapter.forward(model, prompt, cache)
-    kept, padding = expected_bytes(plan, g, d, dtype.itemsize, 150)
-    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
-    if g == 2:
-        per_slot = d * 2 * dtype.itemsize
-        assert kept == (20 + 74 + 128 + 150 + 112) * per_slot and padding == (20 + 36 + 128 + 38) * per_slot
+    kept = expected_bytes(plan, g, d, dtype.itemsize, 150)
+    assert cache_bytes(cache) == kept and padding_bytes(cache) == 0
+    ragged = [layer.ragged is not None for layer in cache.layers]
+    assert ragged == [len(set(plan.layer_head_budgets(i, g))) > 1 for i in range(4)]
+    if g == 2:  # the dense layout would pad (20 + 36 + 128 + 38) more slots
+        assert kept == (20 + 74 + 128 + 150 + 112) * d * 2 * dtype.itemsize and all(ragged)
+        assert [k.shape[2] for k in cache.layers[1].ragged.keys] == [55, 19]
     # after k new tokens every head holds its slots + k - 1 (the last token is never fed back)
     k = 6
     cache = make_cache(model, plan)
     greedy_generate(model, prompt, new_tokens=k, cache=cache)
-    kept, padding = expected_bytes(plan, g, d, dtype.itemsize, 150, new=k - 1)
-    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
+    assert cache_bytes(cache) == expected_bytes(plan, g, d, dtype.itemsize, 150, new=k - 1)
+    assert padding_bytes(cache) == 0
     # a plain plan has no padding: exactly sum_l b_l positions per head
     plain = make_cache(model, plan.with_head_budgets(None))
     with torch.no_grad():
@@ -145,12 +146,7 @@ def test_headwise_left_padded_batch_equals_one_by_one(tiny_models, eager_models,
     ids, mask = left_pad([long, short])
     cache = make_cache(model, planner=adakv_rows(24))
     model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, cache=cache)
-    for i, layer in enumerate(cache.layers):
-        heads = [p.layer_head_budgets(i, g) for p in cache.applied_plans]
-        slots = layer.context_visible.shape[-1]
-        assert slots == max(max(h) for h in heads) and layer.keys.shape[2] == slots + 4
-        for r, row in enumerate(heads):
-            assert layer.context_visible[r].sum(dim=-1).tolist() == list(row)
+    assert_batch_layout(cache, g, new=4, lengths=(150, 70))
 
 
 def test_adakv_planner_summarises_each_layer_and_plans_as_plan_adakv(tiny_models):
@@ -198,7 +194,7 @@ def test_polykv_head_allocation_generate_equals_the_simulator_and_holds_its_layo
     """make_cache(..., head_allocation="adakv"): the learned plan, each layer split among its KV heads by AdaKV under
     its routed policy (H2O's accumulated attention included) from keys kept as each layer's prefill ends; greedy
     generate through it equals the simulator under the applied plan, which is plan_for's; its bytes are the kept
-    positions of every head plus each layer's padding to its longest head."""
+    positions of every head, nothing padded (a layer whose heads differ holds one tensor per head)."""
     model = tiny_models["tiny-llama"]
     dims = adapter.model_dims(model)
     prompt, budget = random_ids(160, seed=21), 24
@@ -218,8 +214,8 @@ def test_polykv_head_allocation_generate_equals_the_simulator_and_holds_its_layo
     with torch.no_grad():
         adapter.forward(model, prompt, cache)
     itemsize = next(model.parameters()).dtype.itemsize
-    kept, padding = expected_bytes(plan, dims.num_kv_heads, dims.head_dim, itemsize, 160)
-    assert cache_bytes(cache) == kept + padding and padding_bytes(cache) == padding
+    kept = expected_bytes(plan, dims.num_kv_heads, dims.head_dim, itemsize, 160)
+    assert cache_bytes(cache) == kept and padding_bytes(cache) == 0
     assert kept == sum(plan.effective_budgets(160)) * dims.num_kv_heads * dims.head_dim * 2 * itemsize
 
 
