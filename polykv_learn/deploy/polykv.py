@@ -52,6 +52,7 @@ from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy import learned_heads
 from polykv_learn.deploy.artifact import FORMAT, read_artifact, validate_config, write_artifact
+from polykv_learn.deploy.inputs import check_inputs, one_sequence
 from polykv_learn.features import layer_features
 from polykv_learn.kvzip_global import normalised_scores, prior_column
 from polykv_learn.layerwise import LayerwisePlanner
@@ -163,7 +164,7 @@ class PolyKV:
         """Raw layer signals (L, F) of one sequence's prefill at ``budget``; a left-padded one-row batch is cut to
         its real tokens first. For a batch, take each row's statistics with :func:`~polykv_learn.cache.row_stats`
         (or use :meth:`plans_for_stats`)."""
-        stats = _one_sequence(stats, "features")
+        stats = one_sequence(stats, "features")
         n = stats[0].context_length
         features = torch.cat([layer_features(s, min(budget, n), self.overlap_policies, len(stats)) for s in stats])
         if self.allocation_prior is None:
@@ -189,7 +190,7 @@ class PolyKV:
         layer among its KV heads under the layer's policy (:meth:`Plan.with_adakv_heads`, floor ``alpha * b_l``;
         none when ``n <= budget``: nothing is evicted); ``"learned"``: the artifact's head allocator's split."""
         self._check_head_allocation(head_allocation)
-        stats = _one_sequence(stats, "plan_for_stats")
+        stats = one_sequence(stats, "plan_for_stats")
         n = stats[0].context_length
         if head_allocation == "learned":  # the planner's head allocator on the per-head signals
             heads = learned_heads.sequence_head_features(stats, budget)  # (L, G, Fh)
@@ -346,7 +347,7 @@ class PolyKV:
         self.check_model(model)
         budget = check_budget(budget)
         self._check_head_allocation(head_allocation)
-        ids, mask = _check_inputs(input_ids, attention_mask)
+        ids, mask = check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
         if mask is not None:  # the position ids generate gives a left-padded batch
@@ -433,39 +434,3 @@ def _check_head_allocation(head_allocation: str) -> None:
 def _head_candidates(polykv: PolyKV, summary: HeadSummary, budget: int) -> list[set[str]]:
     """A head-allocating layer's candidates: those of its plain summary (:meth:`PolyKV.layer_candidates`)."""
     return polykv.layer_candidates(summary[0], budget)
-
-
-def _one_sequence(stats: Sequence[LayerStats], method: str) -> list[LayerStats]:
-    """``stats`` of a one-row batch, cut to its real tokens; ValueError for a larger batch."""
-    batch = stats[0].valid.shape[0]
-    if batch != 1:
-        raise ValueError(
-            f"{method} takes the statistics of one sequence, got a batch of {batch}: use plans_for_stats "
-            "(one plan per row) or row_stats(stats, row) per row"
-        )
-    return [row_stats(s, 0) for s in stats]
-
-
-def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``input_ids`` (n,) or (batch, n) and its mask -> (batch, n) ids and mask (None: no padding)."""
-    if not isinstance(input_ids, Tensor) or input_ids.ndim not in (1, 2) or input_ids.shape[-1] == 0:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a tensor of shape (n,) or (batch, n) with n >= 1, got {shape}")
-    if input_ids.is_floating_point() or input_ids.is_complex():
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    ids = input_ids if input_ids.ndim == 2 else input_ids[None]
-    if attention_mask is None:
-        return ids, None
-    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-    mask = attention_mask.reshape(ids.shape).long()
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
-    for r in range(mask.shape[0]):
-        n_real = int(mask[r].sum())
-        if n_real == 0:
-            raise ValueError(f"row {r} of attention_mask has no token (all zeros)")
-        if not bool(mask[r, mask.shape[1] - n_real :].all()):
-            raise ValueError(f"row {r} of attention_mask has padding after a token; pad on the left")
-    return ids, mask
