@@ -97,6 +97,19 @@ def _keep_mask(policy: str, stats: LayerStats, budget: int, ranks: Mapping[str, 
     return mask.scatter_(-1, idx, True)
 
 
+def check_signal_args(stats: LayerStats, budget: int, num_layers: int) -> int:
+    """The one-line checks shared by the layer and per-head signals: ``budget`` a positive integer (returned as
+    ``int``), ``num_layers`` a positive integer with ``stats.layer_idx`` inside it."""
+    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    budget = int(budget)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    if not 0 <= stats.layer_idx < num_layers:
+        raise ValueError(f"stats.layer_idx={stats.layer_idx} is outside [0, num_layers={num_layers})")
+    return budget
+
+
 def layer_features(
     stats: LayerStats,
     budget: int,
@@ -111,13 +124,7 @@ def layer_features(
     ``budget`` is the average budget ``B``; ``num_layers`` is ``L`` (for the relative depth
     ``stats.layer_idx / (L - 1)``, 0 when ``L == 1``).
     """
-    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
-    budget = int(budget)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-    if not 0 <= stats.layer_idx < num_layers:
-        raise ValueError(f"stats.layer_idx={stats.layer_idx} is outside [0, num_layers={num_layers})")
+    budget = check_signal_args(stats, budget, num_layers)
     overlaps = _check_overlap_policies(overlap_policies)
 
     free = stats.memo("layer_features", lambda: _budget_free_signals(stats))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polykv_learn.features import NUM_SINKS
+from polykv_learn.features import NUM_SINKS, check_signal_args
 from polykv_learn.policies.base import LayerStats
 
 __all__ = ["HEAD_FEATURE_NAMES", "head_features"]
@@ -39,13 +39,7 @@ HEAD_FEATURE_NAMES: list[str] = [
 def head_features(stats: LayerStats, budget: int, num_layers: int) -> Tensor:
     """Signals of every KV head of one layer for every batch element: ``(batch, G, Fh)`` float32, columns as in
     :data:`HEAD_FEATURE_NAMES`; ``budget`` is the average budget ``B``, ``num_layers`` is ``L``."""
-    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
-    budget = int(budget)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-    if not 0 <= stats.layer_idx < num_layers:
-        raise ValueError(f"stats.layer_idx={stats.layer_idx} is outside [0, num_layers={num_layers})")
+    budget = check_signal_args(stats, budget, num_layers)
     free = stats.memo("head_features", lambda: _budget_free_head_signals(stats))
     top, n_valid = free["top"], free["n_valid"]  # (batch, G, n), (batch,)
     n = stats.context_length
