@@ -20,7 +20,14 @@ from polykv_learn.plan import project_budgets, round_preserving_sum
 __all__ = ["BudgetAllocator"]
 
 
-def _mlp(num_features: int, hidden: int, num_hidden_layers: int, out: int) -> nn.Sequential:
+def mlp(num_features: int, hidden: int, num_hidden_layers: int, out: int) -> nn.Sequential:
+    """The planner's small MLPs (router, allocator, head allocator): ``num_hidden_layers`` GELU layers of width
+    ``hidden``, then a linear layer to ``out``; bad sizes are a one-line ValueError."""
+    if num_features < 1 or hidden < 1 or num_hidden_layers < 0:
+        raise ValueError(
+            f"need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got {num_features}, {hidden}, "
+            f"{num_hidden_layers}"
+        )
     layers: list[nn.Module] = []
     width = num_features
     for _ in range(num_hidden_layers):
@@ -42,18 +49,13 @@ class BudgetAllocator(nn.Module):
         self, num_features: int, hidden: int = 32, num_hidden_layers: int = 1, prior: int | None = None
     ) -> None:
         super().__init__()
-        if num_features < 1 or hidden < 1 or num_hidden_layers < 0:
-            raise ValueError(
-                f"need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got {num_features}, {hidden}, "
-                f"{num_hidden_layers}"
-            )
         if prior is not None and not 0 <= prior < num_features:
             raise ValueError(f"prior must be a feature column in [0, {num_features}), got {prior}")
         self.num_features = num_features
         self.hidden = hidden
         self.num_hidden_layers = num_hidden_layers
         self.prior = prior
-        self.net = _mlp(num_features, hidden, num_hidden_layers, 1)
+        self.net = mlp(num_features, hidden, num_hidden_layers, 1)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
         if prior is not None:

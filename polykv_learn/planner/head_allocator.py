@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from polykv_learn.budgets import project_budgets, round_preserving_sum
-from polykv_learn.planner.allocator import _mlp
+from polykv_learn.planner.allocator import mlp
 
 __all__ = ["HEAD_ALLOCATIONS", "HeadAllocator"]
 
@@ -39,15 +39,10 @@ class HeadAllocator(nn.Module):
 
     def __init__(self, num_features: int, hidden: int = 32, num_hidden_layers: int = 1) -> None:
         super().__init__()
-        if num_features < 1 or hidden < 1 or num_hidden_layers < 0:
-            raise ValueError(
-                f"need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got {num_features}, {hidden}, "
-                f"{num_hidden_layers}"
-            )
         self.num_features = num_features
         self.hidden = hidden
         self.num_hidden_layers = num_hidden_layers
-        self.net = _mlp(num_features, hidden, num_hidden_layers, 1)
+        self.net = mlp(num_features, hidden, num_hidden_layers, 1)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 

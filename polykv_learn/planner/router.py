@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from polykv_learn.planner.allocator import mlp
 from polykv_learn.policies import POLICIES, check_policy_name
 
 __all__ = ["GBDTRouter", "MLPRouter"]
@@ -61,22 +62,11 @@ class MLPRouter(nn.Module):
         init_bias: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if num_features < 1 or hidden < 1 or num_hidden_layers < 0:
-            raise ValueError(
-                f"need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got {num_features}, {hidden}, "
-                f"{num_hidden_layers}"
-            )
         self.policies: tuple[str, ...] = _check_routable(policies)
         self.num_features = num_features
         self.hidden = hidden
         self.num_hidden_layers = num_hidden_layers
-        layers: list[nn.Module] = []
-        width = num_features
-        for _ in range(num_hidden_layers):
-            layers += [nn.Linear(width, hidden), nn.GELU()]
-            width = hidden
-        layers.append(nn.Linear(width, len(self.policies)))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(num_features, hidden, num_hidden_layers, len(self.policies))
         if init_bias is not None:
             bias = torch.as_tensor(list(init_bias), dtype=torch.float32)
             if bias.shape != (len(self.policies),):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from polykv_learn.planner.allocator import BudgetAllocator
+from polykv_learn.planner.head_allocator import HeadAllocator
+from polykv_learn.planner.router import MLPRouter
 
 
 def features(num_layers: int, num_features: int = 7, seed: int = 0) -> torch.Tensor:
@@ -82,3 +84,27 @@ def test_errors():
         alloc(features(4), 0, 100)
     with pytest.raises(ValueError, match="budget must be an integer"):
         alloc.integer_budgets(features(4), 16.5, 100)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f, h, k: BudgetAllocator(f, hidden=h, num_hidden_layers=k),
+        lambda f, h, k: HeadAllocator(f, hidden=h, num_hidden_layers=k),
+        lambda f, h, k: MLPRouter(f, ["snapkv", "streaming"], hidden=h, num_hidden_layers=k),
+    ],
+    ids=["allocator", "head_allocator", "router"],
+)
+@pytest.mark.parametrize("sizes", [(0, 8, 1), (4, 0, 1), (4, 8, -1)])
+def test_the_planner_mlps_refuse_bad_sizes_in_one_line(make, sizes):
+    """Router, allocator and head allocator build their MLPs with one function, which checks the sizes."""
+    with pytest.raises(ValueError, match="need num_features >= 1, hidden >= 1, num_hidden_layers >= 0; got ") as err:
+        make(*sizes)
+    assert "\n" not in str(err.value) and str(err.value).endswith(", ".join(map(str, sizes)))
+
+
+def test_the_planner_mlps_keep_their_layout():
+    """The router's state dict keys are unchanged by sharing the MLP builder (artifacts keep loading)."""
+    router = MLPRouter(5, ["snapkv", "streaming"], hidden=8, num_hidden_layers=2)
+    assert list(router.state_dict()) == [f"net.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+    assert router(torch.zeros(3, 5)).shape == (3, 2)
