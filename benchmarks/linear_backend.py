@@ -29,8 +29,13 @@ from polykv_learn.capture import accumulated_attention  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_speed import TASKS  # noqa: E402  (the six scored task types, as in the evaluation script)
 
-SHAPES = {"q/o proj": (576, 576), "k/v proj": (192, 576), "mlp up/gate": (1536, 576), "mlp down": (576, 1536),
-          "lm head": (49152, 576)}  # fmt: skip  (out, in) of SmolLM2-135M
+SHAPES = {
+    "q/o proj": (576, 576),
+    "k/v proj": (192, 576),
+    "mlp up/gate": (1536, 576),
+    "mlp down": (576, 1536),
+    "lm head": (49152, 576),
+}  # fmt: skip  (out, in) of SmolLM2-135M
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--G", type=int, default=None, help="KV heads (cuda: 8)")
     ap.add_argument("--m", type=int, default=None, help="probe queries (cuda: 64)")
     ap.add_argument("--d", type=int, default=None, help="head dim (cuda: 128)")
-    ap.add_argument(
-        "--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cuda: bfloat16"
-    )
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="cuda: bfloat16")
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of keys kept by the random hard mask")
     ap.add_argument("--reps", type=int, default=None, help="timed runs (median); cuda: 20")
     ap.add_argument("--warmup", type=int, default=None, help="cuda: 5")
@@ -135,9 +133,7 @@ def bench_one(args, n: int, triton_context_attention) -> list[dict]:
     rows = []
 
     def row(name, ms, flops, nbytes, note=""):
-        rows.append(
-            {"name": name, "ms": ms, "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "note": note}
-        )
+        rows.append({"name": name, "ms": ms, "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "note": note})
 
     with torch.no_grad():
         ours = timer(dev, lambda: triton_context_attention(q, k, v, bias, scaling), args.reps, args.warmup)
@@ -187,9 +183,7 @@ def bench_one(args, n: int, triton_context_attention) -> list[dict]:
             ]
         )
         if fn is None:
-            rows.append(
-                {"name": "sdpa flash, no mask", "ms": float("nan"), "tflops": 0, "gbs": 0, "note": label}
-            )
+            rows.append({"name": "sdpa flash, no mask", "ms": float("nan"), "tflops": 0, "gbs": 0, "note": label})
         else:
             row("sdpa flash, no mask", timer(dev, fn, args.reps, args.warmup), fwd_flops, fwd_bytes, label)
 
@@ -242,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n**Interpreter timing on CPU: meaningless as performance; a smoke run of the script.**")
     print(
         f"\nP={args.P} H={args.H} G={args.G} m={args.m} d={args.d} dtype={args.dtype} keep={args.keep} "
-        f"median of {args.reps} (warmup {args.warmup})"
-        + (f"; tile overrides {overrides}" if overrides else "")
+        f"median of {args.reps} (warmup {args.warmup})" + (f"; tile overrides {overrides}" if overrides else "")
     )
     for n in args.n:
         rows = bench_one(args, n, triton_context_attention)

@@ -148,7 +148,6 @@ def test_calibration_contexts_start_with_the_tokenizers_bos_once(tmp_path):
     assert marked[0][1].tolist() == plain[0][1].tolist()  # the probe continues the context: no BOS there
 
 
-
 CALIBRATE_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("calibrate-*.yaml"))
 
 

@@ -290,9 +290,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> t
     interpret = _interpreting(q.device)
     cfg = _config(rows, n, d, interpret)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), p * g)
-    _fwd_kernel[grid](
-        q, k, v, bias, out, lse, float(scaling), g, n, d, rows, **cfg, **_flags(q.dtype, interpret)
-    )
+    _fwd_kernel[grid](q, k, v, bias, out, lse, float(scaling), g, n, d, rows, **cfg, **_flags(q.dtype, interpret))
     return out, lse
 
 
@@ -326,15 +324,11 @@ def _backward(
     if need_dq:
         dq = torch.empty_like(q)
         grid = (triton.cdiv(rows, cfg["BLOCK_M"]), p * g)
-        _bwd_dq_kernel[grid](
-            q, k, v, bias, dout, lse, delta, dq, float(scaling), g, n, d, rows, **cfg, **flags
-        )
+        _bwd_dq_kernel[grid](q, k, v, bias, dout, lse, delta, dq, float(scaling), g, n, d, rows, **cfg, **flags)
     if need_dbias:
         dbias = torch.empty_like(bias)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), p * g)
-        _bwd_dbias_kernel[grid](
-            q, k, v, bias, dout, lse, delta, dbias, float(scaling), g, n, d, rows, **cfg, **flags
-        )
+        _bwd_dbias_kernel[grid](q, k, v, bias, dout, lse, delta, dbias, float(scaling), g, n, d, rows, **cfg, **flags)
     return dq, dbias
 
 
@@ -357,9 +351,7 @@ class _ContextAttention(torch.autograd.Function):
         return dq, None, None, dbias, None
 
 
-def triton_context_attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float
-) -> tuple[Tensor, Tensor]:
+def triton_context_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
     """Fused ``context_attention`` (see :mod:`polykv_learn.kernels`), differentiable w.r.t. ``q``, ``bias``.
 
     ``k``/``v`` must not require grad while autograd records (raises ``ValueError``: detach them). float64
@@ -368,23 +360,19 @@ def triton_context_attention(
     """
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         raise ValueError(
-            "triton_context_attention differentiates w.r.t. q and bias only; "
-            "k and v are constants: pass them detached"
+            "triton_context_attention differentiates w.r.t. q and bias only; k and v are constants: pass them detached"
         )
     if q.dtype == torch.float64:
         return context_attention_reference(q, k, v, bias, scaling)
     if q.dtype not in _SUPPORTED:
         raise TypeError(
-            "triton_context_attention supports float32/bfloat16/float16 (and float64 via torch), "
-            f"got {q.dtype}"
+            f"triton_context_attention supports float32/bfloat16/float16 (and float64 via torch), got {q.dtype}"
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}; got k {k.dtype}, v {v.dtype}")
     if not bias.is_floating_point():
         raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
-    return _ContextAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous(), float(scaling)
-    )
+    return _ContextAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous(), float(scaling))
 
 
 __all__ = ["triton_context_attention"]

@@ -39,8 +39,7 @@ class SnapKVPolicy(Policy):
             return stats.window_size
         if self.window_size > stats.window_size:
             raise ValueError(
-                f"snapkv window_size={self.window_size} exceeds the "
-                f"{stats.window_size} captured window queries"
+                f"snapkv window_size={self.window_size} exceeds the {stats.window_size} captured window queries"
             )
         return self.window_size
 
