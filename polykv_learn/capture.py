@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from polykv_learn.policies import LayerStats
 
 #: the allowed ``CaptureOptions.reconstruct_scope`` values (``full``: the exact whole-context pass, the default)
 RECONSTRUCT_SCOPES = ("full", "chunk")
+
+#: the ``capture`` keys of an artifact that carry the reconstruction scope (absent: ``full``)
+SCOPE_KEYS = ("reconstruct_scope", "reconstruct_context_chunk", "reconstruct_sinks")
 
 #: maps position ids (batch, len) to RoPE (cos, sin), each (batch, len, d)
 RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -81,6 +85,20 @@ class CaptureOptions:
                     "CaptureOptions.reconstruct_prompt is for reconstruct_scope 'full' only (the 'chunk' scope builds "
                     "kvpress's repeat prompts with the model's tokenizer)"
                 )
+
+
+def scope_fields(options: CaptureOptions) -> dict[str, Any]:
+    """The reconstruction scope as an artifact's ``capture`` keys: none for ``full`` (so every artifact made before
+    the option reads the same), else ``reconstruct_scope``, ``reconstruct_context_chunk``, ``reconstruct_sinks``."""
+    if options.reconstruct_scope == "full":
+        return {}
+    return {name: getattr(options, name) for name in SCOPE_KEYS}
+
+
+def scope_options(capture: dict[str, Any]) -> dict[str, Any]:
+    """:class:`CaptureOptions` keyword arguments from an artifact's ``capture`` object (absent keys: the defaults,
+    scope ``full``)."""
+    return {name: capture[name] for name in SCOPE_KEYS if name in capture}
 
 
 def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:

@@ -26,6 +26,9 @@ softmax since exp is monotone; no ``c x (n + t)`` probabilities are materialised
 whose tests compare in float64) takes the explicit path: probabilities per KV group in float32 (float64 for a
 float64 model), eager-style, which is also the fused path's test reference (``fused=False``). The last layer's
 output is read by nothing, so each forward of the pass stops once that layer has its scores.
+
+KVzip's and kvpress's own chunk-local scores (cheaper, not this module's definition) are
+``CaptureOptions(reconstruct_scope="chunk")``: :mod:`polykv_learn.reconstruct_chunked`, built on this module's layer.
 """
 
 from __future__ import annotations

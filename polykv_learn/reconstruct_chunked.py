@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from polykv_learn import adapter
+from polykv_learn.capture import CaptureOptions
 from polykv_learn.reconstruct import _LastLayerDone, _Masks, _RepeatCache, _RepeatLayer, check_pass_inputs
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "RepeatChunk",
     "chunk_prompt_ids",
     "chunked_reconstruction_attention",
+    "reconstruct_scope_entry",
     "repeat_chunks",
 ]
 
@@ -91,6 +93,19 @@ def chunk_prompt_ids(model: PreTrainedModel) -> ChunkPrompts:
     except (OSError, ValueError) as err:
         msg = f"kvzip's chunk-scope prompts need the tokenizer of {name!r}, which did not load ({err})"
         raise ValueError(msg) from None
+
+
+def reconstruct_scope_entry(model: PreTrainedModel, options: CaptureOptions) -> dict[str, Any]:
+    """What a chunk-scope prefill store's fingerprint records of the scores' definition: the scope, chunk size,
+    sink count and the prompt pieces' token ids."""
+    prompts = chunk_prompt_ids(model)
+    return {
+        "scope": options.reconstruct_scope,
+        "context_chunk": options.reconstruct_context_chunk,
+        "sinks": options.reconstruct_sinks,
+        "prev_tokens": PREV_TOKENS,
+        "prompts": [list(prompts.first), list(prompts.later), list(prompts.suffix)],
+    }
 
 
 class RepeatChunk(NamedTuple):
@@ -216,7 +231,7 @@ def chunked_reconstruction_attention(
         raise ValueError("the chunk scope's repeat prompts are empty: give at least one token id each")
     valid = valid.to(context_ids.device)
     chunks = repeat_chunks(context_ids, valid, prompts, size, sinks)
-    longest = max(ch.ids.shape[1] for ch in chunks)
+    longest = max((ch.ids.shape[1] for ch in chunks), default=1)  # no chunk at all: no real token, all scores 0
     last = len(kv) - 1
     layers = [_ChunkLayer(i, k, v, valid, valid.new_zeros(b, longest), i == last, fused) for i, (k, v) in enumerate(kv)]
     cache = _RepeatCache(layers)
