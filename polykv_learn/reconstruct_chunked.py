@@ -26,7 +26,8 @@ query's window as the model does.
 Left-padded batches: each row is chunked on its own real tokens, so it scores as alone; forward ``i`` carries
 chunk ``i`` of every row (left-padded, a row without one is all padding). Computation as in
 :mod:`polykv_learn.reconstruct` (its ``_RepeatLayer``): float32 models take the fused flash path, whose scores use
-the restricted log-sum-exp ``logaddexp(lse over the sinks and chunk keys, lse over the repeat input)``; other
+the restricted log-sum-exp ``logaddexp(lse over the sinks and chunk keys, lse over the repeat input)``, the first
+from a flash call over those keys alone (the output merges it with one over the other context keys); other
 dtypes the explicit probabilities (``fused=False``: the reference). Each repeat input runs in forwards of at
 most ``forward_chunk`` tokens (memory only: the scores do not depend on it).
 """
@@ -109,13 +110,16 @@ def reconstruct_scope_entry(model: PreTrainedModel, options: CaptureOptions) -> 
 
 
 class RepeatChunk(NamedTuple):
-    """Forward ``i`` of the chunk scope: every row's repeat input for its chunk ``i`` and the keys it scores."""
+    """Forward ``i`` of the chunk scope: every row's repeat input for its chunk ``i``, the context keys it scores
+    (``select``) and the other real context keys (``rest``), which its output attends to as well."""
 
     ids: Tensor  # (b, L) left-padded repeat inputs
     valid: Tensor  # (b, L) False for padding (a row without chunk i: all)
     select: Tensor  # (b, k + m) padded context indices: k sink slots, then m chunk slots
     select_valid: Tensor  # (b, k + m) whether each slot is a real key of the restricted softmax
     sinks: int  # k
+    rest: Tensor  # (b, w) padded indices of the row's other real context positions
+    rest_valid: Tensor  # (b, w) False for the slots past a row's own count
 
 
 def repeat_chunks(
@@ -126,7 +130,6 @@ def repeat_chunks(
     b, n = context_ids.shape
     real = [context_ids[r][valid[r]] for r in range(b)]  # (n_r,) each
     count = max((len(x) + size - 1) // size for x in real)
-    k, m = min(sinks, n), min(size, n)
     out = []
     for i in range(count):
         seqs = []
@@ -143,12 +146,24 @@ def repeat_chunks(
         rep_valid = torch.zeros(b, width, dtype=torch.bool, device=ids.device)
         for r, q in enumerate(seqs):
             ids[r, width - len(q) :], rep_valid[r, width - len(q) :] = q, True
+        # slots: the k = min(sinks, i * size) sinks, then the longest row's chunk i (a full batch: all real)
+        k = min(sinks, i * size)
+        m = max(min(size, len(x) - i * size) for x in real)
         n_r = torch.tensor([len(x) for x in real], device=ids.device)[:, None]  # (b, 1)
         slot = torch.arange(k + m, device=ids.device)[None, :]  # (1, k + m)
         own = torch.where(slot < k, slot, i * size + slot - k)  # (b, k + m) the row's own token index
-        ok = torch.where(slot < k, slot < min(sinks, i * size), own < n_r)
+        ok = (own < n_r) & (n_r > i * size)  # a row without chunk i scores nothing
         select = (n - n_r + own).clamp(0, n - 1)  # (b, k + m) padded index
-        out.append(RepeatChunk(ids, rep_valid, select, ok & (own < n_r), k))
+        others = valid.clone()
+        for r in range(b):
+            others[r, select[r][ok[r]]] = False
+        w = int(others.sum(dim=1).max())
+        rest = torch.zeros(b, w, dtype=torch.long, device=ids.device)
+        rest_valid = torch.zeros(b, w, dtype=torch.bool, device=ids.device)
+        for r in range(b):
+            where = others[r].nonzero()[:, 0]
+            rest[r, : len(where)], rest_valid[r, : len(where)] = where, True
+        out.append(RepeatChunk(ids, rep_valid, select, ok, k, rest, rest_valid))
     return out
 
 
@@ -157,19 +172,30 @@ class _ChunkLayer(_RepeatLayer):
     the current repeat input), its own scores from the restricted softmax of the current chunk."""
 
     def start(self, chunk: RepeatChunk) -> None:
-        """Drop the previous repeat input's K/V and gather the keys chunk ``chunk`` scores."""
-        b, g, _, d = self.context_keys.shape
+        """Drop the previous repeat input's K/V; the next forwards are chunk ``chunk``'s."""
         self.repeat_valid, self.length, self.chunk = chunk.valid, 0, chunk
-        index = chunk.select[:, None, :, None].expand(b, g, -1, d)
-        self.select_keys = self.context_keys.gather(2, index)  # (b, G, k + m, d)
-        zero = torch.zeros(chunk.select.shape, dtype=self.scores.dtype, device=self.scores.device)
-        self.select_bias = zero.masked_fill_(~chunk.select_valid, float("-inf"))[:, None, None]  # (b, 1, 1, k + m)
+        dtype, device = self.scores.dtype, self.scores.device
 
-    def _select_bias(self, masks: _Masks) -> Tensor:
-        """The additive bias over the gathered keys: the slot's validity plus the model's own mask (the window)."""
+        def bias(ok: Tensor) -> Tensor:  # (b, w) -> (b, 1, 1, w): 0 for a real slot, -inf for padding
+            return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))[:, None, None]
+
+        self.select_bias, self.rest_bias = bias(chunk.select_valid), bias(chunk.rest_valid)
+        self.select_all, self.rest_all = bool(chunk.select_valid.all()), bool(chunk.rest_valid.all())
+
+    def _take(self, x: Tensor, index: Tensor) -> Tensor:
+        """``x`` (b, G, n, d) at the padded context positions ``index`` (b, w) -> (b, G, w, d)."""
+        b, g, _, d = x.shape
+        return x.gather(2, index[:, None, :, None].expand(b, g, -1, d))
+
+    def _bias(self, index: Tensor, slot_bias: Tensor, masks: _Masks) -> Tensor:
+        """The additive bias over gathered keys: the slot's validity plus the model's own mask (padding, the
+        window) -> (b, 1, 1 or c, w)."""
         bias = masks.ctx_bias  # (b, 1, 1 or c, n)
-        index = self.chunk.select[:, None, None, :].expand(-1, -1, bias.shape[2], -1)
-        return bias.gather(-1, index).add_(self.select_bias)  # (b, 1, 1 or c, k + m)
+        return bias.gather(-1, index[:, None, None, :].expand(-1, -1, bias.shape[2], -1)).add_(slot_bias)
+
+    def attend(self, call: adapter.AttentionCall) -> Tensor:
+        self.select_keys = self._take(self.context_keys, self.chunk.select)  # (b, G, k + m, d), this forward only
+        return super().attend(call)
 
     def _keep(self, j: int, best: Tensor) -> None:
         """``best`` (b, k + m) of KV head ``j``: its chunk slots into the running maximum (each position is scored
@@ -178,25 +204,69 @@ class _ChunkLayer(_RepeatLayer):
         vals = best[:, k:].masked_fill(~self.chunk.select_valid[:, k:], 0.0)
         self.scores[:, j].scatter_reduce_(-1, self.chunk.select[:, k:], vals, "amax")
 
+    def _fused_output(self, call: adapter.AttentionCall, masks: _Masks) -> tuple[Tensor, Tensor, Tensor]:
+        """The output as the parent's, but with the context split in two flash calls, the scored keys (sinks and
+        chunk) and the rest, so the scored keys' log-sum-exp ``lse_sel`` comes with it; returns ``(out (b, c, H, d),
+        lse_sel, lse_rep)``, each lse ``(b, H, c)`` and -inf where the query sees no key of the part."""
+        q = call.query  # (b, H, c, d)
+        b, h, c, d = q.shape
+        g = self.context_keys.shape[1]
+        r = h // g
+
+        def expand(x: Tensor) -> Tensor:  # (b, G, k, d) -> (b, H, k, d), a view: query head i reads KV head i // r
+            return x[:, :, None].expand(b, g, r, x.shape[2], d).flatten(1, 2)
+
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        plain = not masks.sliding and bool(self.context_valid.all())  # the model's own mask hides no context key
+        chunk, outs, lses = self.chunk, [], []
+        parts = ((chunk.select, self.select_bias, self.select_all), (chunk.rest, self.rest_bias, self.rest_all))
+        for index, slot_bias, all_real in parts:
+            if index.shape[1] == 0:  # no other key (the context is the chunk and its sinks)
+                outs.append(q.new_zeros(b, h, c, d))
+                lses.append(q.new_full((b, h, c), float("-inf")))
+                continue
+            bias = None if plain and all_real else self._bias(index, slot_bias, masks)
+            keys, values = expand(self._take(self.context_keys, index)), expand(self._take(self.context_values, index))
+            o, lse = flash(q, keys, values, 0.0, False, attn_mask=bias, scale=call.scaling)
+            if bias is not None:  # the kernel gives a query that sees no key a log-sum-exp of 0: make it -inf
+                lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
+            outs.append(o)
+            lses.append(lse)
+        o, lse = flash(
+            q, expand(call.key), expand(call.value), 0.0, False, attn_mask=masks.rep_bias, scale=call.scaling
+        )
+        outs.append(o)
+        lses.append(lse.masked_fill(~masks.rep_any[:, None], float("-inf")))
+        total = torch.logaddexp(torch.logaddexp(lses[0], lses[1]), lses[2])  # (b, H, c) over all n + t keys
+        out = torch.zeros_like(outs[0])
+        for o, lse in zip(outs, lses, strict=True):  # a query that sees nothing at all: -inf - -inf, weight 0
+            out.add_(o.mul_((lse - total).exp_().nan_to_num_(nan=0.0)[..., None]))
+        return out.transpose(1, 2), lses[0], lses[2]
+
     def _fused_scores(self, call: adapter.AttentionCall, masks: _Masks, lse_ctx: Tensor, lse_rep: Tensor) -> None:
+        """``lse_ctx``: the scored keys' log-sum-exp (from :meth:`_fused_output`), so the restricted softmax's is
+        ``logaddexp(lse_ctx, lse_rep)``, and the scores ``exp(max_q (s * scaling + bias - lse))``."""
         q = call.query  # (b, H, c, d)
         c, g, t = q.shape[2], self.context_keys.shape[1], self.length
         r = q.shape[1] // g
-        bias = self._select_bias(masks)
-        pad = ~self.repeat_valid[:, None, t - c : t]  # (b, 1, c) padding queries count in no maximum
+        bias = self._bias(self.chunk.select, self.select_bias, masks)  # (b, 1, 1 or c, k + m)
+        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c)
+        lse.masked_fill_(~self.repeat_valid[:, None, t - c : t], float("inf"))  # padding queries: no maximum
         for j in range(g):
             s = q[:, j * r : (j + 1) * r] @ self.select_keys[:, j, None].transpose(-1, -2)  # (b, H/G, c, k + m)
-            s.mul_(call.scaling).add_(bias)
-            lse = torch.logaddexp(torch.logsumexp(s, dim=-1), lse_rep[:, j * r : (j + 1) * r])  # (b, H/G, c)
-            lse.masked_fill_(pad, float("inf"))
-            self._keep(j, s.sub_(lse[..., None]).amax(dim=(1, 2)).exp_())
+            s.mul_(call.scaling).sub_(lse[:, j * r : (j + 1) * r, :, None])
+            if masks.sliding:  # the bias depends on the query
+                best = s.add_(bias).amax(dim=(1, 2))  # (b, k + m)
+            else:  # one per key: it commutes with the maximum
+                best = s.amax(dim=(1, 2)).add_(bias[:, 0, 0])
+            self._keep(j, best.exp_())
 
     def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks, score: bool = True) -> Tensor:
         out = super()._attend_explicit(call, masks, score=False)
         q = call.query  # (b, H, c, d)
         c, g, t, dtype = q.shape[2], self.context_keys.shape[1], self.length, self.scores.dtype
         r = q.shape[1] // g
-        bias = self._select_bias(masks)
+        bias = self._bias(self.chunk.select, self.select_bias, masks)
         q_real = self.repeat_valid[:, None, t - c : t, None].to(dtype)  # (b, 1, c, 1)
         width = self.select_keys.shape[2]
         for j in range(g):

@@ -168,6 +168,9 @@ def test_each_chunk_repeats_kvpress_prompt_and_the_previous_chunks_last_tokens()
     sel = chunks[1].select[1][chunks[1].select_valid[1]].tolist()
     assert sel == [10, 11, 19]
     assert chunks[0].select[0][chunks[0].select_valid[0]].tolist() == list(range(9))  # chunk 0: no sinks
+    assert chunks[0].sinks == 0 and chunks[1].sinks == 2 and chunks[1].select.shape == (2, 2 + 9)
+    assert chunks[1].rest[1][chunks[1].rest_valid[1]].tolist() == list(range(12, 19))  # its other real keys
+    assert chunks[1].rest[0][chunks[1].rest_valid[0]].tolist() == [2, 3, 4, 5, 6, 7, 8, 18, 19]
 
 
 def test_capture_options_validate_the_scope_in_one_line():
