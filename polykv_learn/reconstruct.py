@@ -28,7 +28,8 @@ float64 model), eager-style, which is also the fused path's test reference (``fu
 output is read by nothing, so each forward of the pass stops once that layer has its scores.
 
 KVzip's and kvpress's own chunk-local scores (cheaper, not this module's definition) are
-``CaptureOptions(reconstruct_scope="chunk")``: :mod:`polykv_learn.reconstruct_chunked`, built on this module's layer.
+``CaptureOptions(reconstruct_scope="chunk")``: :mod:`polykv_learn.reconstruct_chunked`, built on this module's layer
+(which also holds ``reconstruct_layers``, the capture's entry point for either scope).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from polykv_learn import adapter
-from polykv_learn.capture import CaptureOptions, with_reconstruct_attention
+from polykv_learn.capture import CaptureOptions
 
-__all__ = ["REPEAT_PROMPT", "prefill_ids", "reconstruct_layers", "reconstruction_attention", "repeat_prompt_ids"]
+__all__ = ["REPEAT_PROMPT", "check_pass_inputs", "prefill_ids", "reconstruction_attention", "repeat_prompt_ids"]
 
 #: the repeat instruction (KVzip's, ending in a newline as its prompt without a chat template)
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -306,34 +307,3 @@ def prefill_ids(model: PreTrainedModel, batch: int, n: int) -> Tensor:
             "model with input_ids, not inputs_embeds"
         )
     return ids
-
-
-def reconstruct_layers(
-    model: PreTrainedModel, layers: Sequence, ids: Tensor, valid: Tensor, positions: Tensor, options: CaptureOptions
-) -> None:
-    """Run the reconstruction pass over the full prefill cache of ``layers`` (``cache.CompressedLayer``s, nothing
-    evicted yet) and give each layer its attention: added to its statistics, and to the keep orders that waited
-    for it (``finish_pending``). ``options.reconstruct_scope``: ``full`` (this module) or ``chunk``
-    (:mod:`polykv_learn.reconstruct_chunked`)."""
-    kv = [(layer.keys, layer.values) for layer in layers]
-    if options.reconstruct_scope == "chunk":
-        from polykv_learn.reconstruct_chunked import chunk_prompt_ids, chunked_reconstruction_attention
-
-        attn = chunked_reconstruction_attention(
-            model,
-            ids,
-            kv,
-            valid,
-            positions,
-            chunk_prompt_ids(model),
-            options.reconstruct_context_chunk,
-            options.reconstruct_sinks,
-            options.reconstruct_chunk,
-        )
-    else:
-        prompt = repeat_prompt_ids(model, options)
-        attn = reconstruction_attention(model, ids, kv, valid, positions, prompt, options.reconstruct_chunk)
-    for layer, a in zip(layers, attn, strict=True):
-        if layer.stats is not None:
-            layer.stats = with_reconstruct_attention(layer.stats, a)
-        layer.finish_pending(a)

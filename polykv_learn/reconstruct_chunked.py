@@ -43,8 +43,16 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from polykv_learn import adapter
-from polykv_learn.capture import CaptureOptions
-from polykv_learn.reconstruct import _LastLayerDone, _Masks, _RepeatCache, _RepeatLayer, check_pass_inputs
+from polykv_learn import reconstruct as full_scope
+from polykv_learn.capture import CaptureOptions, with_reconstruct_attention
+from polykv_learn.reconstruct import (
+    _LastLayerDone,
+    _Masks,
+    _RepeatCache,
+    _RepeatLayer,
+    check_pass_inputs,
+    repeat_prompt_ids,
+)
 
 __all__ = [
     "FIRST_PROMPT",
@@ -55,6 +63,7 @@ __all__ = [
     "RepeatChunk",
     "chunk_prompt_ids",
     "chunked_reconstruction_attention",
+    "reconstruct_layers",
     "reconstruct_scope_entry",
     "repeat_chunks",
 ]
@@ -322,3 +331,33 @@ def chunked_reconstruction_attention(
     for layer in layers:
         layer.scores.masked_fill_(sink[:, None], 1.0)
     return [layer.scores for layer in layers]
+
+
+def reconstruct_layers(
+    model: PreTrainedModel, layers: Sequence, ids: Tensor, valid: Tensor, positions: Tensor, options: CaptureOptions
+) -> None:
+    """Run the reconstruction pass over the full prefill cache of ``layers`` (``cache.CompressedLayer``s, nothing
+    evicted yet) and give each layer its attention: added to its statistics, and to the keep orders that waited
+    for it (``finish_pending``). ``options.reconstruct_scope``: ``full`` (:mod:`polykv_learn.reconstruct`) or
+    ``chunk`` (this module). It lives here, not in ``reconstruct``, because it dispatches to both."""
+    kv = [(layer.keys, layer.values) for layer in layers]
+    if options.reconstruct_scope == "chunk":
+        attn = chunked_reconstruction_attention(
+            model,
+            ids,
+            kv,
+            valid,
+            positions,
+            chunk_prompt_ids(model),
+            options.reconstruct_context_chunk,
+            options.reconstruct_sinks,
+            options.reconstruct_chunk,
+        )
+    else:
+        prompt = repeat_prompt_ids(model, options)
+        # through the module, so a test that wraps reconstruct.reconstruction_attention sees the call
+        attn = full_scope.reconstruction_attention(model, ids, kv, valid, positions, prompt, options.reconstruct_chunk)
+    for layer, a in zip(layers, attn, strict=True):
+        if layer.stats is not None:
+            layer.stats = with_reconstruct_attention(layer.stats, a)
+        layer.finish_pending(a)
