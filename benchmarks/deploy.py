@@ -6,7 +6,9 @@ tokens, average budgets B in {128, 512}. Methods are a dict ``name -> cache fact
 head-wise budgets over SnapKV scores, arXiv:2407.11550: each layer's ``G * B`` shared among its KV heads from the
 layer's own statistics, ``layerwise.adakv_planner``, so every layer keeps its whole prefill until the last one has
 run) and ``kvzip`` (uniform KVzip plan, arXiv:2505.23416: the prefill is followed by the teacher-forced
-reconstruction pass over the full cache, so every layer keeps its whole prefill until that pass); ``--router DIR``
+reconstruction pass over the full cache, so every layer keeps its whole prefill until that pass; ``kvzip-chunk``: the
+same plan with KVzip's own chunk-local scores, ``CaptureOptions(reconstruct_scope="chunk")``,
+:mod:`polykv_learn.reconstruct_chunked`); ``--router DIR``
 adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals) and
 ``polykv-heads`` (the same plan, each layer then split among its KV heads by AdaKV from its own routed policy's
 scores: ``make_cache(..., head_allocation="adakv")``; like ``adakv``'s, a layer whose heads keep different numbers of
@@ -58,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulator_speed import real_text_ids  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from polykv_learn.cache import cache_bytes, padding_bytes  # noqa: E402
+from polykv_learn.cache import CompressedCache, cache_bytes, padding_bytes  # noqa: E402
+from polykv_learn.capture import CaptureOptions  # noqa: E402
 from polykv_learn.deploy import make_cache  # noqa: E402
 from polykv_learn.layerwise import adakv_planner  # noqa: E402
 from polykv_learn.models import load_model, load_tokenizer  # noqa: E402
@@ -77,6 +80,12 @@ def methods(router: str | None = None) -> dict[str, CacheFactory]:
         "adakv": lambda model, budget: make_cache(model, planner=adakv_planner("snapkv", budget)),
         # KVzip (arXiv:2505.23416): its reconstruction pass runs after the prefill, before any layer evicts
         "kvzip": lambda model, budget: make_cache(model, Plan.uniform("kvzip", budget, model.config.num_hidden_layers)),
+        # the same plan scored by KVzip's / kvpress's own chunk-local definition (reconstruct_scope "chunk")
+        "kvzip-chunk": lambda model, budget: CompressedCache(
+            model,
+            plan=Plan.uniform("kvzip", budget, model.config.num_hidden_layers),
+            capture=CaptureOptions(reconstruct=True, reconstruct_scope="chunk"),
+        ),
     }
     if router is not None:
         table["polykv"] = router_factory(router)
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        "| method | B | prefill+compress s | ratio (<= 1.10; polykv <= 1.25; kvzip <= 2.2) | "
+        "| method | B | prefill+compress s | ratio (<= 1.10; polykv <= 1.25; kvzip(-chunk) <= 2.2) | "
         "decode tok/s | ratio (>= 1.2) | KV MiB | "
         "KV ratio | B/n | KV / (B/n) | padding | peak RSS MiB | ratio (<= 1.05) | peak - baseline MiB | "
         "CPU-time ratios: prefill, decode |"

@@ -56,7 +56,8 @@ from polykv_learn.policies import LayerStats, get_policy
 from polykv_learn.ragged import RaggedKV
 from polykv_learn.ragged import cache_bytes as cache_bytes  # re-exported: the public home of both
 from polykv_learn.ragged import padding_bytes as padding_bytes
-from polykv_learn.reconstruct import prefill_ids, reconstruct_layers
+from polykv_learn.reconstruct import prefill_ids
+from polykv_learn.reconstruct_chunked import reconstruct_layers
 from polykv_learn.rows import plans_per_row, real_keys, real_length, row_stats
 
 #: adaptive mode: batched statistics of every layer -> one Plan for every row, or one Plan per row (a

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from polykv_learn import onednn
 from polykv_learn.policies import LayerStats
+
+#: the allowed ``CaptureOptions.reconstruct_scope`` values (``full``: the exact whole-context pass, the default)
+RECONSTRUCT_SCOPES = ("full", "chunk")
+
+#: the ``capture`` keys of an artifact that carry the reconstruction scope (absent: ``full``)
+SCOPE_KEYS = ("reconstruct_scope", "reconstruct_context_chunk", "reconstruct_sinks")
 
 #: maps position ids (batch, len) to RoPE (cos, sin), each (batch, len, d)
 RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -32,7 +39,13 @@ class CaptureOptions:
         two prefills more.
     reconstruct_chunk: tokens of the reconstruction pass per forward (never its whole ``(p + n)^2`` at once).
     reconstruct_prompt: token ids of the repeat instruction; None: ``reconstruct.REPEAT_PROMPT`` tokenised by the
-        model's tokenizer.
+        model's tokenizer (the ``full`` scope only).
+    reconstruct_scope: ``full`` (the default: every query of the pass attends to the whole context and the whole
+        pass so far, its softmax over all of them) or ``chunk`` (KVzip's and kvpress's own definition,
+        :mod:`polykv_learn.reconstruct_chunked`: the context repeated in chunks, each scored by its own repeat
+        input's softmax restricted to the sinks, the chunk and that input; cheaper).
+    reconstruct_context_chunk: context tokens per chunk of the ``chunk`` scope (kvpress: 2048).
+    reconstruct_sinks: first context keys every chunk's restricted softmax also sees (kvpress ``n_sink``: 4).
     """
 
     window: int = 32
@@ -42,11 +55,20 @@ class CaptureOptions:
     reconstruct: bool = False
     reconstruct_chunk: int = 512
     reconstruct_prompt: tuple[int, ...] | None = None
+    reconstruct_scope: str = "full"
+    reconstruct_context_chunk: int = 2048
+    reconstruct_sinks: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("window", "future", "chunk", "reconstruct_chunk"):
+        for name in ("window", "future", "chunk", "reconstruct_chunk", "reconstruct_context_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptureOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if self.reconstruct_sinks < 0:
+            raise ValueError(f"CaptureOptions.reconstruct_sinks must be >= 0, got {self.reconstruct_sinks}")
+        if self.reconstruct_scope not in RECONSTRUCT_SCOPES:
+            allowed = ", ".join(repr(s) for s in RECONSTRUCT_SCOPES)
+            scope = self.reconstruct_scope
+            raise ValueError(f"CaptureOptions.reconstruct_scope must be one of {allowed}, got {scope!r}")
         prompt = self.reconstruct_prompt
         if prompt is not None:
             if isinstance(prompt, str | bytes) or not all(
@@ -58,6 +80,25 @@ class CaptureOptions:
             if not prompt:
                 raise ValueError("CaptureOptions.reconstruct_prompt is empty: give at least one token id, or None")
             object.__setattr__(self, "reconstruct_prompt", tuple(prompt))
+            if self.reconstruct_scope != "full":
+                raise ValueError(
+                    "CaptureOptions.reconstruct_prompt is for reconstruct_scope 'full' only (the 'chunk' scope builds "
+                    "kvpress's repeat prompts with the model's tokenizer)"
+                )
+
+
+def scope_fields(options: CaptureOptions) -> dict[str, Any]:
+    """The reconstruction scope as an artifact's ``capture`` keys: none for ``full`` (so every artifact made before
+    the option reads the same), else ``reconstruct_scope``, ``reconstruct_context_chunk``, ``reconstruct_sinks``."""
+    if options.reconstruct_scope == "full":
+        return {}
+    return {name: getattr(options, name) for name in SCOPE_KEYS}
+
+
+def scope_options(capture: dict[str, Any]) -> dict[str, Any]:
+    """:class:`CaptureOptions` keyword arguments from an artifact's ``capture`` object (absent keys: the defaults,
+    scope ``full``)."""
+    return {name: capture[name] for name in SCOPE_KEYS if name in capture}
 
 
 def _masked_softmax(scores: Tensor, visible: Tensor) -> Tensor:

@@ -26,6 +26,10 @@ softmax since exp is monotone; no ``c x (n + t)`` probabilities are materialised
 whose tests compare in float64) takes the explicit path: probabilities per KV group in float32 (float64 for a
 float64 model), eager-style, which is also the fused path's test reference (``fused=False``). The last layer's
 output is read by nothing, so each forward of the pass stops once that layer has its scores.
+
+KVzip's and kvpress's own chunk-local scores (cheaper, not this module's definition) are
+``CaptureOptions(reconstruct_scope="chunk")``: :mod:`polykv_learn.reconstruct_chunked`, built on this module's layer
+(which also holds ``reconstruct_layers``, the capture's entry point for either scope).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from polykv_learn import adapter
-from polykv_learn.capture import CaptureOptions, with_reconstruct_attention
+from polykv_learn.capture import CaptureOptions
 
-__all__ = ["REPEAT_PROMPT", "prefill_ids", "reconstruct_layers", "reconstruction_attention", "repeat_prompt_ids"]
+__all__ = ["REPEAT_PROMPT", "check_pass_inputs", "prefill_ids", "reconstruction_attention", "repeat_prompt_ids"]
 
 #: the repeat instruction (KVzip's, ending in a newline as its prompt without a chat template)
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -123,7 +127,8 @@ class _RepeatLayer(DynamicLayer):
         q = call.query  # (b, H, c, d) post-RoPE queries of this chunk of the pass
         masks = self._masks(q.shape[2], call.sliding_window)
         if self.fused and q.dtype == torch.float32:
-            out = self._attend_fused(call, masks)
+            out, lse_ctx, lse_rep = self._fused_output(call, masks)
+            self._fused_scores(call, masks, lse_ctx, lse_rep)
         else:
             out = self._attend_explicit(call, masks)
         if self.last:  # nothing reads the last layer's output (only its scores): stop this chunk's forward here
@@ -149,8 +154,9 @@ class _RepeatLayer(DynamicLayer):
         rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
         return _Masks(ctx_bias[:, None], rep_bias[:, None], ctx_seen.any(-1), seen.any(-1), window is not None)
 
-    def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks) -> Tensor:
-        """Explicit probabilities per KV group (float32, float64 for a float64 model): the reference."""
+    def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks, score: bool = True) -> Tensor:
+        """Explicit probabilities per KV group (float32, float64 for a float64 model): the reference. ``score``:
+        also take this pass's scores from them (False: the output alone)."""
         q = call.query  # (b, H, c, d)
         b, h, c, d = q.shape
         g, n = self.context_keys.shape[1], self.context_keys.shape[2]
@@ -168,22 +174,22 @@ class _RepeatLayer(DynamicLayer):
                 probs.nan_to_num_(nan=0.0)
             del s_ctx, s_rep
             p_ctx = probs[..., :n]  # (b, H/G, c, n)
-            seen_max = (p_ctx * q_real[:, None, :, None]).amax(dim=(1, 2))  # (b, n)
-            torch.maximum(self.scores[:, j], seen_max, out=self.scores[:, j])
+            if score:
+                seen_max = (p_ctx * q_real[:, None, :, None]).amax(dim=(1, 2))  # (b, n)
+                torch.maximum(self.scores[:, j], seen_max, out=self.scores[:, j])
             vc = self.context_values[:, j, None].to(dtype)  # (b, 1, n, d)
             vr = call.value[:, j, None].to(dtype)  # (b, 1, t, d)
             o = p_ctx @ vc + probs[..., n:] @ vr  # (b, H/G, c, d)
             out[:, :, j * r : (j + 1) * r] = o.transpose(1, 2).to(q.dtype)
         return out  # (b, c, H, d)
 
-    def _attend_fused(self, call: adapter.AttentionCall, masks: _Masks) -> Tensor:
-        """A float32 model: the output from PyTorch's fused CPU flash kernel, once over the context keys and once
-        over the pass's own, merged by their log-sum-exps ``lse``; then per KV group one product ``s = q Kc^T``
-        gives the scores exactly as ``max_q softmax = exp(max_q (s * scaling + bias - lse))`` (exp is monotone), no
-        probabilities over ``n + t`` keys materialised."""
+    def _fused_output(self, call: adapter.AttentionCall, masks: _Masks) -> tuple[Tensor, Tensor, Tensor]:
+        """A float32 model: the output ``(b, c, H, d)`` from PyTorch's fused CPU flash kernel, once over the context
+        keys and once over the pass's own, merged by their log-sum-exps, which it also returns: ``lse_ctx``,
+        ``lse_rep`` ``(b, H, c)``, -inf for a query that sees no key of that part."""
         q = call.query  # (b, H, c, d)
         b, h, c, d = q.shape
-        g, t = self.context_keys.shape[1], self.length
+        g = self.context_keys.shape[1]
         r = h // g
 
         def expand(x: Tensor) -> Tensor:  # (b, G, k, d) -> (b, H, k, d), a view: query head i reads KV head i // r
@@ -210,6 +216,15 @@ class _RepeatLayer(DynamicLayer):
         w_ctx = (lse_ctx - lse).exp_().nan_to_num_(nan=0.0)  # a query that sees nothing at all: -inf - -inf
         w_rep = (lse_rep - lse).exp_().nan_to_num_(nan=0.0)
         out = o_ctx.mul_(w_ctx[..., None]).add_(o_rep.mul_(w_rep[..., None]))  # (b, H, c, d)
+        return out.transpose(1, 2), lse_ctx, lse_rep
+
+    def _fused_scores(self, call: adapter.AttentionCall, masks: _Masks, lse_ctx: Tensor, lse_rep: Tensor) -> None:
+        """Per KV group one product ``s = q Kc^T`` gives the scores exactly as ``max_q softmax = exp(max_q
+        (s * scaling + bias - lse))`` (exp is monotone), no probabilities over ``n + t`` keys materialised."""
+        q = call.query  # (b, H, c, d)
+        c, g, t = q.shape[2], self.context_keys.shape[1], self.length
+        r = q.shape[1] // g
+        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
         # padding queries count in no maximum: +inf makes all of their scores exp(-inf) = 0
         lse = lse.masked_fill_(~self.repeat_valid[:, None, t - c : t], float("inf"))
         for j in range(g):
@@ -220,12 +235,24 @@ class _RepeatLayer(DynamicLayer):
             else:  # the bias is one per key: it commutes with the maximum
                 best = s.amax(dim=(1, 2)).add_(masks.ctx_bias[:, 0, 0])  # (b, n)
             torch.maximum(self.scores[:, j], best.exp_(), out=self.scores[:, j])
-        return out.transpose(1, 2)  # (b, c, H, d)
 
 
 class _RepeatCache(Cache):
     def __init__(self, layers: Sequence[_RepeatLayer]):
         super().__init__(layers=list(layers))
+
+
+def check_pass_inputs(
+    model: PreTrainedModel, context_ids: Tensor, kv: Sequence[tuple[Tensor, Tensor]], valid: Tensor, positions: Tensor
+) -> tuple[int, int]:
+    """``(b, n)`` of the prefill, or a one-line ValueError if its ids, mask, positions and K/V do not fit."""
+    b, n = context_ids.shape
+    if valid.shape != (b, n) or positions.shape != (b, n) or len(kv) != model.config.num_hidden_layers:
+        raise ValueError(
+            f"reconstruction_attention: context_ids {tuple(context_ids.shape)}, valid {tuple(valid.shape)}, "
+            f"positions {tuple(positions.shape)} and {len(kv)} layers of K/V do not fit the model"
+        )
+    return b, n
 
 
 @torch.no_grad()
@@ -248,12 +275,7 @@ def reconstruction_attention(
     (b, n): the prefill's position ids (the last one is each row's last real position); prompt_ids: the repeat
     instruction; chunk: tokens of the pass per forward; fused: False computes every layer's probabilities
     explicitly (the reference; a model that is not float32 always does)."""
-    b, n = context_ids.shape
-    if valid.shape != (b, n) or positions.shape != (b, n) or len(kv) != model.config.num_hidden_layers:
-        raise ValueError(
-            f"reconstruction_attention: context_ids {tuple(context_ids.shape)}, valid {tuple(valid.shape)}, "
-            f"positions {tuple(positions.shape)} and {len(kv)} layers of K/V do not fit the model"
-        )
+    b, n = check_pass_inputs(model, context_ids, kv, valid, positions)
     if not prompt_ids:
         raise ValueError("the repeat prompt is empty: give at least one token id")
     device = context_ids.device
@@ -285,24 +307,3 @@ def prefill_ids(model: PreTrainedModel, batch: int, n: int) -> Tensor:
             "model with input_ids, not inputs_embeds"
         )
     return ids
-
-
-def reconstruct_layers(
-    model: PreTrainedModel, layers: Sequence, ids: Tensor, valid: Tensor, positions: Tensor, options: CaptureOptions
-) -> None:
-    """Run the reconstruction pass over the full prefill cache of ``layers`` (``cache.CompressedLayer``s, nothing
-    evicted yet) and give each layer its attention: added to its statistics, and to the keep orders that waited
-    for it (``finish_pending``)."""
-    attn = reconstruction_attention(
-        model,
-        ids,
-        [(layer.keys, layer.values) for layer in layers],
-        valid,
-        positions,
-        repeat_prompt_ids(model, options),
-        options.reconstruct_chunk,
-    )
-    for layer, a in zip(layers, attn, strict=True):
-        if layer.stats is not None:
-            layer.stats = with_reconstruct_attention(layer.stats, a)
-        layer.finish_pending(a)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polykv_learn import atomic
+from polykv_learn.capture import RECONSTRUCT_SCOPES
 from polykv_learn.features import feature_names as expected_feature_names
 from polykv_learn.head_features import HEAD_FEATURE_NAMES
 from polykv_learn.kvzip_global import ALLOCATION_PRIORS
@@ -249,6 +250,7 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
     capture = _object(config, "capture", "capture")
     for key in ("window", "future", "chunk"):
         _int(capture, key, f"capture.{key}", 1)
+    _validate_scope(capture)
     budgets = config.get("budgets", _MISSING)
     ok = isinstance(budgets, list) and budgets and all(_is_int(b) and b >= 1 for b in budgets)
     ok = ok and all(a < b for a, b in zip(budgets, budgets[1:], strict=False))
@@ -267,6 +269,17 @@ def _validate(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> No
     _check_tensor(tensors, "calibration_features", (len(budgets), dims["num_layers"], num_features))
     if kind == "gbdt":
         _check_gbdt(_object(router, "gbdt", "router.gbdt"), tensors, policies, num_features)
+
+
+def _validate_scope(capture: dict[str, Any]) -> None:
+    """The optional reconstruction-scope keys of ``capture`` (absent: ``full``, every artifact made before them)."""
+    scope = capture.get("reconstruct_scope", "full")
+    allowed = " or ".join(repr(s) for s in RECONSTRUCT_SCOPES)
+    _expect(scope in RECONSTRUCT_SCOPES, "capture.reconstruct_scope", f"absent, {allowed}", scope)
+    if "reconstruct_context_chunk" in capture:
+        _int(capture, "reconstruct_context_chunk", "capture.reconstruct_context_chunk", 1)
+    if "reconstruct_sinks" in capture:
+        _int(capture, "reconstruct_sinks", "capture.reconstruct_sinks", 0)
 
 
 def _validate_heads(config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:

@@ -49,7 +49,7 @@ from transformers import PreTrainedModel
 from polykv_learn import adapter, headwise
 from polykv_learn.budgets import rescale_budgets
 from polykv_learn.cache import CompressedCache, row_stats
-from polykv_learn.capture import CaptureOptions
+from polykv_learn.capture import CaptureOptions, scope_options
 from polykv_learn.deploy import learned_heads
 from polykv_learn.deploy.artifact import FORMAT, read_artifact, validate_config, write_artifact
 from polykv_learn.deploy.inputs import check_inputs, one_sequence
@@ -95,6 +95,7 @@ class PolyKV:
             chunk=cap["chunk"],
             accumulate=any(p.needs_accumulated_attn for p in used),
             reconstruct=any(p.needs_reconstruct_attn for p in used) or self.allocation_prior is not None,
+            **scope_options(cap),  # absent (every artifact made before the option): scope "full"
         )
         self.planner = LearnedPlanner.from_state(config, tensors)  # the same planner validation used in fit
         #: the head allocation the router was fitted for (``none``, ``learned``: it has a head allocator, ``adakv``)

@@ -70,6 +70,34 @@ def _samples(args: EvaluateOptions) -> list[dict]:
     return selected
 
 
+def eval_capture(artifacts: Sequence, methods: Sequence, kvzip_scope: str | None = None):
+    """The one ``CaptureOptions`` of an evaluation: the artifacts' window/future/chunk (they must agree), H2O's
+    accumulation and KVzip's reconstruction pass when a method or artifact needs them; the pass's scope is
+    ``kvzip_scope`` (``--kvzip_scope``) if given, else the artifact's (``full`` without one)."""
+    from polykv_learn.capture import CaptureOptions
+    from polykv_learn.eval.methods import KVZIP_POLICY
+    from polykv_learn.policies import get_policy
+
+    if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
+        raise ValueError("--router and --gbdt-router were trained with different capture options; evaluate them apart")
+    base = artifacts[0].capture if artifacts else CaptureOptions()
+    if kvzip_scope is None and len({a.capture.reconstruct_scope for a in artifacts}) > 1:
+        raise ValueError("--router and --gbdt-router score KVzip with different scopes; give --kvzip_scope")
+    used = [get_policy(p) for a in artifacts for p in a.policies]
+    used += [get_policy(m.name) for m in methods if m.kind == "single"]
+    used += [get_policy(KVZIP_POLICY) for m in methods if m.name == "kvzip-global"]
+    oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
+    needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
+    needs_zip = oracle or any(p.needs_reconstruct_attn for p in used) or any(a.capture.reconstruct for a in artifacts)
+    scope: dict = {}
+    if kvzip_scope == "chunk" or (kvzip_scope is None and base.reconstruct_scope == "chunk"):
+        scope = {"reconstruct_scope": "chunk"}
+        if base.reconstruct_scope == "chunk":  # the artifact's chunk size and sinks
+            scope["reconstruct_context_chunk"] = base.reconstruct_context_chunk
+            scope["reconstruct_sinks"] = base.reconstruct_sinks
+    return CaptureOptions(base.window, base.future, needs_h2o, base.chunk, reconstruct=needs_zip, **scope)
+
+
 def evaluate_main(argv: Sequence[str]) -> dict:
     """Entry point of ``polykv-learn evaluate``; returns the results dict (also written to ``--out``).
 
@@ -97,13 +125,11 @@ def evaluate_main(argv: Sequence[str]) -> dict:
         torch.set_num_threads(args.threads)
 
     from polykv_learn import onednn
-    from polykv_learn.capture import CaptureOptions
     from polykv_learn.eval.evaluator import EvalSettings, Evaluator
-    from polykv_learn.eval.methods import KVZIP_POLICY, available_methods, resolve_methods
+    from polykv_learn.eval.methods import available_methods, resolve_methods
     from polykv_learn.eval.runner import run_config, run_evaluation, run_header
     from polykv_learn.eval.samples_log import SamplesLog
     from polykv_learn.models import SMOLLM2, load_model, load_tokenizer
-    from polykv_learn.policies import get_policy
 
     router_dir = args.router_dir()
     router = _artifact("--router", router_dir)
@@ -115,16 +141,7 @@ def evaluate_main(argv: Sequence[str]) -> dict:
     samples = _samples(args)
 
     artifacts = [a for a in (router, gbdt) if a is not None]
-    if len({(a.capture.window, a.capture.future, a.capture.chunk) for a in artifacts}) > 1:
-        raise ValueError("--router and --gbdt-router were trained with different capture options; evaluate them apart")
-    base = artifacts[0].capture if artifacts else CaptureOptions()
-    used = [get_policy(p) for a in artifacts for p in a.policies]
-    used += [get_policy(m.name) for m in methods if m.kind == "single"]
-    used += [get_policy(KVZIP_POLICY) for m in methods if m.name == "kvzip-global"]
-    oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
-    needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
-    needs_zip = oracle or any(p.needs_reconstruct_attn for p in used) or any(a.capture.reconstruct for a in artifacts)
-    capture = CaptureOptions(base.window, base.future, needs_h2o, base.chunk, reconstruct=needs_zip)
+    capture = eval_capture(artifacts, methods, args.kvzip_scope)
 
     model_name = args.model or (artifacts[0].model_fingerprint["name"] if artifacts else SMOLLM2)
     model_cfg = model_config(model_name)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from polykv_learn.capture import CaptureOptions
+from polykv_learn.capture import CaptureOptions, scope_fields
 from polykv_learn.eval.evaluator import EvalSettings, Evaluator, SampleResult
 from polykv_learn.eval.memory import release_free_memory
 from polykv_learn.eval.methods import Method
@@ -42,7 +42,8 @@ def run_config(
         "methods": [m.name for m in methods],
         "chat": settings.chat,
         "max_context": settings.max_context,
-        "capture": {"window": capture.window, "future": capture.future},
+        # the chunk scope's keys only (runs made before it, all "full", keep their config: resumable, mergeable)
+        "capture": {"window": capture.window, "future": capture.future, **scope_fields(capture)},
     }
 
 

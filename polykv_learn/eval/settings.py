@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
+from polykv_learn.capture import RECONSTRUCT_SCOPES
 from polykv_learn.eval.evaluator import EvalSettings
 from polykv_learn.eval.methods import ORACLE_ROUNDS
 
@@ -96,6 +97,12 @@ class EvaluateOptions:
         ORACLE_ROUNDS,
         "most improvement rounds of the `oracle` plan search per sample and budget (each round scores about "
         "L * (3 + policies) plans through the simulator); 0: the best single policy",
+    )
+    kvzip_scope: str | None = _opt(
+        None,
+        "the scores of KVzip's reconstruction pass (kvzip, kvzip-global, oracle, routers that use KVzip): `full` "
+        "(exact: every query attends to the whole context and pass) or `chunk` (KVzip's / kvpress's chunk-local "
+        "definition, 2048-token chunks, 4 sinks; cheaper); null: the router's (`full` without one)",
     )
     batch_size: int = _opt(
         _EVAL.batch_size,
@@ -169,6 +176,9 @@ class EvaluateOptions:
                 raise ValueError(f"{option} must be >= {minimum}, got {value}")
         if not self.budgets:
             raise ValueError("--budgets needs at least one budget")
+        if self.kvzip_scope is not None and self.kvzip_scope not in RECONSTRUCT_SCOPES:
+            allowed = ", ".join(repr(s) for s in RECONSTRUCT_SCOPES)
+            raise ValueError(f"--kvzip_scope must be null or one of {allowed}, got {self.kvzip_scope!r}")
         self.shard_pair()
 
 

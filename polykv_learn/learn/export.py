@@ -36,6 +36,7 @@ import lightning as L
 import torch
 
 from polykv_learn.atomic import atomic_write_text
+from polykv_learn.capture import scope_fields
 from polykv_learn.deploy.artifact import CONFIG_FILE, write_artifact
 from polykv_learn.tables import describe_table
 
@@ -78,7 +79,7 @@ def artifact_parts(
         "feature_names": list(learner.feature_names),
         **({"allocation_prior": learner.hparams.allocation_prior} if learner.hparams.allocation_prior else {}),
         **({"head_allocation": "adakv"} if learner.hparams.head_allocation == "adakv" else {}),  # learned: planner's
-        "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk},
+        "capture": {"window": opts.window, "future": opts.future, "chunk": opts.chunk, **scope_fields(opts)},
         "budgets": list(datamodule.budgets),
         "validation": {str(b): row for b, row in sorted(learner.validation_table.items())},
         "training": {

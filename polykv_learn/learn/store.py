@@ -53,6 +53,7 @@ from polykv_learn.head_features import HEAD_FEATURE_NAMES, head_features
 from polykv_learn.kvzip_global import check_allocation_prior, normalised_scores, prior_column
 from polykv_learn.policies import get_policy
 from polykv_learn.reconstruct import repeat_prompt_ids
+from polykv_learn.reconstruct_chunked import reconstruct_scope_entry
 from polykv_learn.simulator import ContextCapture, Simulator
 
 FORMAT_VERSION = 2  # files hold each layer's window
@@ -165,7 +166,10 @@ class PrefillStore:
             made_by["head_features"] = list(HEAD_FEATURE_NAMES)
         if sliding:  # what a stored sliding layer keeps depends on its window
             made_by["windows"] = self.windows
-        if self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
+        if self.reconstruct and opts.reconstruct_scope != "full":  # the chunk-local scores (the full scope's
+            # stores, all made before the option, keep their fingerprint: no key for them)
+            made_by["reconstruct_scope"] = reconstruct_scope_entry(simulator.model, opts)
+        elif self.reconstruct:  # KVzip's ranks depend on the repeat prompt (only then: other stores keep their files)
             made_by["reconstruct_prompt"] = list(repeat_prompt_ids(simulator.model, opts))
         self.fingerprint = json.dumps(made_by, sort_keys=True)
 

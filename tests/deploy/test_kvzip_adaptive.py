@@ -116,3 +116,32 @@ def test_the_bundled_router_loads_and_plans_as_before():
     plans = [(b, plan.policies, plan.budgets) for b, plan in routed.items()]
     digest = hashlib.sha256(repr(plans).encode()).hexdigest()
     assert digest == "7d09913ef0058ff4a034b768bf3fc31096b1f07fb53665808517dc62a9f72db6", plans
+
+
+def test_an_artifacts_reconstruction_scope_is_read_from_its_capture(tiny_models, tmp_path):
+    """No scope key (every artifact made before the option): scope "full"; a chunk-scope artifact's cache scores
+    with the chunk scope (the adaptive cache's plans equal those from every layer's chunk-scope statistics); a bad
+    scope is refused in one line."""
+    model = tiny_models["tiny-llama"]
+    old = depth_router(tmp_path / "old", model, ("streaming", "kvzip", "tova", "keydiff"), scale=3.0)
+    assert old.capture.reconstruct_scope == "full" and "reconstruct_scope" not in old.config["capture"]
+    config, tensors = read_artifact(tmp_path / "old")
+    config = {k: v for k, v in config.items() if k != "format"}
+    scope = {"reconstruct_scope": "chunk", "reconstruct_context_chunk": 16, "reconstruct_sinks": 2}
+    config["capture"] = {**config["capture"], **scope}
+    chunk = PolyKV.from_pretrained(write_artifact(tmp_path / "chunk", config, tensors))
+    opts = chunk.capture
+    assert (opts.reconstruct_scope, opts.reconstruct_context_chunk, opts.reconstruct_sinks) == ("chunk", 16, 2)
+    assert opts.reconstruct and (opts.window, opts.future, opts.chunk) == (old.capture.window, 16, 64)
+    ids, mask = left_padded()
+    cache = chunk.make_cache(model, budget=32)
+    prefill(model, cache, ids, mask)
+    capture = CompressedCache(model, capture=opts)
+    prefill(model, capture, ids, mask)
+    full = CompressedCache(model, capture=old.capture)
+    prefill(model, full, ids, mask)
+    assert cache.applied_plans == chunk.plans_for_stats(capture.layer_stats, 32)
+    assert not torch.equal(capture.layer_stats[1].reconstruct_attn, full.layer_stats[1].reconstruct_attn)
+    config["capture"]["reconstruct_scope"] = "local"
+    with pytest.raises(ValueError, match=r"capture.reconstruct_scope must be absent, 'full' or 'chunk', got a str"):
+        write_artifact(tmp_path / "bad", config, tensors)

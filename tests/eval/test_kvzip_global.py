@@ -58,3 +58,41 @@ def test_kvzip_global_is_a_default_allocation_method():
     available = available_methods()
     assert available["kvzip-global"].kind == "allocation"
     assert "kvzip-global" in default_method_names(available)
+
+
+def test_kvzip_scope_switch_sets_the_evaluations_reconstruction_scope():
+    """--kvzip_scope: kvzip / kvzip-global score with the chunk scope when asked, an artifact's own scope is kept
+    when not, and the results' config names the scope only when it is not "full" (earlier runs stay mergeable)."""
+    from types import SimpleNamespace
+
+    from polykv_learn.capture import CaptureOptions
+    from polykv_learn.eval.cli import eval_capture
+    from polykv_learn.eval.evaluator import EvalSettings
+    from polykv_learn.eval.runner import run_config
+    from polykv_learn.eval.settings import EvaluateOptions
+
+    table = available_methods()
+    zip_methods = [table["kvzip"], table["kvzip-global"]]
+    default = eval_capture([], zip_methods)
+    assert default.reconstruct and default.reconstruct_scope == "full"
+    chunk = eval_capture([], zip_methods, "chunk")
+    assert chunk.reconstruct and chunk == CaptureOptions(reconstruct=True, reconstruct_scope="chunk")
+    assert not eval_capture([], [table["snapkv"]], "chunk").reconstruct  # no pass: the scope does nothing
+    art = SimpleNamespace(
+        policies=["snapkv", "kvzip"],
+        capture=CaptureOptions(16, 16, chunk=64, reconstruct_scope="chunk", reconstruct_context_chunk=32),
+    )
+    own = eval_capture([art], [table["kvzip"]])
+    assert (own.window, own.reconstruct_scope, own.reconstruct_context_chunk) == (16, "chunk", 32) and own.reconstruct
+    assert eval_capture([art], [table["kvzip"]], "full").reconstruct_scope == "full"
+    settings = EvalSettings()
+    assert run_config(None, settings, zip_methods, default)["capture"] == {"window": 32, "future": 32}
+    assert run_config(None, settings, zip_methods, chunk)["capture"] == {
+        "window": 32,
+        "future": 32,
+        "reconstruct_scope": "chunk",
+        "reconstruct_context_chunk": 2048,
+        "reconstruct_sinks": 4,
+    }
+    with pytest.raises(ValueError, match=r"^--kvzip_scope must be null or one of 'full', 'chunk', got 'local'$"):
+        EvaluateOptions(out="o", kvzip_scope="local").check()

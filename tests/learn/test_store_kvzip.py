@@ -69,3 +69,34 @@ def test_a_store_with_the_kvzip_global_prior_appends_its_column(tmp_path):
         torch.testing.assert_close(with_prior[k, :, -1], prior_column(scores, budget))
     with pytest.raises(ValueError, match="allocation_prior must be null or one of kvzip_global, got 'cake'"):
         PrefillStore(tmp_path, sim, ["snapkv"], OVERLAP, [16], allocation_prior="cake")
+
+
+def test_a_chunk_scope_store_names_its_scores_definition_and_caches_its_ranks(tmp_path):
+    """reconstruct_scope "chunk": the fingerprint names the scope, chunk size, sinks and prompt pieces (so its
+    files are never mistaken for the full scope's, whose fingerprint is unchanged) and its kvzip ranks are the
+    chunk-scope capture's."""
+    from polykv_learn.reconstruct_chunked import chunk_prompt_ids
+
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    full = PrefillStore(tmp_path, Simulator(model, CaptureOptions(window=16)), ["kvzip"], OVERLAP, [16])
+    opts = CaptureOptions(window=16, reconstruct_scope="chunk", reconstruct_context_chunk=32, reconstruct_sinks=4)
+    sim = Simulator(model, opts)
+    store = PrefillStore(tmp_path, sim, ["kvzip", "snapkv"], OVERLAP, [16])
+    made_by, made_full = json.loads(store.fingerprint), json.loads(full.fingerprint)
+    assert "reconstruct_scope" not in made_full and "reconstruct_prompt" in made_full
+    prompts = chunk_prompt_ids(model)
+    assert made_by["reconstruct_scope"] == {
+        "scope": "chunk",
+        "context_chunk": 32,
+        "sinks": 4,
+        "prev_tokens": 8,
+        "prompts": [list(prompts.first), list(prompts.later), list(prompts.suffix)],
+    }
+    assert "reconstruct_prompt" not in made_by
+    plain = PrefillStore(tmp_path, Simulator(model, opts), ["snapkv"], OVERLAP, [16])  # no pass: no scope key
+    assert "reconstruct_scope" not in json.loads(plain.fingerprint)
+    context, probe = random_ids(80, seed=1)[0], random_ids(6, seed=2)[0]
+    store.build("s", context, probe)
+    capture = sim.capture(context, reconstruct=True)
+    for layer in range(4):
+        assert torch.equal(store.load("s").ranks[(layer, "kvzip")], capture.ranks(layer, "kvzip"))
