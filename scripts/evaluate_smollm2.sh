@@ -8,9 +8,9 @@
 #   LIMIT=8 JOBS=2 bash scripts/evaluate_smollm2.sh       # at most 8 samples per task type
 # Env: CONFIG (default configs/eval-smollm2.yaml), OUT (per-shard runs, default out/eval), RESULTS (merged report,
 # default results/smollm2), SHARDS (default 2); QUERY_AWARE (true/false) and CHAT (true/false) override the config's
-# protocol and prompt; ROUTER, DATA, METHODS override the config's router, data and
-# methods (e.g. METHODS="polykv polykv-static" to re-evaluate a retrained router, then combine with an earlier run:
-# polykv-learn evaluate --merge EARLIER NEW --replace --out DIR).
+# protocol and prompt; KVZIP_SCOPE (full/chunk) how KVzip's pass scores (--kvzip_scope); ROUTER, DATA, METHODS
+# override the config's router, data and methods (e.g. METHODS="polykv polykv-static" to re-evaluate a retrained
+# router, then combine with an earlier run: polykv-learn evaluate --merge EARLIER NEW --replace --out DIR).
 set -euo pipefail
 trap 'trap - TERM; kill 0' INT TERM  # stopping the script stops every task process (xargs would start the next)
 OUT=${OUT:-out/eval}
@@ -23,7 +23,7 @@ TASKS=$(polykv-learn evaluate --config "$CONFIG" --print_config \
   | python -c 'import sys, yaml; print(" ".join(yaml.safe_load(sys.stdin)["tasks"] or []))')
 [ -n "$TASKS" ] || { echo "$CONFIG names no tasks (tasks: [...])"; exit 2; }
 mkdir -p "$OUT"
-export CONFIG OUT ROUTER DATA LIMIT SHARDS METHODS QUERY_AWARE CHAT
+export CONFIG OUT ROUTER DATA LIMIT SHARDS METHODS QUERY_AWARE CHAT KVZIP_SCOPE
 run_unit() {  # one shard of one task: "task shard"
   local task=$1 shard=$2 extra=() methods=() dir="$OUT/$1.$2-of-$SHARDS"
   [ -n "${DATA:-}" ] && extra+=(--data "$DATA")
@@ -31,6 +31,7 @@ run_unit() {  # one shard of one task: "task shard"
   [ -n "${LIMIT:-}" ] && extra+=(--limit "$LIMIT")
   [ -n "${QUERY_AWARE:-}" ] && extra+=(--query_aware "$QUERY_AWARE")
   [ -n "${CHAT:-}" ] && extra+=(--chat "$CHAT")
+  [ -n "${KVZIP_SCOPE:-}" ] && extra+=(--kvzip_scope "$KVZIP_SCOPE")
   [ -n "${METHODS:-}" ] && { read -r -a methods <<< "$METHODS"; extra+=(--methods "${methods[@]}"); }
   if [ -f "$dir/results.json" ]; then echo "$task $shard/$SHARDS: done before, skipped"; return 0; fi
   local start=$SECONDS
