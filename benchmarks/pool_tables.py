@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polykv_learn.eval.results import gap_recovery_table  # noqa: E402
 
-METHODS = ("kvzip", "kvzip-global", "keydiff", "adakv", "adakv-global", "polykv")
+METHODS = ("kvzip", "kvzip-global", "keydiff", "adakv", "adakv-global", "polykv", "polykv-heads")
 
 
 def _fmt(value: float | None) -> str:
@@ -38,6 +38,11 @@ def score_table(results: dict, tasks: list[str] | None, methods: tuple[str, ...]
     summary = dict(results["summary"])
     singles = [s for s in results["single_policies"] if s not in methods]  # a method listed is not its own baseline
     table = gap_recovery_table(summary, singles, [int(b) for b in budgets], tasks)
+    if not table:
+        raise SystemExit(
+            "these results hold no full cache or no single policy outside the listed methods to compare with; "
+            "merge them into a pool run first (polykv-learn evaluate --merge BASE NEW --replace --out DIR)"
+        )
     lines = ["| method | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     first = next(iter(table.values()))
     lines.append(
