@@ -10,8 +10,9 @@ reconstruction pass over the full cache, so every layer keeps its whole prefill 
 same plan with KVzip's own chunk-local scores, ``CaptureOptions(reconstruct_scope="chunk")``,
 :mod:`polykv_learn.reconstruct_chunked`); ``--router DIR``
 adds the learned router (``polykv``, adaptive mode, so its prefill time includes capturing the router's signals) and
-``polykv-heads`` (the same plan, each layer then split among its KV heads by AdaKV from its own routed policy's
-scores: ``make_cache(..., head_allocation="adakv")``; like ``adakv``'s, a layer whose heads keep different numbers of
+``polykv-heads`` (the same plan, each layer then split among its KV heads: by the router's learned head allocator
+when it has one, ``make_cache(..., head_allocation="learned")``, else by AdaKV from its own routed policy's scores,
+``head_allocation="adakv"``; like ``adakv``'s, a layer whose heads keep different numbers of
 positions holds one tensor per KV head, :mod:`polykv_learn.ragged`).
 
 Every (method, budget, repeat) runs in a fresh subprocess (repeats interleaved, method order rotated), which
@@ -89,16 +90,19 @@ def methods(router: str | None = None) -> dict[str, CacheFactory]:
     }
     if router is not None:
         table["polykv"] = router_factory(router)
-        table["polykv-heads"] = router_factory(router, head_allocation="adakv")
+        table["polykv-heads"] = router_factory(router, head_allocation="heads")
     return table
 
 
 def router_factory(directory: str, head_allocation: str = "none") -> CacheFactory:
     """The learned router's cache (adaptive mode: the plan is decided on each input at the end of the prefill);
-    ``head_allocation="adakv"``: each layer's budget then split among its KV heads (AdaKV)."""
+    ``head_allocation="heads"``: each layer's budget then split among its KV heads, by the router's head allocator
+    (``learned``) when it has one, else by AdaKV (``adakv``)."""
     from polykv_learn.deploy.polykv import PolyKV
 
     polykv = PolyKV.from_pretrained(directory)
+    if head_allocation == "heads":
+        head_allocation = "learned" if polykv.head_allocation == "learned" else "adakv"
     return lambda model, budget: polykv.make_cache(model, budget=budget, head_allocation=head_allocation)
 
 
