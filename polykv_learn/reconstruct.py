@@ -74,6 +74,13 @@ def repeat_prompt_ids(model: PreTrainedModel, options: CaptureOptions) -> tuple[
         ) from None
 
 
+def expand_groups(x: Tensor, r: int) -> Tensor:
+    """``(b, G, k, d) -> (b, G * r, k, d)``, a view: query head ``i`` reads KV head ``i // r`` (GQA, for the fused
+    kernel, which takes one key per query head)."""
+    b, g, k, d = x.shape
+    return x[:, :, None].expand(b, g, r, k, d).flatten(1, 2)
+
+
 class _LastLayerDone(Exception):
     """Raised by the last layer once it has its scores: the rest of that forward (its output projection, MLP and
     final norm) is read by nothing."""
@@ -192,22 +199,25 @@ class _RepeatLayer(DynamicLayer):
         g = self.context_keys.shape[1]
         r = h // g
 
-        def expand(x: Tensor) -> Tensor:  # (b, G, k, d) -> (b, H, k, d), a view: query head i reads KV head i // r
-            return x[:, :, None].expand(b, g, r, x.shape[2], d).flatten(1, 2)
-
         no_ctx_mask = not masks.sliding and bool(self.context_valid.all())
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         o_ctx, lse_ctx = flash(  # (b, H, c, d), (b, H, c)
             q,
-            expand(self.context_keys),
-            expand(self.context_values),
+            expand_groups(self.context_keys, r),
+            expand_groups(self.context_values, r),
             0.0,
             False,
             attn_mask=None if no_ctx_mask else masks.ctx_bias,
             scale=call.scaling,
         )
         o_rep, lse_rep = flash(
-            q, expand(call.key), expand(call.value), 0.0, False, attn_mask=masks.rep_bias, scale=call.scaling
+            q,
+            expand_groups(call.key, r),
+            expand_groups(call.value, r),
+            0.0,
+            False,
+            attn_mask=masks.rep_bias,
+            scale=call.scaling,
         )
         # the kernel gives a query that sees no key an output of 0 and a log-sum-exp of 0: make it -inf
         lse_ctx = lse_ctx.masked_fill(~masks.ctx_any[:, None], float("-inf"))  # (b, H, c)

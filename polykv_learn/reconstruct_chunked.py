@@ -51,6 +51,7 @@ from polykv_learn.reconstruct import (
     _RepeatCache,
     _RepeatLayer,
     check_pass_inputs,
+    expand_groups,
     repeat_prompt_ids,
 )
 
@@ -222,9 +223,6 @@ class _ChunkLayer(_RepeatLayer):
         g = self.context_keys.shape[1]
         r = h // g
 
-        def expand(x: Tensor) -> Tensor:  # (b, G, k, d) -> (b, H, k, d), a view: query head i reads KV head i // r
-            return x[:, :, None].expand(b, g, r, x.shape[2], d).flatten(1, 2)
-
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         plain = not masks.sliding and bool(self.context_valid.all())  # the model's own mask hides no context key
         chunk, outs, lses = self.chunk, [], []
@@ -235,14 +233,23 @@ class _ChunkLayer(_RepeatLayer):
                 lses.append(q.new_full((b, h, c), float("-inf")))
                 continue
             bias = None if plain and all_real else self._bias(index, slot_bias, masks)
-            keys, values = expand(self._take(self.context_keys, index)), expand(self._take(self.context_values, index))
+            keys, values = (
+                expand_groups(self._take(self.context_keys, index), r),
+                expand_groups(self._take(self.context_values, index), r),
+            )
             o, lse = flash(q, keys, values, 0.0, False, attn_mask=bias, scale=call.scaling)
             if bias is not None:  # the kernel gives a query that sees no key a log-sum-exp of 0: make it -inf
                 lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
             outs.append(o)
             lses.append(lse)
         o, lse = flash(
-            q, expand(call.key), expand(call.value), 0.0, False, attn_mask=masks.rep_bias, scale=call.scaling
+            q,
+            expand_groups(call.key, r),
+            expand_groups(call.value, r),
+            0.0,
+            False,
+            attn_mask=masks.rep_bias,
+            scale=call.scaling,
         )
         outs.append(o)
         lses.append(lse.masked_fill(~masks.rep_any[:, None], float("-inf")))
