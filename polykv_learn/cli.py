@@ -114,6 +114,14 @@ def _generate(argv: Sequence[str]) -> None:
         "without it a prompt longer than the model's positions minus --max-new-tokens is refused",
     )
     p.add_argument("--mode", choices=("adaptive", "static"), default="adaptive")
+    p.add_argument(
+        "--head-allocation",
+        choices=("auto", "none", "adakv", "learned"),
+        default="auto",
+        help="split each layer's budget among its KV heads (adaptive mode): `learned` by the artifact's head "
+        "allocator, `adakv` by AdaKV, `none` evenly; `auto`: `learned` when the artifact has a head allocator and "
+        "the mode is adaptive, else `none`",
+    )
     p.add_argument("--model", default=None, help="model to load (default: the one the router was trained for)")
     p.add_argument(
         "--chat",
@@ -133,6 +141,12 @@ def _generate(argv: Sequence[str]) -> None:
     from polykv_learn.text import cut_middle
 
     polykv = PolyKV.from_pretrained(args.router)
+    heads = args.head_allocation
+    if heads == "auto":
+        heads = "learned" if polykv.head_allocation == "learned" and args.mode == "adaptive" else "none"
+    if heads != "none" and args.mode != "adaptive":
+        raise ValueError(f"--head-allocation {heads} needs --mode adaptive (heads are split by the prefill's signals)")
+    polykv.check_head_allocation(heads)
     text = read_prompt(args.prompt_file)
     model_name = args.model or polykv.model_fingerprint["name"]
     positions = _model_positions(model_name, polykv)
@@ -177,7 +191,7 @@ def _generate(argv: Sequence[str]) -> None:
 
     model, _ = load_model(model_name, with_tokenizer=False)
     input_ids = torch.tensor([ids], dtype=torch.long)  # (1, n)
-    cache = polykv.make_cache(model, budget=args.budget, mode=args.mode)
+    cache = polykv.make_cache(model, budget=args.budget, mode=args.mode, head_allocation=heads)
     with torch.no_grad():
         out = model.generate(
             input_ids, **{adapter.cache_kwarg(model): cache}, max_new_tokens=args.max_new_tokens, do_sample=False
@@ -189,7 +203,8 @@ def _generate(argv: Sequence[str]) -> None:
     full = dims["num_layers"] * n_total * dims["num_kv_heads"] * dims["head_dim"] * 2 * model.dtype.itemsize
     held = cache_bytes(cache)
     print(answer)
-    print(f"\n--- plan ({args.mode}, budget {args.budget}, context {input_ids.shape[1]} tokens) ---")
+    split = "" if heads == "none" else f", heads: {heads}"
+    print(f"\n--- plan ({args.mode}, budget {args.budget}{split}, context {input_ids.shape[1]} tokens) ---")
     print(plan if plan is not None else "(no eviction)")
     print(f"\nKV bytes: {held:,} vs full {full:,} ({held / full:.1%})")
 

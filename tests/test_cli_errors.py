@@ -113,6 +113,13 @@ def test_numeric_options(capsys, no_model, router, prompt, extra, expected):
     assert _error(capsys, _gen(router, prompt, *extra)) == expected
 
 
+def test_learned_head_allocation_needs_a_head_allocator(capsys, no_model, router, prompt):
+    message = _error(capsys, _gen(router, prompt, "--head-allocation", "learned"))
+    assert message.startswith("head_allocation='learned' needs an artifact with a learned head allocator")
+    message = _error(capsys, _gen(router, prompt, "--head-allocation", "adakv", "--mode", "static"))
+    assert message == "--head-allocation adakv needs --mode adaptive (heads are split by the prefill's signals)"
+
+
 @pytest.mark.parametrize(
     "content,expected",
     [

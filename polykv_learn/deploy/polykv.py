@@ -110,7 +110,7 @@ class PolyKV:
                 plan = section["plans"][key]
                 self.calibrated_plans[int(key)] = Plan.from_lists(plan["policies"], plan["budgets"])
 
-    def _check_head_allocation(self, head_allocation: str) -> None:
+    def check_head_allocation(self, head_allocation: str) -> None:
         """One of :data:`HEAD_ALLOCATIONS`, and ``learned`` only with an artifact that has a head allocator."""
         _check_head_allocation(head_allocation)
         if head_allocation == "learned":
@@ -190,7 +190,7 @@ class PolyKV:
         sized from its real (non-padding) context length. ``head_allocation="adakv"``: then AdaKV's split of every
         layer among its KV heads under the layer's policy (:meth:`Plan.with_adakv_heads`, floor ``alpha * b_l``;
         none when ``n <= budget``: nothing is evicted); ``"learned"``: the artifact's head allocator's split."""
-        self._check_head_allocation(head_allocation)
+        self.check_head_allocation(head_allocation)
         stats = one_sequence(stats, "plan_for_stats")
         n = stats[0].context_length
         if head_allocation == "learned":  # the planner's head allocator on the per-head signals
@@ -296,7 +296,7 @@ class PolyKV:
         its KV heads (:meth:`plans_from_head_summaries`); the summary then reads every statistic a routed policy
         needs (H2O's accumulated attention is computed at every layer; KVzip's pass runs before any summary)."""
         budget = check_budget(budget)
-        self._check_head_allocation(head_allocation)
+        self.check_head_allocation(head_allocation)
         headwise.adakv_floor(alpha, 1)
         if self.allocation_prior is not None:
             raise ValueError(
@@ -347,7 +347,7 @@ class PolyKV:
         ``head_allocation``: as :meth:`make_cache`'s (``adakv``: each layer split among its KV heads)."""
         self.check_model(model)
         budget = check_budget(budget)
-        self._check_head_allocation(head_allocation)
+        self.check_head_allocation(head_allocation)
         ids, mask = check_inputs(input_ids, attention_mask)
         cache = CompressedCache(model, capture=self.capture)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
@@ -399,7 +399,7 @@ class PolyKV:
         held padded to the longest of them, behind a mask (``cache_bytes`` counts those slots)."""
         self.check_model(model)
         budget = check_budget(budget)
-        self._check_head_allocation(head_allocation)
+        self.check_head_allocation(head_allocation)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "static":

@@ -207,3 +207,37 @@ def test_the_python_api_checks_head_allocation_in_one_line(tiny_corpus, tmp_path
     with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
         learner.check_data(dm)
     assert learner.head_allocator is None and not any("head" in k for k in learner.state_dict())
+
+
+def test_generate_cli_uses_the_learned_split_by_default_and_checks_the_option(learned_art, tmp_path, capsys):
+    """``polykv-learn generate`` on an artifact with a head allocator: ``auto`` splits heads as the library's
+    ``make_cache(..., head_allocation="learned")`` does; a static mode with a split is refused in one line."""
+    from polykv_learn import cli
+    from polykv_learn.cache import cache_bytes
+    from polykv_learn.models import load_tokenizer
+
+    art = tmp_path / "random"
+    polykv = randomised_copy(learned_art, art)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    argv = ["generate", "--router", str(art), "--budget", "8", "--prompt-file", str(prompt), "--no-chat",
+            "--max-new-tokens", "3"]  # fmt: skip
+    cli.main(argv)
+    out = capsys.readouterr().out
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    tok = load_tokenizer("tiny-llama")
+    ids = torch.tensor([tok(prompt.read_text()).input_ids])
+    cache = polykv.make_cache(model, budget=8, head_allocation="learned")
+    with torch.no_grad():
+        reference = model.generate(ids, **{adapter.cache_kwarg(model): cache}, max_new_tokens=3, do_sample=False)
+    answer = tok.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
+    assert cache.applied_plan.head_budgets is not None
+    assert out.startswith(answer + f"\n\n--- plan (adaptive, budget 8, heads: learned, context {ids.shape[1]} tokens)")
+    assert str(cache.applied_plan) in out and f"KV bytes: {cache_bytes(cache):,} vs full" in out
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--mode", "static", "--head-allocation", "learned"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [
+        "polykv-learn generate: error: --head-allocation learned needs --mode adaptive (heads are split by the "
+        "prefill's signals)"
+    ]
