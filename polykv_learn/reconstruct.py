@@ -210,8 +210,22 @@ class _RepeatLayer(DynamicLayer):
             attn_mask=None if no_ctx_mask else masks.ctx_bias,
             scale=call.scaling,
         )
-        o_rep, lse_rep = flash(
-            q,
+        o_rep, lse_rep = self._fused_own(call, masks)
+        # the kernel gives a query that sees no key an output of 0 and a log-sum-exp of 0: make it -inf
+        lse_ctx = lse_ctx.masked_fill(~masks.ctx_any[:, None], float("-inf"))  # (b, H, c)
+        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
+        w_ctx = (lse_ctx - lse).exp_().nan_to_num_(nan=0.0)  # a query that sees nothing at all: -inf - -inf
+        w_rep = (lse_rep - lse).exp_().nan_to_num_(nan=0.0)
+        out = o_ctx.mul_(w_ctx[..., None]).add_(o_rep.mul_(w_rep[..., None]))  # (b, H, c, d)
+        return out.transpose(1, 2), lse_ctx, lse_rep
+
+    @staticmethod
+    def _fused_own(call: adapter.AttentionCall, masks: _Masks) -> tuple[Tensor, Tensor]:
+        """The fused kernel over the pass's own keys: ``(out (b, H, c, d), lse (b, H, c))``, the lse -inf for a
+        query that sees none of them (the kernel gives 0)."""
+        r = call.query.shape[1] // call.key.shape[1]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            call.query,
             expand_groups(call.key, r),
             expand_groups(call.value, r),
             0.0,
@@ -219,14 +233,7 @@ class _RepeatLayer(DynamicLayer):
             attn_mask=masks.rep_bias,
             scale=call.scaling,
         )
-        # the kernel gives a query that sees no key an output of 0 and a log-sum-exp of 0: make it -inf
-        lse_ctx = lse_ctx.masked_fill(~masks.ctx_any[:, None], float("-inf"))  # (b, H, c)
-        lse_rep = lse_rep.masked_fill(~masks.rep_any[:, None], float("-inf"))
-        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
-        w_ctx = (lse_ctx - lse).exp_().nan_to_num_(nan=0.0)  # a query that sees nothing at all: -inf - -inf
-        w_rep = (lse_rep - lse).exp_().nan_to_num_(nan=0.0)
-        out = o_ctx.mul_(w_ctx[..., None]).add_(o_rep.mul_(w_rep[..., None]))  # (b, H, c, d)
-        return out.transpose(1, 2), lse_ctx, lse_rep
+        return out, lse.masked_fill(~masks.rep_any[:, None], float("-inf"))
 
     def _fused_scores(self, call: adapter.AttentionCall, masks: _Masks, lse_ctx: Tensor, lse_rep: Tensor) -> None:
         """Per KV group one product ``s = q Kc^T`` gives the scores exactly as ``max_q softmax = exp(max_q

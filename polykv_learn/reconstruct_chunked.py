@@ -242,17 +242,9 @@ class _ChunkLayer(_RepeatLayer):
                 lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
             outs.append(o)
             lses.append(lse)
-        o, lse = flash(
-            q,
-            expand_groups(call.key, r),
-            expand_groups(call.value, r),
-            0.0,
-            False,
-            attn_mask=masks.rep_bias,
-            scale=call.scaling,
-        )
+        o, lse = self._fused_own(call, masks)
         outs.append(o)
-        lses.append(lse.masked_fill(~masks.rep_any[:, None], float("-inf")))
+        lses.append(lse)
         total = torch.logaddexp(torch.logaddexp(lses[0], lses[1]), lses[2])  # (b, H, c) over all n + t keys
         out = torch.zeros_like(outs[0])
         for o, lse in zip(outs, lses, strict=True):  # a query that sees nothing at all: -inf - -inf, weight 0
