@@ -25,3 +25,16 @@ def left_pad(prompts: list[torch.Tensor], pad: int = 2) -> tuple[torch.Tensor, t
 
 def random_ids(n: int, seed: int, vocab: int = 49152) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def float64_pairs(reference_attention: str) -> dict:
+    """name -> (a float64 tiny model, a second copy of the same weights whose attention implementation is
+    ``reference_attention``), for every tiny model: the model under test and its reference."""
+    from polykv_learn.models import build_tiny_model
+
+    out = {}
+    for name in TINY_MODELS:
+        ours, ref = (build_tiny_model(name, dtype=torch.float64).eval() for _ in range(2))
+        ref.set_attn_implementation(reference_attention)
+        out[name] = (ours, ref)
+    return out

@@ -4,7 +4,7 @@ each row alone, chunking invisible, the pass only when needed, its own K/V gone 
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, left_pad, random_ids
+from model_helpers import TINY_MODELS, float64_pairs, left_pad, random_ids
 
 from polykv_learn import adapter
 from polykv_learn import reconstruct as reconstruct_module
@@ -20,12 +20,7 @@ PROMPT = (198, 198, 8401, 253, 1125, 2023, 30, 198)  # any token ids: the tests 
 @pytest.fixture(scope="module")
 def f64_models():
     """name -> (model for the pass, the same weights with plain eager attention for the reference), float64."""
-    out = {}
-    for name in TINY_MODELS:
-        ours, ref = (build_tiny_model(name, dtype=torch.float64).eval() for _ in range(2))
-        ref.set_attn_implementation("eager")
-        out[name] = (ours, ref)
-    return out
+    return float64_pairs("eager")
 
 
 def captured(model, ids, mask=None, **options):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, left_pad, random_ids
+from model_helpers import TINY_MODELS, float64_pairs, left_pad, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -45,12 +45,7 @@ AttentionMaskInterface.register("record64", eager_mask)
 @pytest.fixture(scope="module")
 def f64_models():
     """name -> (model for the pass, the same weights with the recording float64 attention), float64."""
-    out = {}
-    for name in TINY_MODELS:
-        ours, ref = (build_tiny_model(name, dtype=torch.float64).eval() for _ in range(2))
-        ref.set_attn_implementation("record64")
-        out[name] = (ours, ref)
-    return out
+    return float64_pairs("record64")
 
 
 @torch.no_grad()
