@@ -4,13 +4,13 @@ each row alone, chunking invisible, the pass only when needed, its own K/V gone 
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, float64_pairs, left_pad, random_ids
+from model_helpers import TINY_MODELS, float64_pairs, left_pad, left_padded_prefill, random_ids
 
 from polykv_learn import adapter
 from polykv_learn import reconstruct as reconstruct_module
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.models import build_tiny_model, load_tokenizer
+from polykv_learn.models import load_tokenizer
 from polykv_learn.plan import Plan
 from polykv_learn.reconstruct import REPEAT_PROMPT, repeat_prompt_ids
 
@@ -168,13 +168,7 @@ def test_the_fused_float32_pass_equals_the_explicit_probabilities(name):
     """A float32 model's fused pass (flash output + log-sum-exp scores) against the explicit softmax reference on
     the same left-padded batch (tiny-gemma3: sliding-window layers): layer 0, which both see the same inputs of,
     to 1e-6 of the largest score; later layers read the previous layers' outputs, whose float32 rounding differs."""
-    model = build_tiny_model(name, dtype=torch.float32).eval()
-    ids, mask = left_pad([random_ids(41, seed=2), random_ids(23, seed=3), random_ids(30, seed=4)])
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = CompressedCache(model, capture=CaptureOptions())
-    with torch.no_grad():
-        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions)
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    model, ids, mask, positions, kv = left_padded_prefill(name)
     args = (model, ids, kv, mask.bool(), positions, PROMPT, 16)
     fused = reconstruct_module.reconstruction_attention(*args)
     explicit = reconstruct_module.reconstruction_attention(*args, fused=False)

@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, float64_pairs, left_pad, random_ids
+from model_helpers import TINY_MODELS, float64_pairs, left_pad, left_padded_prefill, random_ids
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from polykv_learn import adapter
 from polykv_learn.cache import CompressedCache, row_stats
 from polykv_learn.capture import CaptureOptions
-from polykv_learn.models import build_tiny_model
 from polykv_learn.reconstruct_chunked import (
     PREV_TOKENS,
     chunk_prompt_ids,
@@ -126,13 +125,7 @@ def test_a_left_padded_row_scores_as_it_would_alone(f64_models, name):
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_the_fused_float32_chunk_scores_equal_the_explicit_probabilities(name):
-    model = build_tiny_model(name, dtype=torch.float32).eval()
-    ids, mask = left_pad([random_ids(41, seed=2), random_ids(23, seed=3), random_ids(30, seed=4)])
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = CompressedCache(model, capture=CaptureOptions())
-    with torch.no_grad():
-        adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions)
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    model, ids, mask, positions, kv = left_padded_prefill(name)
     args = (model, ids, kv, mask.bool(), positions, chunk_prompt_ids(model), SIZE, SINKS, 16)
     fused = chunked_reconstruction_attention(*args)
     explicit = chunked_reconstruction_attention(*args, fused=False)
