@@ -81,6 +81,43 @@ def expand_groups(x: Tensor, r: int) -> Tensor:
     return x[:, :, None].expand(b, g, r, k, d).flatten(1, 2)
 
 
+def grouped_flash(q: Tensor, keys: Tensor, values: Tensor, scaling: float, bias: Tensor | None = None):
+    """PyTorch's fused CPU flash attention of ``H`` query heads on ``G`` KV heads without copying K/V per query head:
+    the ``H/G`` query heads of a group are stacked along the query axis, exact because every query of a group sees
+    the same keys (``bias``: None or one per key, ``(b, 1, 1, k)``; never causal). q (b, H, c, d), keys and values
+    (b, G, k, d) -> ``(out (b, H, c, d), lse (b, H, c))``."""
+    b, h, c, d = q.shape
+    g = keys.shape[1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(b, g, (h // g) * c, d), keys, values, 0.0, False, attn_mask=bias, scale=scaling
+    )
+    return out.reshape(b, h, c, d), lse.reshape(b, h, c)
+
+
+def max_softmax(q: Tensor, keys: Tensor, lse: Tensor, scaling: float, bias: Tensor, per_query: bool) -> Tensor:
+    """Per KV group ``g`` and key ``j``: ``max over the query heads of g and the queries of softmax(q k_j)``, from
+    one product per group, as ``exp(max (q k_j * scaling + bias - lse))`` (exp is monotone), the ``- lse`` folded
+    into the product as an extra dimension (``[q * scaling, -lse] . [k_j, 1]``), so no ``c x k`` pass of its own.
+
+    q (b, H, c, d); keys (b, G, k, d); lse (b, H, c) over every key the softmax runs over (+inf: a query that
+    counts in no maximum); bias (b, 1, c or 1, k), additive 0 / -inf, ``per_query``: it varies with the query (a
+    sliding window) -> ``(b, G, k)``."""
+    b, h, c, d = q.shape
+    g, k = keys.shape[1], keys.shape[2]
+    r = h // g
+    qa = torch.cat([q * scaling, -lse[..., None].to(q.dtype)], dim=-1)  # (b, H, c, d + 1)
+    ones = keys.new_ones(b, k, 1)
+    best = keys.new_empty(b, g, k)
+    for j in range(g):  # one KV group at a time: a (b, H/G * c, k) product at most
+        ka = torch.cat([keys[:, j], ones], dim=-1)  # (b, k, d + 1)
+        s = qa[:, j * r : (j + 1) * r].reshape(b, r * c, d + 1) @ ka.transpose(-1, -2)  # (b, H/G * c, k)
+        if per_query:  # the bias depends on the query
+            best[:, j] = s.view(b, r, c, k).add_(bias).amax(dim=(1, 2))
+        else:  # one per key: it commutes with the maximum
+            best[:, j] = s.amax(dim=1).add_(bias[:, 0, 0])
+    return best.exp_()
+
+
 class _LastLayerDone(Exception):
     """Raised by the last layer once it has its scores: the rest of that forward (its output projection, MLP and
     final norm) is read by nothing."""
@@ -94,6 +131,7 @@ class _Masks(NamedTuple):
     ctx_any: Tensor  # (b, 1) or (b, c): the query sees a context key
     rep_any: Tensor  # (b, c): the query sees a key of the pass
     sliding: bool
+    rep_plain: bool  # no padding among the pass's keys so far and no window: they are plainly causal
 
 
 class _RepeatLayer(DynamicLayer):
@@ -159,7 +197,8 @@ class _RepeatLayer(DynamicLayer):
             ctx_seen = ctx_seen & (ctx_pos[:, None, :] > q_pos - window)  # (b, c, n)
         ctx_bias = torch.zeros(ctx_seen.shape, dtype=dtype, device=device).masked_fill_(~ctx_seen, float("-inf"))
         rep_bias = torch.zeros(b, c, t, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
-        return _Masks(ctx_bias[:, None], rep_bias[:, None], ctx_seen.any(-1), seen.any(-1), window is not None)
+        plain = window is None and bool(self.repeat_valid[:, :t].all())
+        return _Masks(ctx_bias[:, None], rep_bias[:, None], ctx_seen.any(-1), seen.any(-1), window is not None, plain)
 
     def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks, score: bool = True) -> Tensor:
         """Explicit probabilities per KV group (float32, float64 for a float64 model): the reference. ``score``:
@@ -195,63 +234,84 @@ class _RepeatLayer(DynamicLayer):
         keys and once over the pass's own, merged by their log-sum-exps, which it also returns: ``lse_ctx``,
         ``lse_rep`` ``(b, H, c)``, -inf for a query that sees no key of that part."""
         q = call.query  # (b, H, c, d)
-        b, h, c, d = q.shape
-        g = self.context_keys.shape[1]
-        r = h // g
-
-        no_ctx_mask = not masks.sliding and bool(self.context_valid.all())
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        o_ctx, lse_ctx = flash(  # (b, H, c, d), (b, H, c)
-            q,
-            expand_groups(self.context_keys, r),
-            expand_groups(self.context_values, r),
-            0.0,
-            False,
-            attn_mask=None if no_ctx_mask else masks.ctx_bias,
-            scale=call.scaling,
-        )
+        r = q.shape[1] // self.context_keys.shape[1]
+        if masks.sliding:  # the bias depends on the query: one key per query head
+            o_ctx, lse_ctx = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q,
+                expand_groups(self.context_keys, r),
+                expand_groups(self.context_values, r),
+                0.0,
+                False,
+                attn_mask=masks.ctx_bias,
+                scale=call.scaling,
+            )  # (b, H, c, d), (b, H, c)
+        else:
+            bias = None if bool(self.context_valid.all()) else masks.ctx_bias  # (b, 1, 1, n)
+            o_ctx, lse_ctx = grouped_flash(q, self.context_keys, self.context_values, call.scaling, bias)
         o_rep, lse_rep = self._fused_own(call, masks)
         # the kernel gives a query that sees no key an output of 0 and a log-sum-exp of 0: make it -inf
         lse_ctx = lse_ctx.masked_fill(~masks.ctx_any[:, None], float("-inf"))  # (b, H, c)
-        lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
-        w_ctx = (lse_ctx - lse).exp_().nan_to_num_(nan=0.0)  # a query that sees nothing at all: -inf - -inf
-        w_rep = (lse_rep - lse).exp_().nan_to_num_(nan=0.0)
-        out = o_ctx.mul_(w_ctx[..., None]).add_(o_rep.mul_(w_rep[..., None]))  # (b, H, c, d)
+        out = merge_parts([(o_ctx, lse_ctx), (o_rep, lse_rep)])  # (b, H, c, d)
         return out.transpose(1, 2), lse_ctx, lse_rep
 
     @staticmethod
     def _fused_own(call: adapter.AttentionCall, masks: _Masks) -> tuple[Tensor, Tensor]:
         """The fused kernel over the pass's own keys: ``(out (b, H, c, d), lse (b, H, c))``, the lse -inf for a
-        query that sees none of them (the kernel gives 0)."""
-        r = call.query.shape[1] // call.key.shape[1]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            call.query,
-            expand_groups(call.key, r),
-            expand_groups(call.value, r),
+        query that sees none of them (the kernel gives 0). Without padding or a window (``masks.rep_plain``) the
+        keys before this forward's are visible to all of its queries and its own are causal: two calls without a
+        mask (the causal one over the ``c x c`` block only), merged by their log-sum-exps."""
+        q = call.query  # (b, H, c, d)
+        c, t = q.shape[2], call.key.shape[2]
+        r = q.shape[1] // call.key.shape[1]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if not masks.rep_plain:
+            out, lse = flash(
+                q,
+                expand_groups(call.key, r),
+                expand_groups(call.value, r),
+                0.0,
+                False,
+                attn_mask=masks.rep_bias,
+                scale=call.scaling,
+            )
+            return out, lse.masked_fill(~masks.rep_any[:, None], float("-inf"))
+        own = flash(  # (b, H, c, d), (b, H, c): the causal c x c block of this forward's own keys
+            q,
+            expand_groups(call.key[:, :, t - c :], r),
+            expand_groups(call.value[:, :, t - c :], r),
             0.0,
-            False,
-            attn_mask=masks.rep_bias,
+            True,
             scale=call.scaling,
         )
-        return out, lse.masked_fill(~masks.rep_any[:, None], float("-inf"))
+        if t == c:
+            return own
+        before = grouped_flash(q, call.key[:, :, : t - c], call.value[:, :, : t - c], call.scaling)
+        lse = torch.logaddexp(before[1], own[1])  # (b, H, c)
+        return merge_parts([before, own], lse), lse
 
     def _fused_scores(self, call: adapter.AttentionCall, masks: _Masks, lse_ctx: Tensor, lse_rep: Tensor) -> None:
-        """Per KV group one product ``s = q Kc^T`` gives the scores exactly as ``max_q softmax = exp(max_q
-        (s * scaling + bias - lse))`` (exp is monotone), no probabilities over ``n + t`` keys materialised."""
-        q = call.query  # (b, H, c, d)
-        c, g, t = q.shape[2], self.context_keys.shape[1], self.length
-        r = q.shape[1] // g
+        """The scores exactly as ``max_q softmax = exp(max_q (s * scaling + bias - lse))`` (:func:`max_softmax`),
+        no probabilities over ``n + t`` keys materialised."""
+        t, c = self.length, call.query.shape[2]
         lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c) over all n + t visible keys
         # padding queries count in no maximum: +inf makes all of their scores exp(-inf) = 0
         lse = lse.masked_fill_(~self.repeat_valid[:, None, t - c : t], float("inf"))
-        for j in range(g):
-            s = q[:, j * r : (j + 1) * r] @ self.context_keys[:, j, None].transpose(-1, -2)  # (b, H/G, c, n)
-            s.mul_(call.scaling).sub_(lse[:, j * r : (j + 1) * r, :, None])
-            if masks.sliding:  # the bias depends on the query
-                best = s.add_(masks.ctx_bias).amax(dim=(1, 2))  # (b, n)
-            else:  # the bias is one per key: it commutes with the maximum
-                best = s.amax(dim=(1, 2)).add_(masks.ctx_bias[:, 0, 0])  # (b, n)
-            torch.maximum(self.scores[:, j], best.exp_(), out=self.scores[:, j])
+        best = max_softmax(call.query, self.context_keys, lse, call.scaling, masks.ctx_bias, masks.sliding)
+        torch.maximum(self.scores, best, out=self.scores)  # (b, G, n)
+
+
+def merge_parts(parts: Sequence[tuple[Tensor, Tensor]], total: Tensor | None = None) -> Tensor:
+    """Attention outputs over disjoint key sets merged into the one over their union: ``sum_i o_i exp(lse_i -
+    lse)``, ``lse`` (``total``, or computed) the log-sum-exp over all of them; each ``(o (b, H, c, d), lse (b, H,
+    c))``, lse -inf where the query sees no key of that part (a query that sees nothing at all gets 0)."""
+    if total is None:
+        total = parts[0][1]
+        for _, lse in parts[1:]:
+            total = torch.logaddexp(total, lse)
+    out = torch.zeros_like(parts[0][0])
+    for o, lse in parts:  # -inf - -inf for a query that sees nothing: weight 0
+        out.add_(o * (lse - total).exp_().nan_to_num_(nan=0.0)[..., None])
+    return out
 
 
 class _RepeatCache(Cache):

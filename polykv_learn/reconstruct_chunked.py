@@ -52,6 +52,9 @@ from polykv_learn.reconstruct import (
     _RepeatLayer,
     check_pass_inputs,
     expand_groups,
+    grouped_flash,
+    max_softmax,
+    merge_parts,
     repeat_prompt_ids,
 )
 
@@ -232,12 +235,13 @@ class _ChunkLayer(_RepeatLayer):
                 outs.append(q.new_zeros(b, h, c, d))
                 lses.append(q.new_full((b, h, c), float("-inf")))
                 continue
-            bias = None if plain and all_real else self._bias(index, slot_bias, masks)
-            keys, values = (
-                expand_groups(self._take(self.context_keys, index), r),
-                expand_groups(self._take(self.context_values, index), r),
-            )
-            o, lse = flash(q, keys, values, 0.0, False, attn_mask=bias, scale=call.scaling)
+            bias = None if plain and all_real else self._bias(index, slot_bias, masks)  # (b, 1, 1 or c, w)
+            keys, values = self._take(self.context_keys, index), self._take(self.context_values, index)
+            if masks.sliding:  # the bias depends on the query: one key per query head
+                keys, values = expand_groups(keys, r), expand_groups(values, r)
+                o, lse = flash(q, keys, values, 0.0, False, attn_mask=bias, scale=call.scaling)
+            else:
+                o, lse = grouped_flash(q, keys, values, call.scaling, bias)
             if bias is not None:  # the kernel gives a query that sees no key a log-sum-exp of 0: make it -inf
                 lse = lse.masked_fill(~torch.isfinite(bias).any(-1), float("-inf"))
             outs.append(o)
@@ -245,29 +249,19 @@ class _ChunkLayer(_RepeatLayer):
         o, lse = self._fused_own(call, masks)
         outs.append(o)
         lses.append(lse)
-        total = torch.logaddexp(torch.logaddexp(lses[0], lses[1]), lses[2])  # (b, H, c) over all n + t keys
-        out = torch.zeros_like(outs[0])
-        for o, lse in zip(outs, lses, strict=True):  # a query that sees nothing at all: -inf - -inf, weight 0
-            out.add_(o.mul_((lse - total).exp_().nan_to_num_(nan=0.0)[..., None]))
+        out = merge_parts(list(zip(outs, lses, strict=True)))  # (b, H, c, d) over all n + t keys
         return out.transpose(1, 2), lses[0], lses[2]
 
     def _fused_scores(self, call: adapter.AttentionCall, masks: _Masks, lse_ctx: Tensor, lse_rep: Tensor) -> None:
         """``lse_ctx``: the scored keys' log-sum-exp (from :meth:`_fused_output`), so the restricted softmax's is
         ``logaddexp(lse_ctx, lse_rep)``, and the scores ``exp(max_q (s * scaling + bias - lse))``."""
-        q = call.query  # (b, H, c, d)
-        c, g, t = q.shape[2], self.context_keys.shape[1], self.length
-        r = q.shape[1] // g
+        c, t = call.query.shape[2], self.length
         bias = self._bias(self.chunk.select, self.select_bias, masks)  # (b, 1, 1 or c, k + m)
         lse = torch.logaddexp(lse_ctx, lse_rep)  # (b, H, c)
         lse.masked_fill_(~self.repeat_valid[:, None, t - c : t], float("inf"))  # padding queries: no maximum
-        for j in range(g):
-            s = q[:, j * r : (j + 1) * r] @ self.select_keys[:, j, None].transpose(-1, -2)  # (b, H/G, c, k + m)
-            s.mul_(call.scaling).sub_(lse[:, j * r : (j + 1) * r, :, None])
-            if masks.sliding:  # the bias depends on the query
-                best = s.add_(bias).amax(dim=(1, 2))  # (b, k + m)
-            else:  # one per key: it commutes with the maximum
-                best = s.amax(dim=(1, 2)).add_(bias[:, 0, 0])
-            self._keep(j, best.exp_())
+        best = max_softmax(call.query, self.select_keys, lse, call.scaling, bias, masks.sliding)  # (b, G, k + m)
+        for j in range(best.shape[1]):
+            self._keep(j, best[:, j])
 
     def _attend_explicit(self, call: adapter.AttentionCall, masks: _Masks, score: bool = True) -> Tensor:
         out = super()._attend_explicit(call, masks, score=False)

@@ -40,16 +40,17 @@ def float64_pairs(reference_attention: str) -> dict:
     return out
 
 
-def left_padded_prefill(name: str):
-    """A float32 tiny model and the prefill of a left-padded batch of 3 rows (41, 23 and 30 real tokens):
-    ``(model, ids, mask, positions, kv)``, ``kv`` each layer's ``(keys, values)`` (the reconstruction tests' input)."""
+def left_padded_prefill(name: str, lengths: tuple[int, ...] = (41, 23, 30)):
+    """A float32 tiny model and the prefill of a left-padded batch of rows of ``lengths`` real tokens (equal
+    lengths: no padding): ``(model, ids, mask, positions, kv)``, ``kv`` each layer's ``(keys, values)`` (the
+    reconstruction tests' input)."""
     from polykv_learn import adapter
     from polykv_learn.cache import CompressedCache
     from polykv_learn.capture import CaptureOptions
     from polykv_learn.models import build_tiny_model
 
     model = build_tiny_model(name, dtype=torch.float32).eval()
-    ids, mask = left_pad([random_ids(41, seed=2), random_ids(23, seed=3), random_ids(30, seed=4)])
+    ids, mask = left_pad([random_ids(n, seed=2 + i) for i, n in enumerate(lengths)])
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = CompressedCache(model, capture=CaptureOptions())
     with torch.no_grad():

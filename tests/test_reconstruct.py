@@ -164,6 +164,34 @@ def test_capture_options_reject_bad_reconstruction_settings():
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_unpadded_fused_pass_takes_the_maskless_calls_and_equals_the_explicit_probabilities(name, monkeypatch):
+    """Without padding, a full-attention layer's fused pass runs the context and the pass's earlier keys through
+    flash calls without a mask, query heads stacked per KV group (``grouped_flash``), and its own block causally:
+    the same scores as the explicit softmax. The 8-token prompt and 41-token context take 4 forwards of 16, so the
+    earlier keys are 16, 32 and 48 long."""
+    seen = []
+
+    def spy(q, keys, values, scaling, bias=None):
+        seen.append(keys.shape[2])
+        return grouped_flash(q, keys, values, scaling, bias)
+
+    grouped_flash = reconstruct_module.grouped_flash
+    monkeypatch.setattr(reconstruct_module, "grouped_flash", spy)
+    model, ids, mask, positions, kv = left_padded_prefill(name, lengths=(41, 41))
+    assert mask.all()
+    args = (model, ids, kv, mask.bool(), positions, PROMPT, 16)
+    fused = reconstruct_module.reconstruction_attention(*args)
+    explicit = reconstruct_module.reconstruction_attention(*args, fused=False)
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    full_layers = sum(t == "full_attention" for t in types)
+    assert sorted(set(seen)) == [16, 32, 41, 48] and len(seen) == full_layers * (4 + 3)
+    for layer, (f, e) in enumerate(zip(fused, explicit, strict=True)):
+        assert f.shape == e.shape == (2, model.config.num_key_value_heads, 41)
+        rel = ((f - e).abs().max() / e.abs().max()).item()
+        assert rel <= (1e-6 if layer == 0 else 3e-6), f"{name} layer {layer}: {rel}"
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_the_fused_float32_pass_equals_the_explicit_probabilities(name):
     """A float32 model's fused pass (flash output + log-sum-exp scores) against the explicit softmax reference on
     the same left-padded batch (tiny-gemma3: sliding-window layers): layer 0, which both see the same inputs of,
