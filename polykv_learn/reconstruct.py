@@ -81,6 +81,18 @@ def expand_groups(x: Tensor, r: int) -> Tensor:
     return x[:, :, None].expand(b, g, r, k, d).flatten(1, 2)
 
 
+def expanded_flash(
+    q: Tensor, keys: Tensor, values: Tensor, scaling: float, bias: Tensor | None = None, causal: bool = False
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's fused CPU flash attention with K/V expanded to one head per query head (for a bias that varies
+    with the query, or a causal block): q (b, H, c, d), keys and values (b, G, k, d), bias None or (b, 1, c, k) ->
+    ``(out (b, H, c, d), lse (b, H, c))``."""
+    r = q.shape[1] // keys.shape[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, expand_groups(keys, r), expand_groups(values, r), 0.0, causal, attn_mask=bias, scale=scaling
+    )
+
+
 def grouped_flash(q: Tensor, keys: Tensor, values: Tensor, scaling: float, bias: Tensor | None = None):
     """PyTorch's fused CPU flash attention of ``H`` query heads on ``G`` KV heads without copying K/V per query head:
     the ``H/G`` query heads of a group are stacked along the query axis, exact because every query of a group sees
@@ -234,17 +246,8 @@ class _RepeatLayer(DynamicLayer):
         keys and once over the pass's own, merged by their log-sum-exps, which it also returns: ``lse_ctx``,
         ``lse_rep`` ``(b, H, c)``, -inf for a query that sees no key of that part."""
         q = call.query  # (b, H, c, d)
-        r = q.shape[1] // self.context_keys.shape[1]
         if masks.sliding:  # the bias depends on the query: one key per query head
-            o_ctx, lse_ctx = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q,
-                expand_groups(self.context_keys, r),
-                expand_groups(self.context_values, r),
-                0.0,
-                False,
-                attn_mask=masks.ctx_bias,
-                scale=call.scaling,
-            )  # (b, H, c, d), (b, H, c)
+            o_ctx, lse_ctx = expanded_flash(q, self.context_keys, self.context_values, call.scaling, masks.ctx_bias)
         else:
             bias = None if bool(self.context_valid.all()) else masks.ctx_bias  # (b, 1, 1, n)
             o_ctx, lse_ctx = grouped_flash(q, self.context_keys, self.context_values, call.scaling, bias)
@@ -262,27 +265,11 @@ class _RepeatLayer(DynamicLayer):
         mask (the causal one over the ``c x c`` block only), merged by their log-sum-exps."""
         q = call.query  # (b, H, c, d)
         c, t = q.shape[2], call.key.shape[2]
-        r = q.shape[1] // call.key.shape[1]
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         if not masks.rep_plain:
-            out, lse = flash(
-                q,
-                expand_groups(call.key, r),
-                expand_groups(call.value, r),
-                0.0,
-                False,
-                attn_mask=masks.rep_bias,
-                scale=call.scaling,
-            )
+            out, lse = expanded_flash(q, call.key, call.value, call.scaling, masks.rep_bias)
             return out, lse.masked_fill(~masks.rep_any[:, None], float("-inf"))
-        own = flash(  # (b, H, c, d), (b, H, c): the causal c x c block of this forward's own keys
-            q,
-            expand_groups(call.key[:, :, t - c :], r),
-            expand_groups(call.value[:, :, t - c :], r),
-            0.0,
-            True,
-            scale=call.scaling,
-        )
+        # the causal c x c block of this forward's own keys: (b, H, c, d), (b, H, c)
+        own = expanded_flash(q, call.key[:, :, t - c :], call.value[:, :, t - c :], call.scaling, causal=True)
         if t == c:
             return own
         before = grouped_flash(q, call.key[:, :, : t - c], call.value[:, :, : t - c], call.scaling)

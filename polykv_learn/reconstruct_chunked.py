@@ -51,7 +51,7 @@ from polykv_learn.reconstruct import (
     _RepeatCache,
     _RepeatLayer,
     check_pass_inputs,
-    expand_groups,
+    expanded_flash,
     grouped_flash,
     max_softmax,
     merge_parts,
@@ -223,10 +223,6 @@ class _ChunkLayer(_RepeatLayer):
         lse_sel, lse_rep)``, each lse ``(b, H, c)`` and -inf where the query sees no key of the part."""
         q = call.query  # (b, H, c, d)
         b, h, c, d = q.shape
-        g = self.context_keys.shape[1]
-        r = h // g
-
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         plain = not masks.sliding and bool(self.context_valid.all())  # the model's own mask hides no context key
         chunk, outs, lses = self.chunk, [], []
         parts = ((chunk.select, self.select_bias, self.select_all), (chunk.rest, self.rest_bias, self.rest_all))
@@ -238,8 +234,7 @@ class _ChunkLayer(_RepeatLayer):
             bias = None if plain and all_real else self._bias(index, slot_bias, masks)  # (b, 1, 1 or c, w)
             keys, values = self._take(self.context_keys, index), self._take(self.context_values, index)
             if masks.sliding:  # the bias depends on the query: one key per query head
-                keys, values = expand_groups(keys, r), expand_groups(values, r)
-                o, lse = flash(q, keys, values, 0.0, False, attn_mask=bias, scale=call.scaling)
+                o, lse = expanded_flash(q, keys, values, call.scaling, bias)
             else:
                 o, lse = grouped_flash(q, keys, values, call.scaling, bias)
             if bias is not None:  # the kernel gives a query that sees no key a log-sum-exp of 0: make it -inf
