@@ -22,7 +22,10 @@ scores as if it ran alone (up to float rounding). Padding context positions scor
 Computation. A float32 model takes the fused path: the pass's attention output from PyTorch's fused CPU flash
 kernel (which also returns each query's log-sum-exp ``lse`` over its visible keys), and the scores from one product
 ``s = q Kc^T`` per KV group as ``exp(max over queries (s * scale + bias - lse))``, equal to the maximum of the
-softmax since exp is monotone; no ``c x (n + t)`` probabilities are materialised. Any other dtype (float64 models,
+softmax since exp is monotone; no ``c x (n + t)`` probabilities are materialised. Without padding or a window, the
+flash calls take no mask: the query heads of a KV group are stacked along the query axis for the context and the
+pass's earlier keys (:func:`grouped_flash`, no per-head copy of K/V), and the forward's own block is causal; the
+``- lse`` is an extra dimension of the score product (:func:`max_softmax`). Any other dtype (float64 models,
 whose tests compare in float64) takes the explicit path: probabilities per KV group in float32 (float64 for a
 float64 model), eager-style, which is also the fused path's test reference (``fused=False``). The last layer's
 output is read by nothing, so each forward of the pass stops once that layer has its scores.
