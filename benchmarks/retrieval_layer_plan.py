@@ -25,9 +25,7 @@ from polykv_learn.models import load_model  # noqa: E402
 from polykv_learn.plan import Plan  # noqa: E402
 
 
-def retrieval_layer_plan(
-    layer: int, budget: int, num_layers: int, n: int, others: str = "streaming", big_policy: str = "snapkv"
-) -> Plan:
+def retrieval_layer_plan(layer: int, budget: int, num_layers: int, n: int, big_policy: str = "snapkv") -> Plan:
     """Layer ``layer`` keeps ``min(n, L * B - (L - 1) * m)`` positions (``m = min(16, B)``), the other layers share
     the rest evenly (largest remainder), each within ``[1, n]``: the budgets sum to exactly ``L * B``."""
     total = num_layers * budget
@@ -38,7 +36,7 @@ def retrieval_layer_plan(
     if max(small) > n:
         raise ValueError(f"budget {budget} over {num_layers} layers does not fit a {n}-token context")
     budgets = small[:layer] + [big] + small[layer:]
-    policies = [others] * num_layers
+    policies = ["streaming"] * num_layers
     policies[layer] = big_policy  # used only where the layer cannot keep its whole context
     assert sum(budgets) == total
     return Plan.from_lists(policies, budgets)

@@ -137,6 +137,34 @@ def test_the_fused_float32_chunk_scores_equal_the_explicit_probabilities(name):
         assert (f[0, :, :SINKS] == 1).all() and (f[1, :, 18 : 18 + SINKS] == 1).all()  # each row's first real ones
 
 
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_unpadded_fused_chunk_scores_equal_the_explicit_probabilities(name, monkeypatch):
+    """Without padding the fused chunk pass takes its mask-free calls (the context parts, the repeat input's earlier
+    keys and its causal block): the same scores as the explicit softmax. Forwards of 8 tokens split every repeat
+    input, so the earlier-keys call (``reconstruct.grouped_flash`` from the parent's own-keys step) runs."""
+    from polykv_learn import reconstruct as reconstruct_module
+
+    earlier = []
+
+    def spy(q, keys, values, scaling, bias=None):
+        assert bias is None, "an unpadded batch needs no mask"
+        earlier.append(keys.shape[2])
+        return grouped_flash(q, keys, values, scaling, bias)
+
+    grouped_flash = reconstruct_module.grouped_flash
+    monkeypatch.setattr(reconstruct_module, "grouped_flash", spy)
+    model, ids, mask, positions, kv = left_padded_prefill(name, lengths=(41, 41))
+    assert mask.all()
+    args = (model, ids, kv, mask.bool(), positions, chunk_prompt_ids(model), SIZE, SINKS, 8)
+    fused = chunked_reconstruction_attention(*args)
+    explicit = chunked_reconstruction_attention(*args, fused=False)
+    for layer, (f, e) in enumerate(zip(fused, explicit, strict=True)):
+        assert f.shape == e.shape == (2, model.config.num_key_value_heads, 41)
+        rel = ((f - e).abs().max() / e.abs().max()).item()
+        assert rel <= (1e-6 if layer == 0 else 3e-6), f"{name} layer {layer}: {rel}"
+    assert earlier and min(earlier) == 8  # the repeat inputs' earlier keys, one forward of 8 tokens at least
+
+
 def test_each_chunk_repeats_kvpress_prompt_and_the_previous_chunks_last_tokens():
     from polykv_learn.reconstruct_chunked import ChunkPrompts
 
