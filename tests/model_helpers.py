@@ -56,3 +56,20 @@ def left_padded_prefill(name: str, lengths: tuple[int, ...] = (41, 23, 30)):
     with torch.no_grad():
         adapter.forward(model, ids, cache, attention_mask=mask, position_ids=positions)
     return model, ids, mask, positions, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def spy_grouped_flash(monkeypatch) -> list[int]:
+    """Record the key length of every ``reconstruct.grouped_flash`` call (the mask-free flash calls of the KVzip
+    pass), asserting that each takes no mask: the list it returns fills as the pass runs."""
+    from polykv_learn import reconstruct
+
+    seen: list[int] = []
+    grouped_flash = reconstruct.grouped_flash
+
+    def spy(q, keys, values, scaling, bias=None):
+        assert bias is None, "an unpadded batch needs no mask"
+        seen.append(keys.shape[2])
+        return grouped_flash(q, keys, values, scaling, bias)
+
+    monkeypatch.setattr(reconstruct, "grouped_flash", spy)
+    return seen

@@ -4,7 +4,14 @@ each row alone, chunking invisible, the pass only when needed, its own K/V gone 
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, float64_pairs, left_pad, left_padded_prefill, random_ids
+from model_helpers import (
+    TINY_MODELS,
+    float64_pairs,
+    left_pad,
+    left_padded_prefill,
+    random_ids,
+    spy_grouped_flash,
+)
 
 from polykv_learn import adapter
 from polykv_learn import reconstruct as reconstruct_module
@@ -169,15 +176,7 @@ def test_the_unpadded_fused_pass_takes_the_maskless_calls_and_equals_the_explici
     flash calls without a mask, query heads stacked per KV group (``grouped_flash``), and its own block causally:
     the same scores as the explicit softmax. The 8-token prompt and 41-token context take 4 forwards of 16, so the
     earlier keys are 16, 32 and 48 long."""
-    seen = []
-
-    def spy(q, keys, values, scaling, bias=None):
-        assert bias is None, "an unpadded batch needs no mask"
-        seen.append(keys.shape[2])
-        return grouped_flash(q, keys, values, scaling, bias)
-
-    grouped_flash = reconstruct_module.grouped_flash
-    monkeypatch.setattr(reconstruct_module, "grouped_flash", spy)
+    seen = spy_grouped_flash(monkeypatch)
     model, ids, mask, positions, kv = left_padded_prefill(name, lengths=(41, 41))
     assert mask.all()
     args = (model, ids, kv, mask.bool(), positions, PROMPT, 16)

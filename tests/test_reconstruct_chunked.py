@@ -7,7 +7,14 @@ import math
 
 import pytest
 import torch
-from model_helpers import TINY_MODELS, float64_pairs, left_pad, left_padded_prefill, random_ids
+from model_helpers import (
+    TINY_MODELS,
+    float64_pairs,
+    left_pad,
+    left_padded_prefill,
+    random_ids,
+    spy_grouped_flash,
+)
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -142,17 +149,7 @@ def test_the_unpadded_fused_chunk_scores_equal_the_explicit_probabilities(name, 
     """Without padding the fused chunk pass takes its mask-free calls (the context parts, the repeat input's earlier
     keys and its causal block): the same scores as the explicit softmax. Forwards of 8 tokens split every repeat
     input, so the earlier-keys call (``reconstruct.grouped_flash`` from the parent's own-keys step) runs."""
-    from polykv_learn import reconstruct as reconstruct_module
-
-    earlier = []
-
-    def spy(q, keys, values, scaling, bias=None):
-        assert bias is None, "an unpadded batch needs no mask"
-        earlier.append(keys.shape[2])
-        return grouped_flash(q, keys, values, scaling, bias)
-
-    grouped_flash = reconstruct_module.grouped_flash
-    monkeypatch.setattr(reconstruct_module, "grouped_flash", spy)
+    earlier = spy_grouped_flash(monkeypatch)
     model, ids, mask, positions, kv = left_padded_prefill(name, lengths=(41, 41))
     assert mask.all()
     args = (model, ids, kv, mask.bool(), positions, chunk_prompt_ids(model), SIZE, SINKS, 8)
