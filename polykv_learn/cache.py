@@ -348,8 +348,7 @@ class CompressedCache(Cache):
 
     def on_prefill(self, layer: CompressedLayer, call: adapter.AttentionCall) -> None:
         layer.sliding_window = call.sliding_window
-        n = call.key.shape[2]
-        b = call.key.shape[0]
+        b, n = call.key.shape[0], call.key.shape[2]
         valid = real_keys(call, n)  # (b, n)
         if layer.layer_idx == 0 and not bool(valid.all()):
             for r in range(b):

@@ -85,7 +85,7 @@ def eval_capture(artifacts: Sequence, methods: Sequence, kvzip_scope: str | None
         raise ValueError("--router and --gbdt-router score KVzip with different scopes; give --kvzip_scope")
     used = [get_policy(p) for a in artifacts for p in a.policies]
     used += [get_policy(m.name) for m in methods if m.kind == "single"]
-    used += [get_policy(KVZIP_POLICY) for m in methods if m.name == "kvzip-global"]
+    used += [get_policy(KVZIP_POLICY) for m in methods if m.name in ("kvzip-global", "kvzip-global-heads")]
     oracle = any(m.kind == "oracle" for m in methods)  # the search's pool includes H2O and KVzip
     needs_h2o = oracle or any(p.needs_accumulated_attn for p in used)
     needs_zip = oracle or any(p.needs_reconstruct_attn for p in used) or any(a.capture.reconstruct for a in artifacts)

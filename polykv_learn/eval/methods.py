@@ -16,6 +16,9 @@ name                   plan
                        ``(layer, KV head, position)`` scores, each layer's divided by its largest, sinks first;
                        a layer's budget is its share of that top-k over its ``G`` heads (rounded, exact total);
                        needs the reconstruction pass
+``kvzip-global-heads`` KVzip's per-head selection: ``kvzip-global``'s layer budgets, each layer's ``G*b_l`` then
+                       shared among its KV heads by one top over the same scores, no floor (so a head keeps what
+                       the global top-k takes of it, up to rounding its layer's count to a multiple of ``G``)
 ``adakv``              AdaKV (arXiv:2407.11550) with SnapKV scores: the uniform layer budget ``B``, each layer's
                        ``G*B`` shared among its KV heads by one top over their scores, at least ``0.2 B`` per head
                        (:meth:`~polykv_learn.plan.Plan.adakv`); the deployed cache holds a layer whose heads
@@ -203,6 +206,16 @@ def _kvzip_global(sample: MethodInput, budget: int) -> Plan:
     return Plan.from_lists([KVZIP_POLICY] * sample.num_layers, budgets)
 
 
+def _kvzip_global_heads(sample: MethodInput, budget: int) -> Plan:
+    """``kvzip-global``'s plan with KVzip's own head split: within a layer the global top-k ranks the heads'
+    positions by the same max-normalised scores (one divisor per layer), so the layer's top-``G*b_l`` over them,
+    sinks first, is that selection restricted to the layer. ``n <= B``: nothing evicted (no head budgets)."""
+    plan = _kvzip_global(sample, budget)
+    if sample.context_length <= budget:
+        return plan
+    return plan.with_adakv_heads([row_stats(s, 0) for s in sample.stats], alpha=0.0)
+
+
 def _adakv(sample: MethodInput, budget: int) -> Plan:
     return Plan.adakv(ADAKV_POLICY, budget, [row_stats(s, 0) for s in sample.stats])
 
@@ -316,6 +329,8 @@ def available_methods(
     methods["cake"] = Method("cake", "allocation", "CAKE entropy x variance allocation, SnapKV scores", _cake)
     about = "KVzip global top-k over layers, KVzip scores"
     methods["kvzip-global"] = Method("kvzip-global", "allocation", about, _kvzip_global)
+    about = "KVzip global top-k over layers and KV heads, KVzip scores"
+    methods["kvzip-global-heads"] = Method("kvzip-global-heads", "allocation", about, _kvzip_global_heads)
     about = "AdaKV head-wise allocation within each layer, SnapKV scores"
     methods["adakv"] = Method("adakv", "allocation", about, _adakv)
     about = "AdaKV head-wise allocation across layers, SnapKV scores"
@@ -351,6 +366,7 @@ def all_method_names() -> list[str]:
         "pyramid",
         "cake",
         "kvzip-global",
+        "kvzip-global-heads",
         "adakv",
         "adakv-global",
         *LEARNED_METHODS,

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: the layer/head-allocation baselines (dotted in the score-vs-budget plot)
-ALLOCATION_BASELINES = ("pyramid", "cake", "kvzip-global", "adakv", "adakv-global")
+ALLOCATION_BASELINES = ("pyramid", "cake", "kvzip-global", "kvzip-global-heads", "adakv", "adakv-global")
 RESULT_FILES = ("results.json", "results.md", "score_vs_budget.png", "plan_map.png", "needle_retention.png")
 
 

@@ -234,6 +234,7 @@ methods (--methods; default: every available one except the `random` control and
   pyramid              PyramidKV linear layer schedule, SnapKV scores
   cake                 CAKE entropy x variance layer allocation, SnapKV scores
   kvzip-global         KVzip's global top-k allocation across layers, KVzip scores
+  kvzip-global-heads   the same top-k across layers and KV heads (KVzip's own per-head selection), KVzip scores
   adakv                AdaKV head-wise budgets within each layer (uniform B), SnapKV scores
   adakv-global         AdaKV head-wise budgets from one top-k across layers and heads, SnapKV scores
   polykv               the learned router/allocator of --router, adaptive (plan from this prefill)

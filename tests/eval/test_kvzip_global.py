@@ -6,7 +6,7 @@ import torch
 from policy_helpers import random_layer_stats
 
 from polykv_learn.eval.methods import MethodInput, available_methods, default_method_names, kvzip_global_budgets
-from polykv_learn.plan import round_preserving_sum
+from polykv_learn.plan import Plan, round_preserving_sum
 
 
 def layers(num_layers=4, n=50, seed=0):
@@ -96,3 +96,98 @@ def test_kvzip_scope_switch_sets_the_evaluations_reconstruction_scope():
     }
     with pytest.raises(ValueError, match=r"^--kvzip_scope must be null or one of 'full', 'chunk', got 'local'$"):
         EvaluateOptions(out="o", kvzip_scope="local").check()
+
+
+def naive_head_selection(stats, budget):
+    """KVzip's per-head selection with Python lists: how many positions of each (layer, KV head) one top-(L*G*B)
+    over the normalised scores takes, sinks first."""
+    entries = []
+    g = stats[0].num_kv_heads
+    for layer, s in enumerate(stats):
+        score = s.reconstruct_attn[0].tolist()  # (G, n)
+        top = max(max(row) for row in score)
+        for h in range(g):
+            for j in range(s.context_length):
+                entries.append((-(2.0 if s.positions[0, j] < 4 else score[h][j] / top), layer, h, j))
+    entries.sort()
+    counts = [[0] * g for _ in stats]
+    for _, layer, h, _ in entries[: len(stats) * g * budget]:
+        counts[layer][h] += 1
+    return counts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("budget", [5, 8, 13, 21, 34])
+def test_kvzip_global_heads_keeps_the_exact_totals_and_the_global_selection(seed, budget):
+    """Layer budgets are kvzip-global's, each layer's heads sum to G * b_l, and a layer's heads keep what the one
+    top-(L*G*B) across layers and heads takes of them whenever that layer's count is a multiple of G (else the
+    nearest split of the rounded layer total: no head is off by more than G from the global selection)."""
+    stats = [
+        random_layer_stats(batch=1, pad=0, kv_heads=2, heads=4, n=40, seed=seed * 10 + i, layer_idx=i) for i in range(3)
+    ]
+    table = available_methods()
+    plan = table["kvzip-global-heads"].plan(MethodInput(stats), budget)
+    layer_plan = table["kvzip-global"].plan(MethodInput(stats), budget)
+    assert plan.with_head_budgets(None) == layer_plan and plan.total_budget == 3 * budget
+    assert all(sum(h) == 2 * b for h, b in zip(plan.head_budgets, plan.budgets, strict=True))
+    assert plan.kept_per_head(40) == budget
+    selection = naive_head_selection(stats, budget)
+    for layer, (heads, chosen) in enumerate(zip(plan.head_budgets, selection, strict=True)):
+        if sum(chosen) == 2 * plan.budgets[layer]:
+            assert list(heads) == chosen, f"layer {layer}"
+        assert all(abs(a - c) <= 2 for a, c in zip(heads, chosen, strict=True))
+
+
+def test_kvzip_global_heads_matches_the_global_selection_somewhere_uneven():
+    """The exact case of the test above occurs, with heads that differ (the check is not vacuous)."""
+    hits = 0
+    for seed in range(3):
+        stats = [
+            random_layer_stats(batch=1, pad=0, kv_heads=2, heads=4, n=40, seed=seed * 10 + i, layer_idx=i)
+            for i in range(3)
+        ]
+        for budget in (5, 8, 13, 21, 34):
+            plan = available_methods()["kvzip-global-heads"].plan(MethodInput(stats), budget)
+            selection = naive_head_selection(stats, budget)
+            hits += sum(
+                sum(c) == 2 * b and len(set(c)) > 1 and list(h) == c
+                for h, c, b in zip(plan.head_budgets, selection, plan.budgets, strict=True)
+            )
+    assert hits >= 3
+
+
+def test_kvzip_global_heads_keeps_a_short_context_and_is_a_default():
+    stats = layers(n=30)
+    available = available_methods()
+    assert available["kvzip-global-heads"].plan(MethodInput(stats), 30) == Plan.uniform("kvzip", 30, 4)
+    assert available["kvzip-global-heads"].kind == "allocation"
+    assert "kvzip-global-heads" in default_method_names(available)
+
+
+def test_kvzip_global_heads_forks_batched_equal_one_at_a_time_with_empty_heads():
+    """Through the evaluator on tiny-llama: at B = 2 some KV heads keep nothing (the sinks go to the first head),
+    and the batched forks still give every row what its fork gives alone; bytes equal uniform kvzip's (ragged)."""
+    from eval_helpers import make_samples
+
+    from polykv_learn.capture import CaptureOptions
+    from polykv_learn.eval.evaluator import EvalSettings, Evaluator
+    from polykv_learn.eval.methods import resolve_methods
+    from polykv_learn.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    sample = {**make_samples(1)[0], "max_new_tokens": 6}
+    methods = resolve_methods(["kvzip", "kvzip-global-heads"], available_methods())
+    capture = CaptureOptions(window=16, future=16, reconstruct=True)
+
+    def run(batch_size, group_size):
+        settings = EvalSettings(budgets=(2, 24), batch_size=batch_size, group_size=group_size)
+        return Evaluator(model, tok, methods, settings, capture).evaluate_sample(sample)
+
+    batched, single = run(64, 8), run(1, 1)
+    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
+    for a, b in zip(batched.records, single.records, strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
+    assert any(0 in h for h in batched.plans["kvzip-global-heads"][2].head_budgets)
+    heads = {r["budget"]: r for r in batched.records if r["method"] == "kvzip-global-heads"}
+    uniform = {r["budget"]: r for r in batched.records if r["method"] == "kvzip"}
+    assert all(heads[b]["kv_bytes"] == uniform[b]["kv_bytes"] and heads[b]["kept"] == b for b in (2, 24))
