@@ -64,7 +64,7 @@ from transformers import DynamicCache  # noqa: E402
 from polykv_learn.cache import CompressedCache, cache_bytes, padding_bytes  # noqa: E402
 from polykv_learn.capture import CaptureOptions  # noqa: E402
 from polykv_learn.deploy import make_cache  # noqa: E402
-from polykv_learn.layerwise import adakv_planner  # noqa: E402
+from polykv_learn.layerwise import adakv_planner, kvzip_global_planner  # noqa: E402
 from polykv_learn.models import load_model, load_tokenizer  # noqa: E402
 from polykv_learn.plan import Plan  # noqa: E402
 
@@ -87,6 +87,8 @@ def methods(router: str | None = None) -> dict[str, CacheFactory]:
             plan=Plan.uniform("kvzip", budget, model.config.num_hidden_layers),
             capture=CaptureOptions(reconstruct=True, reconstruct_scope="chunk"),
         ),
+        # KVzip's own allocation: one top-k over every layer's and KV head's scores (eval's kvzip-global-heads)
+        "kvzip-global-heads": lambda model, budget: make_cache(model, planner=kvzip_global_planner(budget)),
     }
     if router is not None:
         table["polykv"] = router_factory(router)

@@ -21,7 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from polykv_learn import headwise
 from polykv_learn.budgets import round_preserving_sum
+from polykv_learn.plan import Plan
 from polykv_learn.policies import get_policy
 from polykv_learn.policies.base import LayerStats
 
@@ -31,6 +33,7 @@ __all__ = [
     "check_allocation_prior",
     "global_counts",
     "global_layer_budgets",
+    "global_plan",
     "normalised_scores",
     "prior_column",
 ]
@@ -79,13 +82,31 @@ def global_layer_budgets(stats: Sequence[LayerStats], budget: int, row: int = 0)
     """KVzip's global allocation for row ``row`` (cut to its real tokens first when padded): layer ``l`` gets
     ``count_l / G`` positions per KV head, rounded with the exact total ``L * B`` within ``[1, n]``
     (:func:`~polykv_learn.plan.round_preserving_sum`). ``n <= B``: ``B`` everywhere (nothing evicted). Within a
-    layer every head keeps the same number (KVzip's own selection is per head)."""
-    num_layers, n = len(stats), stats[0].context_length
+    layer every head keeps the same number (:func:`global_plan` with ``head_keys`` splits it as KVzip does)."""
+    return list(global_plan([normalised_scores(s, row) for s in stats], budget).budgets)
+
+
+def global_plan(
+    scores: Sequence[Tensor], budget: int, head_keys: Sequence[tuple[Tensor, Tensor]] | None = None
+) -> Plan:
+    """KVzip's global allocation of one sequence as a ``kvzip`` plan, from every layer's :func:`normalised_scores`
+    ``(G, n)``: the layer budgets of :func:`global_layer_budgets`; with ``head_keys`` (every layer's
+    :func:`~polykv_learn.headwise.ordered_keys` under ``kvzip``) also KVzip's per-head selection: each layer's
+    ``G * b_l`` shared among its KV heads by one top over the same scores, sinks first, no floor (one divisor per
+    layer leaves its order unchanged, so this is the global top-k restricted to the layer, up to rounding its count
+    to a multiple of ``G``; a head may keep nothing). ``n <= B``: ``B`` everywhere (nothing evicted)."""
+    num_layers, (g, n) = len(scores), scores[0].shape
     if n <= budget:
-        return [budget] * num_layers
-    g = stats[0].num_kv_heads
-    counts = global_counts([normalised_scores(s, row) for s in stats], budget)
-    return round_preserving_sum(counts / g, num_layers * budget, lower=1, upper=n)
+        return Plan.uniform(KVZIP_POLICY, budget, num_layers)
+    layers = round_preserving_sum(global_counts(scores, budget) / g, num_layers * budget, lower=1, upper=n)
+    plan = Plan.from_lists([KVZIP_POLICY] * num_layers, layers)
+    if head_keys is None:
+        return plan
+    heads = [
+        (b,) * g if b >= n else tuple(headwise.head_counts(*keys, b, 0))
+        for keys, b in zip(head_keys, layers, strict=True)
+    ]
+    return plan.with_head_budgets(heads)
 
 
 def prior_column(scores: Sequence[Tensor], budget: int) -> Tensor:

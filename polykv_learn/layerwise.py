@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from polykv_learn import headwise
+from polykv_learn.kvzip_global import KVZIP_POLICY, global_plan, normalised_scores
 from polykv_learn.plan import Plan
 from polykv_learn.policies import LayerStats, check_policy_name, get_policy, order_positions
 from polykv_learn.rows import row_stats
 
-__all__ = ["KeepOrders", "LayerwisePlanner", "adakv_planner"]
+__all__ = ["KeepOrders", "LayerwisePlanner", "adakv_planner", "kvzip_global_planner"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,28 @@ def adakv_planner(policy: str, budget: int, alpha: float = headwise.DEFAULT_ALPH
         summarize_reads_accumulated_attn=scorer.needs_accumulated_attn,
         summarize_reads_reconstruct_attn=scorer.needs_reconstruct_attn,
     )
+
+
+def kvzip_global_planner(budget: int, heads: bool = True) -> LayerwisePlanner:
+    """KVzip's own allocation (Kim et al., arXiv:2505.23416; kvpress ``KVzipPress`` with ``layerwise=False``) in a
+    deployed cache: after the reconstruction pass, one top-``L * G * budget`` over every layer's max-normalised
+    KVzip scores gives the layer budgets and, with ``heads``, each KV head's share
+    (:func:`~polykv_learn.kvzip_global.global_plan`), row by row (each row alone, cut to its real tokens): the
+    evaluation's ``kvzip-global-heads`` (``heads=False``: ``kvzip-global``). A layer keeps its row's normalised
+    scores and keep-order keys, ``(G, n)`` each, until the plan."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    scorer = get_policy(KVZIP_POLICY)
+
+    def summarize(stats: LayerStats) -> list[tuple[Tensor, tuple[Tensor, Tensor] | None]]:  # per row
+        rows = [row_stats(stats, r) for r in range(stats.valid.shape[0])]
+        return [(normalised_scores(rs), headwise.ordered_keys(scorer, rs) if heads else None) for rs in rows]
+
+    def plan(summaries: list[list[tuple[Tensor, tuple[Tensor, Tensor] | None]]]) -> list[Plan]:
+        rows = zip(*summaries, strict=True)  # per row: every layer's (scores, keys)
+        return [global_plan([s for s, _ in row], budget, [k for _, k in row] if heads else None) for row in rows]
+
+    return LayerwisePlanner(summarize, plan, (KVZIP_POLICY,), summarize_reads_accumulated_attn=False)
 
 
 def _index_dtype(n: int) -> torch.dtype:

@@ -60,9 +60,10 @@ import torch
 from torch import Tensor
 
 from polykv_learn.deploy.polykv import PolyKV
-from polykv_learn.kvzip_global import KVZIP_POLICY, global_layer_budgets
+from polykv_learn.headwise import ordered_keys
+from polykv_learn.kvzip_global import KVZIP_POLICY, global_layer_budgets, global_plan, normalised_scores
 from polykv_learn.plan import Plan
-from polykv_learn.policies import POLICIES, LayerStats, policy_names
+from polykv_learn.policies import POLICIES, LayerStats, get_policy, policy_names
 from polykv_learn.rows import row_stats
 from polykv_learn.search import SearchResult, search_plan
 from polykv_learn.simulator import ContextCapture, Simulator
@@ -210,10 +211,9 @@ def _kvzip_global_heads(sample: MethodInput, budget: int) -> Plan:
     """``kvzip-global``'s plan with KVzip's own head split: within a layer the global top-k ranks the heads'
     positions by the same max-normalised scores (one divisor per layer), so the layer's top-``G*b_l`` over them,
     sinks first, is that selection restricted to the layer. ``n <= B``: nothing evicted (no head budgets)."""
-    plan = _kvzip_global(sample, budget)
-    if sample.context_length <= budget:
-        return plan
-    return plan.with_adakv_heads([row_stats(s, 0) for s in sample.stats], alpha=0.0)
+    rows = [row_stats(s, 0) for s in sample.stats]
+    scorer = get_policy(KVZIP_POLICY)
+    return global_plan([normalised_scores(s) for s in rows], budget, [ordered_keys(scorer, s) for s in rows])
 
 
 def _adakv(sample: MethodInput, budget: int) -> Plan:

@@ -129,6 +129,7 @@ def test_kvzip_global_heads_keeps_the_exact_totals_and_the_global_selection(seed
     plan = table["kvzip-global-heads"].plan(MethodInput(stats), budget)
     layer_plan = table["kvzip-global"].plan(MethodInput(stats), budget)
     assert plan.with_head_budgets(None) == layer_plan and plan.total_budget == 3 * budget
+    assert plan == layer_plan.with_adakv_heads(stats, alpha=0.0)  # AdaKV's split of each layer, without its floor
     assert all(sum(h) == 2 * b for h, b in zip(plan.head_budgets, plan.budgets, strict=True))
     assert plan.kept_per_head(40) == budget
     selection = naive_head_selection(stats, budget)
