@@ -31,3 +31,28 @@ def make_samples(count=2, seed=0):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def batched_equals_single(method_names, capture, budgets):
+    """Evaluate one tiny-llama sample with ``method_names`` twice, as one fork batch (64 forks, groups of 8) and one
+    fork at a time; assert every record agrees (prediction, NLL within 1e-4, bytes) and return the batched result."""
+    import pytest
+
+    from polykv_learn.eval.evaluator import EvalSettings, Evaluator
+    from polykv_learn.eval.methods import available_methods, resolve_methods
+    from polykv_learn.models import load_model
+
+    model, tok = load_model("tiny-llama")
+    sample = {**make_samples(1)[0], "max_new_tokens": 6}
+    methods = resolve_methods(list(method_names), available_methods())
+
+    def run(batch_size, group_size):
+        settings = EvalSettings(budgets=tuple(budgets), batch_size=batch_size, group_size=group_size)
+        return Evaluator(model, tok, methods, settings, capture).evaluate_sample(sample)
+
+    batched, single = run(64, 8), run(1, 1)
+    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
+    for a, b in zip(batched.records, single.records, strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
+        assert a["kv_bytes"] == b["kv_bytes"]
+    return batched

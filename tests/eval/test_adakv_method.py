@@ -3,12 +3,11 @@ layer and per head, the plans of Plan.adakv / Plan.adakv_global, and head-wise f
 
 import pytest
 from artifact_helpers import make_artifact
-from eval_helpers import make_samples
+from eval_helpers import batched_equals_single
 from policy_helpers import random_layer_stats
 
 from polykv_learn.capture import CaptureOptions
 from polykv_learn.deploy.polykv import PolyKV
-from polykv_learn.eval.evaluator import EvalSettings, Evaluator
 from polykv_learn.eval.methods import (
     LEARNED_METHODS,
     MethodInput,
@@ -49,20 +48,8 @@ def test_adakv_methods_keep_a_short_context_and_are_defaults():
 def test_headwise_forks_batched_equal_one_at_a_time():
     """The evaluator's fork batch holds head-wise forks (each head padded behind its mask) and gives every row what
     its fork gives alone; records count the kept positions per head and the fork's bytes (no padding: ragged)."""
-    model, tok = load_model("tiny-llama")
-    sample = {**make_samples(1)[0], "max_new_tokens": 6}
     capture = CaptureOptions(window=16, future=16, accumulate=True)
-    methods = resolve_methods(["snapkv", "adakv", "adakv-global"], available_methods())
-
-    def run(batch_size, group_size):
-        settings = EvalSettings(budgets=(24, 64), batch_size=batch_size, group_size=group_size)
-        return Evaluator(model, tok, methods, settings, capture).evaluate_sample(sample)
-
-    batched, single = run(64, 8), run(1, 1)
-    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
-    for a, b in zip(batched.records, single.records, strict=True):
-        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
-        assert a["kv_bytes"] == b["kv_bytes"]
+    batched = batched_equals_single(["snapkv", "adakv", "adakv-global"], capture, (24, 64))
     adakv = [r for r in batched.records if r["method"] == "adakv"]
     assert {r["kept"] for r in adakv} == {24, 64}
     plan = batched.plans["adakv"][24]

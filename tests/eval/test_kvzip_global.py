@@ -13,8 +13,9 @@ def layers(num_layers=4, n=50, seed=0):
     return [random_layer_stats(batch=1, pad=0, n=n, seed=seed + i, layer_idx=i) for i in range(num_layers)]
 
 
-def naive_budgets(stats, budget):
-    """The definition with Python lists: every (layer, head, position) with its normalised score, sinks first."""
+def naive_head_selection(stats, budget):
+    """KVzip's per-head selection with Python lists: how many positions of each (layer, KV head) one top-(L*G*B)
+    over the normalised scores takes, sinks first."""
     entries = []
     g = stats[0].num_kv_heads
     for layer, s in enumerate(stats):
@@ -22,12 +23,18 @@ def naive_budgets(stats, budget):
         top = max(max(row) for row in score)
         for h in range(g):
             for j in range(s.context_length):
-                key = 2.0 if s.positions[0, j] < 4 else score[h][j] / top
-                entries.append((-key, layer, h, j))
+                entries.append((-(2.0 if s.positions[0, j] < 4 else score[h][j] / top), layer, h, j))
     entries.sort()  # by score, then (layer, head, position): the stable order
-    counts = [0] * len(stats)
-    for _, layer, _, _ in entries[: len(stats) * g * budget]:
-        counts[layer] += 1
+    counts = [[0] * g for _ in stats]
+    for _, layer, h, _ in entries[: len(stats) * g * budget]:
+        counts[layer][h] += 1
+    return counts
+
+
+def naive_budgets(stats, budget):
+    """The layer budgets: each layer's share of that selection over its G heads, rounded with the exact total."""
+    g = stats[0].num_kv_heads
+    counts = [sum(c) for c in naive_head_selection(stats, budget)]
     return round_preserving_sum([c / g for c in counts], len(stats) * budget, 1, stats[0].context_length)
 
 
@@ -98,24 +105,6 @@ def test_kvzip_scope_switch_sets_the_evaluations_reconstruction_scope():
         EvaluateOptions(out="o", kvzip_scope="local").check()
 
 
-def naive_head_selection(stats, budget):
-    """KVzip's per-head selection with Python lists: how many positions of each (layer, KV head) one top-(L*G*B)
-    over the normalised scores takes, sinks first."""
-    entries = []
-    g = stats[0].num_kv_heads
-    for layer, s in enumerate(stats):
-        score = s.reconstruct_attn[0].tolist()  # (G, n)
-        top = max(max(row) for row in score)
-        for h in range(g):
-            for j in range(s.context_length):
-                entries.append((-(2.0 if s.positions[0, j] < 4 else score[h][j] / top), layer, h, j))
-    entries.sort()
-    counts = [[0] * g for _ in stats]
-    for _, layer, h, _ in entries[: len(stats) * g * budget]:
-        counts[layer][h] += 1
-    return counts
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("budget", [5, 8, 13, 21, 34])
 def test_kvzip_global_heads_keeps_the_exact_totals_and_the_global_selection(seed, budget):
@@ -168,26 +157,12 @@ def test_kvzip_global_heads_keeps_a_short_context_and_is_a_default():
 def test_kvzip_global_heads_forks_batched_equal_one_at_a_time_with_empty_heads():
     """Through the evaluator on tiny-llama: at B = 2 some KV heads keep nothing (the sinks go to the first head),
     and the batched forks still give every row what its fork gives alone; bytes equal uniform kvzip's (ragged)."""
-    from eval_helpers import make_samples
+    from eval_helpers import batched_equals_single
 
     from polykv_learn.capture import CaptureOptions
-    from polykv_learn.eval.evaluator import EvalSettings, Evaluator
-    from polykv_learn.eval.methods import resolve_methods
-    from polykv_learn.models import load_model
 
-    model, tok = load_model("tiny-llama")
-    sample = {**make_samples(1)[0], "max_new_tokens": 6}
-    methods = resolve_methods(["kvzip", "kvzip-global-heads"], available_methods())
     capture = CaptureOptions(window=16, future=16, reconstruct=True)
-
-    def run(batch_size, group_size):
-        settings = EvalSettings(budgets=(2, 24), batch_size=batch_size, group_size=group_size)
-        return Evaluator(model, tok, methods, settings, capture).evaluate_sample(sample)
-
-    batched, single = run(64, 8), run(1, 1)
-    assert [r["prediction"] for r in batched.records] == [r["prediction"] for r in single.records]
-    for a, b in zip(batched.records, single.records, strict=True):
-        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4, abs=1e-5)
+    batched = batched_equals_single(["kvzip", "kvzip-global-heads"], capture, (2, 24))
     assert any(0 in h for h in batched.plans["kvzip-global-heads"][2].head_budgets)
     heads = {r["budget"]: r for r in batched.records if r["method"] == "kvzip-global-heads"}
     uniform = {r["budget"]: r for r in batched.records if r["method"] == "kvzip"}
