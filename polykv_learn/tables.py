@@ -12,8 +12,8 @@ EVEN_HEADS = "learned_even_heads"
 def describe_table(table: dict[int, dict[str, float]]) -> str:
     """A Markdown table of validation KLs: learned vs best uniform vs PyramidKV (and their ratio).
 
-    ``table``: budget -> method -> mean KL, with the methods ``learned``, ``pyramid``, ``best_uniform`` and one
-    entry per routed policy (its uniform plan); ``learned_even_heads`` (fits with a learned head allocator: the learned
+    ``table``: budget -> method -> mean KL, with the methods ``learned``, ``best_uniform``, ``pyramid`` (absent
+    when SnapKV is not routed: "–") and one entry per routed policy (its uniform plan); ``learned_even_heads`` (fits with a learned head allocator: the learned
     layer plan with every head keeping ``b_l``) gets a column when present."""
     even = any(EVEN_HEADS in row for row in table.values())
     lines = [
@@ -26,8 +26,9 @@ def describe_table(table: dict[int, dict[str, float]]) -> str:
         singles = {k: v for k, v in row.items() if k not in ("learned", "pyramid", "best_uniform", EVEN_HEADS)}
         best_name = min(singles, key=singles.get)
         heads = f" {row[EVEN_HEADS]:.4f} |" if even else ""
+        pyramid = f"{row['pyramid']:.4f}" if "pyramid" in row else "–"  # a fit whose pool has no SnapKV
         lines.append(
             f"| {budget} | {row['learned']:.4f} |{heads} {row['best_uniform']:.4f} ({best_name}) "
-            f"| {row['pyramid']:.4f} | {row['learned'] / row['best_uniform']:.3f} |"
+            f"| {pyramid} | {row['learned'] / row['best_uniform']:.3f} |"
         )
     return "\n".join(lines)

@@ -322,7 +322,8 @@ class PolyKVLearner(L.LightningModule):
             if head_features is not None:  # the same layer plan, every head keeping b_l: what the head split gains
                 methods["learned_even_heads"] = methods["learned"].with_head_budgets(None)
             methods.update({p: Plan.uniform(p, budget, num_layers) for p in self.policies})
-            methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers, context_length=n)  # as evaluate runs it
+            if "snapkv" in self.policies:  # PyramidKV as evaluate runs it (SnapKV's ranks are stored only if routed)
+                methods["pyramid"] = Plan.pyramid("snapkv", budget, num_layers, context_length=n)
             logits = self.simulator.probe_logits(
                 capture, probe_ids, self.simulator.hard_biases(capture, list(methods.values()))
             )

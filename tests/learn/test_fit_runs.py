@@ -375,3 +375,28 @@ def test_a_fit_with_a_frozen_allocator_trains_the_router_only(tiny_corpus, tmp_p
     model, _ = load_model("tiny-llama", with_tokenizer=False)
     ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0))
     assert polykv.plan_for(model, ids, 32).total_budget == 4 * 32
+
+
+def test_a_fit_with_one_routed_policy_trains_only_where_the_budget_goes(tiny_corpus, tmp_path):
+    """``policies: [kvzip]`` (configs/smollm2-135m-kvzip-alloc.yaml): the router has one choice, so every planned
+    layer is on kvzip; the allocator is trained off its kvzip_global prior; validation runs without SnapKV's ranks
+    (no PyramidKV row); the AdaKV split the artifact records keeps each layer's total and the plan's total exactly."""
+    art = tmp_path / "artifact"
+    _fit(tiny_corpus, tmp_path / "prefills", "--model.allocation_prior=kvzip_global", "--trainer.max_steps=4",
+         "--model.policies=[kvzip]", "--model.head_allocation=adakv", "--trainer.val_check_interval=2",
+         f"--model.export_dir={art}", f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    from polykv_learn.deploy.polykv import PolyKV
+    from polykv_learn.models import load_model
+
+    polykv = PolyKV.from_pretrained(art)
+    assert list(polykv.policies) == ["kvzip"] and polykv.head_allocation == "adakv"
+    card = (art / "README.md").read_text()
+    assert "| 32 |" in card and "(kvzip) | – |" in card  # validated at B = 32 against uniform kvzip only
+    assert float(polykv.planner.allocator.prior_gain.detach()) != 1.0  # trained
+    model, _ = load_model("tiny-llama", with_tokenizer=False)
+    ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0))
+    plan = polykv.plan_for(model, ids, 32)
+    assert set(plan.policies) == {"kvzip"} and plan.total_budget == 4 * 32
+    heads = polykv.plan_for(model, ids, 32, head_allocation="adakv")
+    assert list(heads.budgets) == list(plan.budgets)
+    assert [sum(h) for h in heads.head_budgets] == [b * model.config.num_key_value_heads for b in plan.budgets]
