@@ -119,8 +119,8 @@ def _generate(argv: Sequence[str]) -> None:
         choices=("auto", "none", "adakv", "learned"),
         default="auto",
         help="split each layer's budget among its KV heads (adaptive mode): `learned` by the artifact's head "
-        "allocator, `adakv` by AdaKV, `none` evenly; `auto`: `learned` when the artifact has a head allocator and "
-        "the mode is adaptive, else `none`",
+        "allocator, `adakv` by AdaKV, `none` evenly; `auto`: the split the artifact was fitted for (`learned` or "
+        "`adakv`) when the mode is adaptive, else `none`",
     )
     p.add_argument("--model", default=None, help="model to load (default: the one the router was trained for)")
     p.add_argument(
@@ -143,7 +143,8 @@ def _generate(argv: Sequence[str]) -> None:
     polykv = PolyKV.from_pretrained(args.router)
     heads = args.head_allocation
     if heads == "auto":
-        heads = "learned" if polykv.head_allocation == "learned" and args.mode == "adaptive" else "none"
+        recorded = polykv.head_allocation in ("learned", "adakv")  # the split the router was fitted for
+        heads = polykv.head_allocation if recorded and args.mode == "adaptive" else "none"
     if heads != "none" and args.mode != "adaptive":
         raise ValueError(f"--head-allocation {heads} needs --mode adaptive (heads are split by the prefill's signals)")
     polykv.check_head_allocation(heads)

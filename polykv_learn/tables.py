@@ -13,8 +13,9 @@ def describe_table(table: dict[int, dict[str, float]]) -> str:
     """A Markdown table of validation KLs: learned vs best uniform vs PyramidKV (and their ratio).
 
     ``table``: budget -> method -> mean KL, with the methods ``learned``, ``best_uniform``, ``pyramid`` (absent
-    when SnapKV is not routed: "–") and one entry per routed policy (its uniform plan); ``learned_even_heads`` (fits with a learned head allocator: the learned
-    layer plan with every head keeping ``b_l``) gets a column when present."""
+    when SnapKV is not routed: "–") and one entry per routed policy (its uniform plan); ``learned_even_heads`` (fits
+    with a learned head allocator: the learned layer plan with every head keeping ``b_l``) gets a column when
+    present."""
     even = any(EVEN_HEADS in row for row in table.values())
     lines = [
         "| B | learned |" + (" learned, heads even |" if even else "") + " best uniform (policy) | PyramidKV "

@@ -377,7 +377,7 @@ def test_a_fit_with_a_frozen_allocator_trains_the_router_only(tiny_corpus, tmp_p
     assert polykv.plan_for(model, ids, 32).total_budget == 4 * 32
 
 
-def test_a_fit_with_one_routed_policy_trains_only_where_the_budget_goes(tiny_corpus, tmp_path):
+def test_a_fit_with_one_routed_policy_trains_only_where_the_budget_goes(tiny_corpus, tmp_path, capsys):
     """``policies: [kvzip]`` (configs/smollm2-135m-kvzip-alloc.yaml): the router has one choice, so every planned
     layer is on kvzip; the allocator is trained off its kvzip_global prior; validation runs without SnapKV's ranks
     (no PyramidKV row); the AdaKV split the artifact records keeps each layer's total and the plan's total exactly."""
@@ -400,3 +400,12 @@ def test_a_fit_with_one_routed_policy_trains_only_where_the_budget_goes(tiny_cor
     heads = polykv.plan_for(model, ids, 32, head_allocation="adakv")
     assert list(heads.budgets) == list(plan.budgets)
     assert [sum(h) for h in heads.head_budgets] == [b * model.config.num_key_value_heads for b in plan.budgets]
+    # `polykv-learn generate` splits heads as the artifact was fitted for (auto -> adakv here)
+    from polykv_learn import cli
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    capsys.readouterr()
+    cli.main(["generate", "--router", str(art), "--budget", "8", "--prompt-file", str(prompt), "--no-chat",
+              "--max-new-tokens", "2"])  # fmt: skip
+    assert "--- plan (adaptive, budget 8, heads: adakv, context" in capsys.readouterr().out
