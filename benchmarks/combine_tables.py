@@ -76,6 +76,8 @@ def main() -> None:
             gap = table.get(method, {}).get(str(b), {}).get("gap_recovery")
             cells.append(f"{score:.3f}" + ("" if gap is None else f" ({100 * gap:+.0f}%)"))
         print(f"| {method} | " + " | ".join(cells) + " |")
+    if not table:
+        raise SystemExit("no method besides the full cache and single policies was run on every task type")
     any_method = next(iter(table.values()))
     print("| *best single (scored)* | " + " | ".join(f"{any_method[str(b)]['best_single']}" for b in budgets) + " |")
 

@@ -143,8 +143,7 @@ def _generate(argv: Sequence[str]) -> None:
     polykv = PolyKV.from_pretrained(args.router)
     heads = args.head_allocation
     if heads == "auto":
-        recorded = polykv.head_allocation in ("learned", "adakv")  # the split the router was fitted for
-        heads = polykv.head_allocation if recorded and args.mode == "adaptive" else "none"
+        heads = polykv.head_allocation if args.mode == "adaptive" else "none"  # the split it was fitted for
     if heads != "none" and args.mode != "adaptive":
         raise ValueError(f"--head-allocation {heads} needs --mode adaptive (heads are split by the prefill's signals)")
     polykv.check_head_allocation(heads)
